@@ -1,0 +1,19 @@
+"""The block-quantized INT8 tensor format (values + per-block float32 scales)."""
+from .blocks import (
+    PAPER_BLOCK,
+    QMAX,
+    ROUNDING_MODES,
+    BlockShape,
+    NonFiniteError,
+    QTensor,
+    block_absmax,
+    dequantize,
+    expand_scale,
+    quantize,
+    quantize_transposed,
+)
+
+__all__ = [
+    "PAPER_BLOCK", "QMAX", "ROUNDING_MODES", "BlockShape", "NonFiniteError", "QTensor",
+    "block_absmax", "dequantize", "expand_scale", "quantize", "quantize_transposed",
+]
