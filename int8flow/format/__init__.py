@@ -3,6 +3,7 @@ from .blocks import (
     PAPER_BLOCK,
     QMAX,
     ROUNDING_MODES,
+    BlockLike,
     BlockShape,
     NonFiniteError,
     QTensor,
@@ -14,6 +15,6 @@ from .blocks import (
 )
 
 __all__ = [
-    "PAPER_BLOCK", "QMAX", "ROUNDING_MODES", "BlockShape", "NonFiniteError", "QTensor",
+    "PAPER_BLOCK", "QMAX", "ROUNDING_MODES", "BlockLike", "BlockShape", "NonFiniteError", "QTensor",
     "block_absmax", "dequantize", "expand_scale", "quantize", "quantize_transposed",
 ]
