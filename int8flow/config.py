@@ -1,0 +1,112 @@
+"""What to quantize and how: one frozen config, named recipes, and the four precision modes.
+
+Precision modes (what a model does with its linear layers and the tensors between them):
+
+* ``bf16``: ordinary PyTorch (bf16 under ``torch.autocast`` on CUDA, float32 math on CPU).
+* ``int8-linear``: drop-in ``Int8Linear`` layers; the three GEMMs of each linear layer run on 32x32
+  per-block INT8, everything between them stays in the model's dtype.
+* ``int8``: the Jetfire INT8 data flow; norm -> QKV, attention-out -> proj -> residual and
+  norm -> fc1 -> act -> fc2 -> residual move INT8 + per-block scales forward and INT8 gradients backward.
+* ``int8+fallback``: ``int8`` plus fallback quantization; activation blocks whose outliers INT8
+  cannot hold get a second INT8 term (about 16-bit precision) inside the GEMM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .format.blocks import PAPER_BLOCK, ROUNDING_MODES, BlockShape
+
+PRECISIONS = ("bf16", "int8-linear", "int8", "int8+fallback")
+NONFINITE_POLICIES = ("raise",)
+
+
+@dataclass(frozen=True)
+class Int8TrainingConfig:
+    """Settings of INT8 training; block fields accept ``BlockShape``, ``'32x32'`` or ``(32, 32)``.
+
+    fallback_threshold: an activation block falls back when its absmax exceeds this multiple of the
+    median block absmax of the tensor (see docs/models.md for the sweep that chose 8).
+    fallback_budget: at most this fraction of a tensor's blocks fall back (the largest ratios win),
+    which bounds the extra GEMM work.
+    min_features: ``convert_to_int8_training`` leaves linear layers with in or out features below this
+    in high precision (too small to gain, and their blocks would be mostly tail).
+    """
+
+    precision: str = "int8"
+    activation_block: BlockShape = PAPER_BLOCK
+    weight_block: BlockShape = PAPER_BLOCK
+    grad_block: BlockShape = PAPER_BLOCK
+    grad_rounding: str = "stochastic"
+    quantize_fprop: bool = True
+    quantize_dgrad: bool = True
+    quantize_wgrad: bool = True
+    fallback_threshold: float = 8.0
+    fallback_budget: float = 0.25
+    nonfinite: str = "raise"
+    min_features: int = 32
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("activation_block", "weight_block", "grad_block"):
+            object.__setattr__(self, name, BlockShape.parse(getattr(self, name)))
+        if self.grad_rounding not in ROUNDING_MODES:
+            raise ValueError(f"grad_rounding must be one of {ROUNDING_MODES}, got {self.grad_rounding!r}")
+        for name in ("quantize_fprop", "quantize_dgrad", "quantize_wgrad"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.uses_data_flow and not (self.quantize_fprop and self.quantize_dgrad and self.quantize_wgrad):
+            raise ValueError(
+                f"precision={self.precision!r} (the INT8 data flow) quantizes every GEMM; per-GEMM toggles "
+                "only apply to precision='int8-linear'"
+            )
+        if not self.fallback_threshold > 1.0:
+            raise ValueError(f"fallback_threshold must be > 1 (a ratio to the median block absmax), got {self.fallback_threshold!r}")
+        if not 0.0 <= self.fallback_budget <= 1.0:
+            raise ValueError(f"fallback_budget must be a fraction in [0, 1], got {self.fallback_budget!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:
+            raise ValueError(f"min_features must be a positive int, got {self.min_features!r}")
+
+    @property
+    def uses_data_flow(self) -> bool:
+        """True for the modes where the transformer block runs the fused INT8 data-flow ops."""
+        return self.precision in ("int8", "int8+fallback")
+
+    @property
+    def uses_fallback(self) -> bool:
+        return self.precision == "int8+fallback"
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.precision != "bf16"
+
+    def with_(self, **changes) -> "Int8TrainingConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_recipe_name(cls, name: str) -> "Int8TrainingConfig":
+        """Named recipes: ``jetfire`` (= ``int8``), ``int8``, ``int8+fallback``, ``int8-linear``, ``bf16``."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
+        return cls(**RECIPES[name])
+
+
+RECIPES = {
+    "jetfire": dict(precision="int8"),
+    "int8": dict(precision="int8"),
+    "int8+fallback": dict(precision="int8+fallback"),
+    "int8-linear": dict(precision="int8-linear"),
+    "bf16": dict(precision="bf16"),
+}
+
+
+def as_config(spec) -> Int8TrainingConfig:
+    """Accept a config or a recipe/precision name."""
+    if isinstance(spec, Int8TrainingConfig):
+        return spec
+    if isinstance(spec, str):
+        return Int8TrainingConfig.from_recipe_name(spec)
+    raise TypeError(f"expected an Int8TrainingConfig or a recipe name such as 'int8', got {type(spec).__name__}")

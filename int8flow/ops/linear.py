@@ -1,0 +1,135 @@
+"""INT8 linear layer as a PyTorch custom op with a registered autograd formula.
+
+Forward: ``y = x_q @ w_q.T + b`` with x and w quantized per block (nearest rounding).
+Backward: ``dy`` quantized with stochastic rounding; ``dx = dy_q @ w_q`` uses ``w_q.t()`` and
+``dw = dy_q.T @ x_q`` uses ``dy_q.t()`` and ``x_q.t()``: views for square blocks, re-quantized
+otherwise. What is saved for backward is the INT8 ``x_q`` (not the high-precision x) - the memory
+saving of INT8 training - plus the INT8 weight.
+
+The op is opaque to torch.compile (one node per call, a fake impl gives shapes), so models compile
+without graph breaks; parameters stay ordinary tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config import Int8TrainingConfig
+from . import backend
+from . import primitives as P
+
+
+@torch.library.custom_op("int8flow::linear_fwd", mutates_args=())
+def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: str,
+                out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    c = P.decode_config(cfg)
+    with P.no_autocast(x.device):
+        x_q, x2_q, rate = P.quantize_activation(x, c)
+        w_q = P.quantize(w, c.weight_block, "nearest", 0, c)
+        if c.quantize_fprop:
+            y = P.gemm([x_q, x2_q], w_q, b, out_dtype=out_dtype, cfg=c)
+        else:
+            y = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(out_dtype)
+    x2_data = x2_q.data if x2_q is not None else P.empty(x.device)
+    x2_scale = x2_q.scale if x2_q is not None else P.empty(x.device, torch.float32)
+    return y, x_q.data, x_q.scale, x2_data, x2_scale, w_q.data, w_q.scale, rate
+
+
+@_linear_fwd.register_fake
+def _(x, w, b, seed, cfg, out_dtype):
+    c = P.decode_config(cfg)
+    M, N = x.shape[0], w.shape[0]
+    x_grid = P.scale_shape(x.shape, c.activation_block)
+    x2 = (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x_grid, dtype=torch.float32)) if c.uses_fallback else (
+        x.new_empty(P.EMPTY_SHAPE, dtype=torch.int8), x.new_empty(P.EMPTY_SHAPE, dtype=torch.float32))
+    return (x.new_empty((M, N), dtype=out_dtype), x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty(x_grid, dtype=torch.float32), *x2, w.new_empty(w.shape, dtype=torch.int8),
+            w.new_empty(P.scale_shape(w.shape, c.weight_block), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("int8flow::linear_bwd", mutates_args=())
+def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_data: Tensor, x2_scale: Tensor, w_saved: Tensor,
+                w_scale: Tensor, seed: Tensor, cfg: str, has_bias: bool, x_dtype: torch.dtype,
+                w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    c = P.decode_config(cfg)
+    s = int(seed.item())
+    with P.no_autocast(dy.device):
+        x_q = P.unpack(x_saved, x_scale, c.activation_block) if x_saved.dtype == torch.int8 else None
+        x2_q = P.unpack(x2_data, x2_scale, c.activation_block)
+        w_q = P.unpack(w_saved, w_scale, c.weight_block) if w_saved.dtype == torch.int8 else None
+        dy_q = None
+        if c.quantize_dgrad or c.quantize_wgrad:
+            dy_q = P.quantize(dy, c.grad_block, c.grad_rounding, backend.subseed(s, 0), c)
+        if c.quantize_dgrad:
+            w_t = w_q.t() if w_q is not None else P.quantize(w_saved.t(), c.weight_block, "nearest", 0, c)
+            dx = P.gemm([dy_q], w_t, out_dtype=x_dtype, cfg=c)
+        else:
+            dx = (dy.float() @ w_saved.float()).to(x_dtype)
+        if c.quantize_wgrad:
+            dy_t = P.transposed(dy_q, dy, c.grad_rounding, backend.subseed(s, 1), c)
+            x_t = [P.transposed(q, None, "nearest", 0, c) for q in (x_q, x2_q) if q is not None]
+            dw = P.gemm([dy_t], x_t[0], out_dtype=w_dtype, cfg=c)
+            if len(x_t) == 2:
+                dw = dw + P.gemm([dy_t], x_t[1], out_dtype=w_dtype, cfg=c)
+        else:
+            dw = (dy.float().t() @ x_saved.float()).to(w_dtype)
+        db = dy.float().sum(0).to(w_dtype) if has_bias else P.empty(dy.device, w_dtype)
+    return dx, dw, db
+
+
+@_linear_bwd.register_fake
+def _(dy, x_saved, x_scale, x2_data, x2_scale, w_saved, w_scale, seed, cfg, has_bias, x_dtype, w_dtype):
+    N, K = w_saved.shape
+    db = dy.new_empty((N,) if has_bias else P.EMPTY_SHAPE, dtype=w_dtype)
+    return dy.new_empty((dy.shape[0], K), dtype=x_dtype), dy.new_empty((N, K), dtype=w_dtype), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, seed, cfg, _ = inputs
+    _, x_data, x_scale, x2_data, x2_scale, w_data, w_scale, _ = output
+    c = P.decode_config(cfg)
+    x_keep = (x_data, x_scale) if c.quantize_wgrad else (x, P.empty(x.device, torch.float32))
+    w_keep = (w_data, w_scale) if c.quantize_dgrad and c.weight_block.is_square else (w, P.empty(w.device, torch.float32))
+    ctx.save_for_backward(*x_keep, x2_data, x2_scale, *w_keep, seed)
+    ctx.cfg, ctx.has_bias, ctx.x_dtype, ctx.w_dtype = cfg, b is not None, x.dtype, w.dtype
+
+
+def _backward(ctx, dy, *_):
+    dx, dw, db = _linear_bwd(dy, *ctx.saved_tensors, ctx.cfg, ctx.has_bias, ctx.x_dtype, ctx.w_dtype)
+    return dx, dw, (db if ctx.has_bias else None), None, None, None
+
+
+_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"int8_linear: weight must be 2-D (out_features, in_features), got {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"int8_linear: x has {x.shape[-1]} features but weight expects {w.shape[1]} (in_features)")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"int8_linear: bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+
+
+def int8_linear(x: Tensor, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConfig, return_fallback_rate: bool = False):
+    """``F.linear`` on per-block INT8 operands; x may have any leading dims."""
+    _check(x, w, b)
+    x2d = x.reshape(-1, x.shape[-1])
+    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), P.encode_config(cfg), P.output_dtype(x))
+    y = y.reshape(*x.shape[:-1], w.shape[0])
+    return (y, rate.detach()) if return_fallback_rate else y
+
+
+class Int8LinearFunction:
+    """The autograd pair of the INT8 linear layer; ``apply`` mirrors ``torch.autograd.Function.apply``.
+
+    The forward/backward formulas are registered on the ``int8flow::linear_fwd`` custom op with
+    ``torch.library.register_autograd`` (rather than subclassing ``autograd.Function``) so that
+    torch.compile sees one opaque node per call.
+    """
+
+    @staticmethod
+    def apply(x: Tensor, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConfig) -> Tensor:
+        return int8_linear(x, w, b, cfg)

@@ -1,0 +1,107 @@
+"""Building blocks shared by the fused ops: quantize / GEMM / transpose on the dispatched backend.
+
+Custom ops take and return plain tensors, so QTensors cross op boundaries as (int8 data, float32
+scale) pairs; `pack`/`unpack` convert. A config crosses as a JSON string (`encode_config`), decoded
+once and cached, because custom-op schemas only carry primitive types.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import Int8TrainingConfig
+from ..format import QTensor
+from ..format.blocks import BlockShape
+from . import backend
+from .fallback import fallback_mask, residual_term
+
+EMPTY_SHAPE = (0,)
+
+
+def encode_config(cfg: Int8TrainingConfig) -> str:
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return json.dumps({k: str(v) if isinstance(v, BlockShape) else v for k, v in fields.items()}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def decode_config(text: str) -> Int8TrainingConfig:
+    return Int8TrainingConfig(**json.loads(text))
+
+
+def empty(device, dtype=torch.int8) -> torch.Tensor:
+    """Placeholder output for a tensor a mode does not produce (custom ops need a fixed output list)."""
+    return torch.empty(EMPTY_SHAPE, dtype=dtype, device=device)
+
+
+def unpack(data: torch.Tensor, scale: torch.Tensor, block: BlockShape) -> Optional[QTensor]:
+    return None if data.numel() == 0 and data.dim() == 1 else QTensor(data, scale, block)
+
+
+def scale_shape(shape, block: BlockShape) -> tuple:
+    return block.grid(tuple(shape))
+
+
+def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig) -> QTensor:
+    kwargs = {} if backend.uses_kernel("quantize", x.device) else {"check_finite": cfg.nonfinite == "raise"}
+    return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed, **kwargs)
+
+
+def quantize_activation(x: torch.Tensor, cfg: Int8TrainingConfig) -> tuple[QTensor, Optional[QTensor], torch.Tensor]:
+    """Forward-pass activation: nearest rounding; with fallback also the second INT8 term of flagged blocks.
+
+    Returns (x_q, x2_q or None, fraction of blocks that fell back as a float32 scalar tensor).
+    """
+    block = cfg.activation_block
+    x_q = quantize(x, block, "nearest", 0, cfg)
+    if not cfg.uses_fallback:
+        return x_q, None, torch.zeros((), dtype=torch.float32, device=x.device)
+    mask = fallback_mask(x, block, cfg.fallback_threshold, cfg.fallback_budget)
+    x2_q = quantize(residual_term(x, x_q, mask), block, "nearest", 0, cfg)
+    return x_q, x2_q, mask.float().mean()
+
+
+def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape], rounding: str, seed: int,
+         cfg: Int8TrainingConfig):
+    if out_block is None:
+        return y.to(out_dtype)
+    return quantize(y, out_block, rounding, seed, cfg)
+
+
+def gemm(terms: Sequence[Optional[QTensor]], b_q: QTensor, bias=None, out_dtype=torch.float32, out_block=None,
+         rounding="nearest", seed: int = 0, cfg: Int8TrainingConfig = None):
+    """``sum(a @ b.T for a in terms) + bias``; ``None`` terms are skipped (absent fallback terms)."""
+    terms = [t for t in terms if t is not None]
+    device = b_q.device
+    if len(terms) == 1:
+        return backend.call("block_gemm", terms[0], b_q, bias, out_dtype=out_dtype, out_block=out_block,
+                            rounding=rounding, device=device, seed=seed)
+    y = sum(backend.call("block_gemm", a, b_q, None, out_dtype=torch.float32, device=device) for a in terms)
+    if bias is not None:
+        y = y + bias.float()
+    return emit(y, out_dtype, out_block, rounding, seed, cfg)
+
+
+def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: int, cfg: Int8TrainingConfig) -> QTensor:
+    """``q`` transposed: a free view for square blocks, else re-quantized with the transposed block grid
+    from ``hp`` (or from ``q`` dequantized when the high-precision tensor was not kept)."""
+    if q.block.is_square:
+        return q.t()
+    src = hp if hp is not None else q.dequantize(torch.float32)
+    return quantize(src.t(), q.block, rounding, seed, cfg)
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the surrounding code computes in: autocast's when enabled on x's device, else x's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def no_autocast(device: torch.device):
+    """The ops do their own precision control; autocast must not recast the reference's float32 math."""
+    return torch.autocast(device_type=device.type, enabled=False)
