@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 
 QMAX = 127
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 ROUNDING_MODES = ("nearest", "stochastic")
 
 
@@ -134,6 +135,11 @@ def _check_input(x: torch.Tensor, name: str, check_finite: bool) -> None:
             f"{name} holds {n_nan} NaN and {n_inf} Inf values of {x.numel()}; INT8 cannot represent them. "
             "Fix the source (learning rate, loss scale, data) or pass check_finite=False to quantize anyway."
         )
+    if check_finite and x.dtype == torch.float64 and x.numel() and float(x.abs().max()) > _FLOAT32_MAX:
+        raise NonFiniteError(
+            f"{name} (float64) holds values up to {float(x.abs().max()):.3g}, beyond the float32 range "
+            f"({_FLOAT32_MAX:.3g}) of the per-block scales; they would become Inf. Rescale {name} first."
+        )
 
 
 def _blocked(x: torch.Tensor, block: BlockShape) -> torch.Tensor:
@@ -159,8 +165,15 @@ def expand_scale(scale: torch.Tensor, block: BlockLike, shape: tuple[int, int]) 
     return full[: shape[0], : shape[1]]
 
 
+# Largest float32 scale whose 127 multiple is finite: absmax = FLT_MAX rounds absmax / 127 up, and
+# dequantizing 127 * scale would give Inf from finite input.
+_SCALE_MAX = float(torch.nextafter(torch.tensor(_FLOAT32_MAX / QMAX), torch.tensor(0.0)))
+
+
 def scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
-    return (absmax / QMAX).to(torch.float32)
+    scale = (absmax / QMAX).to(torch.float32)
+    # Clamp only finite scales: a NaN/Inf absmax (check_finite=False) must stay visible downstream.
+    return torch.where(torch.isfinite(scale), scale.clamp(max=_SCALE_MAX), scale)
 
 
 def quantize(
