@@ -1,0 +1,350 @@
+"""Triton per-block INT8 GEMM ``C = A @ B.T`` for the three GEMMs of a linear layer.
+
+Geometry. ``A`` (M, K) and ``B`` (N, K) are QTensors; their block size along K sets the promotion
+group ``G`` (the smaller of the two when they differ; the larger must be a multiple). Along M and N the
+blocks may be anything (1 = per-row, 32, 128): scales are gathered per row/column of the tile.
+
+* exact 32x32 mode: both operands 32x32 (the paper), ``G = 32``.
+* coarse-K mode: ``G = 128``, e.g. activations 1x128 or 32x128 and weights 128x128 (the route to
+  beat BF16 on Hopper, docs/kernels.md).
+
+Two inner products, picked by ``impl``:
+
+* ``"int8"``: int8 ``tl.dot`` into an int32 product per K group, then promotion
+  ``acc += p * scale_a[:, None] * scale_b[None, :]`` in float32. The int32 product of one group
+  is bounded by ``G * 127 * 127`` (2,064,512 at G=128), far from 2**31, so it cannot overflow for any
+  G <= 133,000; for G <= 1024 it is also below 2**24, so its float32 conversion is exact and the
+  result equals the reference up to float32 summation order. ``overlap`` (an autotuned switch)
+  delays each promotion by one group so it can run on the CUDA cores while the next group's wgmma
+  runs on the tensor cores.
+* ``"dequant"``: int8 tiles are loaded (INT8 memory traffic), scaled to bf16 in registers and fed
+  to a bf16 ``tl.dot`` with float32 accumulation: no per-group promotion of the (BM, BN) tile, but
+  each scaled operand rounds to bf16 (8-bit significand, relative error <= 2**-9 per operand).
+
+``impl="auto"`` picks ``"int8"`` for G >= 128 (promotion costs <= 1/4 of the tensor work and can
+hide under it) and ``"dequant"`` for G < 128 (promotion every 32 of K costs as much as the
+tensor work: ~0.45x BF16 measured, ANCHORS.md).
+
+Epilogue: optional bias, then either a float store (fp32/bf16/fp16) or re-quantization of each
+``out_block`` of the tile to INT8 + float32 scales (nearest or stochastic rounding), written
+directly. An output block must lie inside one tile: its dims must be powers of two that divide
+the tile (32x32, 1x128, 32x128, 128x128, ...); other output blocks go through a float32 result
+and the quantize kernel (two passes, documented fallback).
+
+Operands may be any strided views (``w_q.t()``, ``x_q.t()``): each operand's layout (K-contiguous,
+row-contiguous, general) is a compile-time switch so the contiguous dimension is known to the compiler.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..format import ROUNDING_MODES, BlockShape, QTensor
+from ..format.blocks import BlockLike
+from ._launch import FLOAT_DTYPES, check_device, check_int32_addressable, interpreting, num_sms
+from .quantize import quantize as _quantize_kernel_wrapper
+from .quantize import quantize_values
+
+IMPLS = ("auto", "int8", "dequant")
+# Operand layouts (compile-time): which dimension of the (rows, K) operand is contiguous.
+_K_CONTIG, _ROW_CONTIG, _STRIDED = 0, 1, 2
+
+
+@triton.jit
+def _tile_offsets(rows, ks, stride_r, stride_k, LAYOUT: tl.constexpr):
+    """(len(rows), len(ks)) element offsets; the unit stride is a literal 1 so loads vectorise."""
+    if LAYOUT == 0:
+        offs = rows[:, None] * stride_r + ks[None, :]
+    elif LAYOUT == 1:
+        offs = rows[:, None] + ks[None, :] * stride_k
+    else:
+        offs = rows[:, None] * stride_r + ks[None, :] * stride_k
+    return offs
+
+
+@triton.jit
+def _promote(acc, p, scale_a, scale_b):
+    return acc + p.to(tl.float32) * (scale_a[:, None] * scale_b[None, :])
+
+
+@triton.jit
+def _scaled(q, scale, DOT_DTYPE: tl.constexpr):
+    """int8 tile times per-row scale, rounded to bf16 (then DOT_DTYPE: bf16 on GPU, fp32 in the interpreter)."""
+    return (q.to(tl.float32) * scale[:, None]).to(tl.bfloat16).to(DOT_DTYPE)
+
+
+@triton.jit
+def _block_gemm_kernel(
+    a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, sc_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk,  # a: (M, K) int8, b: (N, K) int8
+    stride_sam, stride_sak, stride_sbn, stride_sbk,  # per-block float32 scales of a and b
+    stride_cm, stride_cn, stride_scm, stride_scn,  # c: (M, N) float or int8; sc: output scales
+    seed,
+    A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr,
+    A_BR: tl.constexpr, A_BK: tl.constexpr, B_BR: tl.constexpr, B_BK: tl.constexpr,  # operand blocks
+    G: tl.constexpr,  # promotion group along K
+    HAS_BIAS: tl.constexpr, OUT_QUANT: tl.constexpr, OBR: tl.constexpr, OBC: tl.constexpr,
+    STOCHASTIC: tl.constexpr, DEQUANT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, OVERLAP: tl.constexpr,
+):
+    SUB: tl.constexpr = G // BK  # K steps of BK per promotion group
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_tiles = num_pid_m * num_pid_n
+    num_groups = tl.cdiv(K, G)
+    # Persistent grid: each program walks tiles in GROUP_M-row bands so neighbours share L2 lines.
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        band = tile // (GROUP_M * num_pid_n)
+        first_m = band * GROUP_M
+        band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % (GROUP_M * num_pid_n)) % band_m
+        pid_n = (tile % (GROUP_M * num_pid_n)) // band_m
+
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        # Rows/cols past M/N read a valid row instead (no mask in the K loop); the epilogue drops them.
+        rows_a = offs_m % M
+        rows_b = offs_n % N
+        offs_k = tl.arange(0, BK)
+        a_tile = a_ptr + _tile_offsets(rows_a, offs_k, stride_am, stride_ak, A_LAYOUT)
+        b_tile = b_ptr + _tile_offsets(rows_b, offs_k, stride_bn, stride_bk, B_LAYOUT)
+        sa_rows = sa_ptr + (rows_a // A_BR) * stride_sam
+        sb_rows = sb_ptr + (rows_b // B_BR) * stride_sbn
+
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        p_prev = tl.zeros((BM, BN), dtype=tl.int32)
+        sa_prev = tl.zeros((BM,), dtype=tl.float32)
+        sb_prev = tl.zeros((BN,), dtype=tl.float32)
+        for g in tl.range(0, num_groups):
+            k_group = g * G
+            sa = tl.load(sa_rows + (k_group // A_BK) * stride_sak)
+            sb = tl.load(sb_rows + (k_group // B_BK) * stride_sbk)
+            p = tl.zeros((BM, BN), dtype=tl.int32)
+            for s in tl.static_range(SUB):
+                k0 = k_group + s * BK
+                k_in = (k0 + offs_k) < K
+                a = tl.load(a_tile + k0 * stride_ak, mask=k_in[None, :], other=0)
+                b = tl.load(b_tile + k0 * stride_bk, mask=k_in[None, :], other=0)
+                if DEQUANT:
+                    acc = tl.dot(_scaled(a, sa, DOT_DTYPE), tl.trans(_scaled(b, sb, DOT_DTYPE)), acc)
+                else:
+                    p = tl.dot(a, tl.trans(b), p, out_dtype=tl.int32)
+            if not DEQUANT:
+                if OVERLAP:
+                    acc = _promote(acc, p_prev, sa_prev, sb_prev)
+                    p_prev, sa_prev, sb_prev = p, sa, sb
+                else:
+                    acc = _promote(acc, p, sa, sb)
+        if not DEQUANT:
+            if OVERLAP:
+                acc = _promote(acc, p_prev, sa_prev, sb_prev)
+
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        in_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        if OUT_QUANT:
+            # Zero the out-of-range rows/cols (they hold wrapped-around rows) before each block's absmax.
+            acc = tl.where(in_c, acc, 0.0)
+            acc4 = tl.reshape(acc, (BM // OBR, OBR, BN // OBC, OBC))
+            amax = tl.max(tl.max(tl.abs(acc4), axis=3, keep_dims=True), axis=1, keep_dims=True)
+            scale = tl.math.div_rn(amax, 127.0)
+            rand_offs = tl.reshape(offs_m[:, None] * N + offs_n[None, :], (BM // OBR, OBR, BN // OBC, OBC))
+            q = tl.reshape(quantize_values(acc4, scale, seed, rand_offs, STOCHASTIC), (BM, BN))
+            tl.store(c_ptr + c_offs, q, mask=in_c)
+            blk_m = pid_m * (BM // OBR) + tl.arange(0, BM // OBR)
+            blk_n = pid_n * (BN // OBC) + tl.arange(0, BN // OBC)
+            blk_in = (blk_m < tl.cdiv(M, OBR))[:, None] & (blk_n < tl.cdiv(N, OBC))[None, :]
+            tl.store(sc_ptr + blk_m[:, None] * stride_scm + blk_n[None, :] * stride_scn,
+                     tl.reshape(scale, (BM // OBR, BN // OBC)), mask=blk_in)
+        else:
+            tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=in_c)
+
+
+# --- configurations --------------------------------------------------------------------------------
+# Register budget (Hopper, 255 regs/thread): the int8 path holds the fp32 accumulator plus one int32
+# product (two with OVERLAP) of BM x BN, so BM*BN/threads <= 64 per tile (128x128 at 8 warps, 64x256 at 8);
+# the dequant path holds only the fp32 accumulator, so it can take BF16-style 128x256 tiles.
+def _config(bm, bn, warps, stages, overlap=False, group_m=8):
+    return triton.Config({"BM": bm, "BN": bn, "GROUP_M": group_m, "OVERLAP": overlap},
+                         num_warps=warps, num_stages=stages)
+
+
+_INT8_CONFIGS = [
+    _config(bm, bn, w, st, ov)
+    for (bm, bn, w) in ((128, 128, 8), (64, 256, 8), (128, 64, 4), (64, 128, 4))
+    for st in (3, 4)
+    for ov in (False, True)
+]
+_DEQUANT_CONFIGS = [
+    _config(bm, bn, w, st)
+    for (bm, bn, w) in ((128, 256, 8), (256, 128, 8), (128, 128, 8), (128, 128, 4), (64, 256, 4))
+    for st in (3, 4, 5)
+]
+
+
+def _fits(cfg_kwargs: dict, obr: int, obc: int, out_quant: bool) -> bool:
+    return not out_quant or (cfg_kwargs["BM"] % obr == 0 and cfg_kwargs["BN"] % obc == 0)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the tile shapes matching the inner product and holding whole output blocks."""
+    args = {**named_args, **kwargs}
+    pool = _DEQUANT_CONFIGS if args["DEQUANT"] else _INT8_CONFIGS
+    return [c for c in configs if c in pool and _fits(c.kwargs, args["OBR"], args["OBC"], args["OUT_QUANT"])]
+
+
+_tuned_kernel = triton.autotune(
+    configs=_INT8_CONFIGS + _DEQUANT_CONFIGS,
+    key=["M", "N", "K", "A_LAYOUT", "B_LAYOUT", "A_BR", "B_BR", "G", "HAS_BIAS", "OUT_QUANT", "OBR", "OBC",
+         "STOCHASTIC", "DEQUANT"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_block_gemm_kernel)
+
+
+def _interpreter_config(obr: int, obc: int) -> dict:
+    """One small tile for the CPU interpreter (no autotuning there): 32x32, widened to hold an output block."""
+    return {"BM": max(32, obr), "BN": max(32, obc), "GROUP_M": 2, "OVERLAP": True}
+
+
+# --- wrapper -----------------------------------------------------------------------------------------
+def _layout(t: torch.Tensor) -> int:
+    if t.stride(1) == 1:
+        return _K_CONTIG
+    if t.stride(0) == 1:
+        return _ROW_CONTIG
+    return _STRIDED
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def promotion_group(a: QTensor, b: QTensor) -> int:
+    """K elements between two promotions: the operands' K block sizes must nest, and be a power of two >= 32."""
+    ka, kb = a.block.cols, b.block.cols
+    g, big = min(ka, kb), max(ka, kb)
+    if big % g or not _is_pow2(g) or g < 32:
+        raise ValueError(
+            f"block_gemm needs operand blocks along K that are powers of two >= 32 and nest; got a {a.block} "
+            f"(K block {ka}) and b {b.block} (K block {kb}). Re-quantize the operand, e.g. with "
+            "int8flow.kernels.quantize.quantize_transposed(x, '1x128') for the weight-gradient GEMM."
+        )
+    return g
+
+
+def resolve_impl(impl: str, group: int) -> str:
+    """``auto``: int8 tensor cores from G=128 up (promotion can hide under the product), dequant-on-load below."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "int8" if group >= 128 else "dequant"
+    return impl
+
+
+def _check_gemm_args(a, b, bias, out_dtype, rounding, seed):
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, QTensor):
+            raise TypeError(f"block_gemm: {name} must be a QTensor (use int8flow.kernels.quantize.quantize), "
+                            f"got {type(t).__name__}")
+        check_device(t.data, f"{name}.data")
+        check_int32_addressable(t.data, f"{name}.data")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"block_gemm computes a @ b.T and needs a (M, K), b (N, K) with the same K; "
+                         f"got a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"block_gemm: a is on {a.device}, b on {b.device}; move both to one device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (b.shape[0],) or bias.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"bias must be a float tensor of shape ({b.shape[0]},), got "
+                             f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+        if bias.device != a.device:
+            raise ValueError(f"bias is on {bias.device}, operands on {a.device}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+
+
+def out_block_fits(out_block: BlockShape, max_tile: tuple[int, int] = (128, 256)) -> bool:
+    """Whether the epilogue can quantize ``out_block`` in-tile (power-of-two dims within the largest tile)."""
+    return (_is_pow2(out_block.rows) and _is_pow2(out_block.cols)
+            and out_block.rows <= max_tile[0] and out_block.cols <= max_tile[1])
+
+
+def block_gemm(
+    a: QTensor,
+    b: QTensor,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.float32,
+    out_block: Optional[BlockLike] = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    impl: str = "auto",
+):
+    """``a @ b.T (+ bias)`` on per-block INT8 operands; float ``out_dtype`` or, with ``out_block``, a QTensor.
+
+    Kernel twin of `int8flow.reference.block_gemm` (``seed`` in place of ``generator``; ``rounding`` applies
+    only to a quantized output). ``impl``: "auto" | "int8" | "dequant" (module docstring).
+    """
+    _check_gemm_args(a, b, bias, out_dtype, rounding, seed)
+    group = promotion_group(a, b)
+    dequant = resolve_impl(impl, group) == "dequant"
+    out_block = None if out_block is None else BlockShape.parse(out_block)
+    if out_block is not None and not out_block_fits(out_block):
+        y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl)
+        return _quantize_kernel_wrapper(y, out_block, rounding, seed, check_finite=False)
+
+    M, K = a.shape
+    N = b.shape[0]
+    out_quant = out_block is not None
+    c = torch.empty((M, N), dtype=torch.int8 if out_quant else out_dtype, device=a.device)
+    sc = torch.empty(out_block.grid((M, N)) if out_quant else (0, 0), dtype=torch.float32, device=a.device)
+    if M == 0 or N == 0:
+        return QTensor(c, sc.zero_(), out_block) if out_quant else c
+
+    obr, obc = (out_block.rows, out_block.cols) if out_quant else (1, 1)
+    args = (a.data, b.data, a.scale, b.scale, bias if bias is not None else c, c, sc, M, N, K,
+            a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1),
+            a.scale.stride(0), a.scale.stride(1), b.scale.stride(0), b.scale.stride(1),
+            c.stride(0), c.stride(1), sc.stride(0) if out_quant else 0, sc.stride(1) if out_quant else 0, seed)
+    meta = dict(A_LAYOUT=_layout(a.data), B_LAYOUT=_layout(b.data),
+                A_BR=a.block.rows, A_BK=a.block.cols, B_BR=b.block.rows, B_BK=b.block.cols,
+                G=group, BK=min(group, 128), HAS_BIAS=bias is not None, OUT_QUANT=out_quant, OBR=obr, OBC=obc,
+                STOCHASTIC=rounding == "stochastic", DEQUANT=dequant,
+                DOT_DTYPE=tl.float32 if interpreting() else tl.bfloat16)
+
+    if interpreting():
+        cfg = _interpreter_config(obr, obc)
+        tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+        _block_gemm_kernel[(tiles,)](*args, **meta, **cfg)
+    else:
+        sms = num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        grid = lambda cfg: (min(sms, triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])),)  # noqa: E731
+        _tuned_kernel[grid](*args, **meta)
+    return QTensor(c, sc, out_block) if out_quant else c
+
+
+def linear_forward(x_q: QTensor, w_q: QTensor, bias=None, **out):
+    """y = x @ w.T + bias."""
+    return block_gemm(x_q, w_q, bias, **out)
+
+
+def linear_input_grad(dy_q: QTensor, w_q: QTensor, **out):
+    """dx = dy @ w, reading the forward pass's quantized weight through a transposed view."""
+    return block_gemm(dy_q, w_q.t(), **out)
+
+
+def linear_weight_grad(dy_q: QTensor, x_q: QTensor, **out):
+    """dw = dy.T @ x, reading both operands through transposed views (their blocks must nest along M)."""
+    return block_gemm(dy_q.t(), x_q.t(), **out)
+
+
+__all__ = ["IMPLS", "block_gemm", "linear_forward", "linear_input_grad", "linear_weight_grad",
+           "promotion_group", "resolve_impl", "out_block_fits"]
