@@ -72,6 +72,14 @@ def test_quantize_strided_input_and_exact_halves():
     assert_same_qtensor(got, want)
 
 
+def test_float32_max_block_scale_is_clamped_like_the_format():
+    x = heavy_tailed((40, 70), seed=4)
+    x[5, 7] = torch.finfo(torch.float32).max
+    got = kq.quantize(x, "32x32")
+    assert_same_qtensor(got, fmt.quantize(x, "32x32"))
+    assert torch.isfinite(got.dequantize()).all()
+
+
 def test_all_zero_tensor():
     q = kq.quantize(torch.zeros(40, 70, device=DEVICE), "32x32")
     assert torch.count_nonzero(q.data) == 0 and torch.count_nonzero(q.scale) == 0

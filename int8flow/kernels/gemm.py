@@ -46,7 +46,7 @@ from ..format import ROUNDING_MODES, BlockShape, QTensor
 from ..format.blocks import BlockLike
 from ._launch import FLOAT_DTYPES, check_device, check_int32_addressable, interpreting, num_sms
 from .quantize import quantize as _quantize_kernel_wrapper
-from .quantize import quantize_values
+from .quantize import quantize_values, scale_from_absmax
 
 IMPLS = ("auto", "int8", "dequant")
 # Operand layouts (compile-time): which dimension of the (rows, K) operand is contiguous.
@@ -152,7 +152,7 @@ def _block_gemm_kernel(
             acc = tl.where(in_c, acc, 0.0)
             acc4 = tl.reshape(acc, (BM // OBR, OBR, BN // OBC, OBC))
             amax = tl.max(tl.max(tl.abs(acc4), axis=3, keep_dims=True), axis=1, keep_dims=True)
-            scale = tl.math.div_rn(amax, 127.0)
+            scale = scale_from_absmax(amax)
             rand_offs = tl.reshape(offs_m[:, None] * N + offs_n[None, :], (BM // OBR, OBR, BN // OBC, OBC))
             q = tl.reshape(quantize_values(acc4, scale, seed, rand_offs, STOCHASTIC), (BM, BN))
             tl.store(c_ptr + c_offs, q, mask=in_c)

@@ -14,9 +14,11 @@ import triton
 import triton.language as tl
 
 from ..format import ROUNDING_MODES, BlockShape, QTensor
-from ..format.blocks import BlockLike, PAPER_BLOCK, _check_input
+from ..format.blocks import _SCALE_MAX, BlockLike, PAPER_BLOCK, _check_input
 from ._launch import check_device, check_float, check_int32_addressable, next_pow2
 
+# Largest finite scale whose 127 multiple stays finite (the format clamps to it; absmax = FLT_MAX needs it).
+SCALE_MAX = tl.constexpr(_SCALE_MAX)
 # Elements one quantize program handles: 4096 keeps ~32 fp32 values per thread at 4 warps.
 _TILE_ELEMS = 4096
 
@@ -28,6 +30,13 @@ def round_half_even(v):
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def scale_from_absmax(amax):
+    """absmax / 127 correctly rounded, clamped like `int8flow.format` (finite scales only; NaN/Inf stay)."""
+    scale = tl.math.div_rn(amax, 127.0)
+    return tl.where((scale > SCALE_MAX) & (scale < float("inf")), SCALE_MAX, scale)
 
 
 @triton.jit
@@ -66,7 +75,7 @@ def _quantize_kernel(
     x = tl.load(x_ptr + rows * stride_xr + cols * stride_xc, mask=mask, other=0.0).to(tl.float32)
 
     amax = tl.max(tl.max(tl.abs(x), axis=3, keep_dims=True), axis=1, keep_dims=True)
-    scale = tl.math.div_rn(amax, 127.0)
+    scale = scale_from_absmax(amax)
     q = quantize_values(x, scale, seed, rows * C + cols, STOCHASTIC)
 
     blk_mask = (blk_r < tl.cdiv(R, BR)) & (blk_c < tl.cdiv(C, BC))
@@ -186,4 +195,4 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return out
 
 
-__all__ = ["quantize", "quantize_transposed", "dequantize", "quantize_values", "round_half_even"]
+__all__ = ["quantize", "quantize_transposed", "dequantize", "quantize_values", "round_half_even", "scale_from_absmax"]
