@@ -1,0 +1,336 @@
+"""Triton non-linear kernels (norms, activations, residual add, dropout) against the reference.
+
+Runs on CPU through the Triton interpreter (TRITON_INTERPRET=1, set here unless the caller chose);
+with TRITON_INTERPRET=0 on a CUDA machine the same tests run the compiled kernels.
+
+Thresholds:
+* INT8 outputs: kernel and reference quantize float32 values that differ only by summation order /
+  transcendental implementation (a few float32 ulps), which can flip a rounding decision: dequantized
+  values agree within one quantization step of their block, scales to float32 rounding, and almost
+  all int8 codes are identical.
+* float outputs: both compute in float32 from the same inputs: float32 results agree to a few ulps of
+  the row's magnitude (rtol 1e-5, atol 1e-5 * max|ref|); bfloat16 results are the same float32 values
+  rounded once, so they agree within one bfloat16 ulp (rtol 2**-7).
+"""
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from int8flow.format import QTensor, expand_scale, quantize  # noqa: E402
+from int8flow.reference import nonlinear as ref  # noqa: E402
+from int8flow.kernels import _blockquant, activations, norms, residual  # noqa: E402
+
+from _inputs import sample  # noqa: E402
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 needs a CUDA GPU", allow_module_level=True)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),  # exp overflow -> inf, used on purpose
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),  # interpreter internals
+]
+
+SHAPES = [(1, 32), (33, 77), (64, 160), (100, 77), (33, 160), (100, 32), (64, 32), (1, 160)]
+OUTS = ["float32", "bfloat16", "32x32", "1x32", "1x128"]
+DISTS = ["gaussian", "heavy_tailed", "outlier_channels"]
+
+
+def _cases(n: int):
+    """n cases (shape, out format, input dtype, QTensor input?, distribution) varying every axis; each shape
+    meets both dtypes and both input kinds within 16 cases."""
+    return [(SHAPES[i % 8], OUTS[i % 5], (torch.float32, torch.bfloat16)[(i // 8) % 2], (i // 2 + i // 8) % 2 == 1,
+             DISTS[i % 3]) for i in range(n)]
+
+
+CASES = _cases(16)
+CASE_IDS = [f"{m}x{d}-{o}-{str(dt)[6:]}-{'q' if q else 'f'}-{dist}" for (m, d), o, dt, q, dist in CASES]
+
+
+def _x(shape, dist, dtype, quantized, seed, scale=1.0):
+    x = (sample(shape, dist, seed) * scale).to(dtype).to(DEVICE)
+    return quantize(x.float(), "32x32") if quantized else x
+
+
+def _out_kwargs(out: str) -> dict:
+    if "x" in out:
+        return dict(out_block=out)
+    return dict(out_dtype=getattr(torch, out))
+
+
+def assert_matches(got, want):
+    """Kernel output vs reference output, by the rules in the module docstring."""
+    if isinstance(want, QTensor):
+        assert isinstance(got, QTensor) and got.block == want.block
+        torch.testing.assert_close(got.scale, want.scale, rtol=1e-5, atol=1e-30)
+        step = expand_scale(torch.maximum(got.scale, want.scale), want.block, tuple(want.shape))
+        diff = (got.dequantize() - want.dequantize()).abs()
+        assert bool((diff <= step * (1 + 1e-6)).all()), f"max |diff| / step = {float((diff / step).nan_to_num().max())}"
+        same = (got.data == want.data).float().mean().item()
+        assert same >= 0.99, f"only {same:.4f} of the int8 codes agree"
+    else:
+        assert got.dtype == want.dtype and got.shape == want.shape
+        w = want.float()
+        if want.dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(w.abs().max().clamp_min(1e-30)))
+        else:
+            torch.testing.assert_close(got.float(), w, rtol=2**-7, atol=1e-6 * float(w.abs().max()))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Kernel outputs start as NaN / 99 so an element the kernel forgets to write fails the comparison."""
+    def alloc(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(99 if dtype == torch.int8 else float("nan"))
+    monkeypatch.setattr(_blockquant, "alloc", alloc)
+
+
+# --- LayerNorm / RMSNorm -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,out,dtype,quantized,dist", CASES, ids=CASE_IDS)
+def test_layer_norm(poisoned, shape, out, dtype, quantized, dist):
+    x = _x(shape, dist, dtype, quantized, seed=1, scale=3.0)
+    if not quantized:
+        x = x + 5.0  # a large row mean: the variance must not be computed as E[x^2] - E[x]^2
+    d = shape[1]
+    weight = (1 + 0.1 * sample((d,), seed=2)).to(dtype).to(DEVICE)
+    bias = sample((d,), seed=3).to(dtype).to(DEVICE)
+    kw = _out_kwargs(out)
+    y, mean, rstd = norms.layer_norm_forward(x, weight, bias, **kw)
+    y_r, mean_r, rstd_r = ref.layer_norm_forward(x, weight, bias, **kw)
+    torch.testing.assert_close(mean, mean_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd, rstd_r, rtol=1e-5, atol=0)
+    assert_matches(y, y_r)
+    # Backward, with the gradient in the same format as the forward output and stochastic rounding.
+    dy = _x(shape, "heavy_tailed", dtype, quantized, seed=4)
+    dx, dw, db = norms.layer_norm_backward(dy, x, weight, mean_r, rstd_r, **kw)
+    dx_r, dw_r, db_r = ref.layer_norm_backward(dy, x, weight, mean_r, rstd_r, **kw)
+    assert_matches(dx, dx_r)
+    # Column sums over M rows in a different order: float32 error grows ~ sqrt(M) ulps of the sum of |terms|.
+    torch.testing.assert_close(dw, dw_r, rtol=1e-5, atol=1e-5 * shape[0])
+    torch.testing.assert_close(db, db_r, rtol=1e-5, atol=1e-5 * shape[0])
+
+
+@pytest.mark.parametrize("shape,out,dtype,quantized,dist", CASES[1::2], ids=CASE_IDS[1::2])
+def test_rms_norm(poisoned, shape, out, dtype, quantized, dist):
+    x = _x(shape, dist, dtype, quantized, seed=5, scale=2.0)
+    weight = (1 + 0.1 * sample((shape[1],), seed=6)).to(dtype).to(DEVICE)
+    kw = _out_kwargs(out)
+    y, rstd = norms.rms_norm_forward(x, weight, **kw)
+    y_r, rstd_r = ref.rms_norm_forward(x, weight, **kw)
+    torch.testing.assert_close(rstd, rstd_r, rtol=1e-5, atol=0)
+    assert_matches(y, y_r)
+    dy = _x(shape, "gaussian", dtype, quantized, seed=7)
+    dx, dw = norms.rms_norm_backward(dy, x, weight, rstd_r, **kw)
+    dx_r, dw_r = ref.rms_norm_backward(dy, x, weight, rstd_r, **kw)
+    assert_matches(dx, dx_r)
+    torch.testing.assert_close(dw, dw_r, rtol=1e-5, atol=1e-5 * shape[0])
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_without_affine(rms):
+    x = _x((33, 160), "heavy_tailed", torch.float32, False, seed=8)
+    dy = _x((33, 160), "gaussian", torch.float32, False, seed=9)
+    if rms:
+        (y, rstd), (y_r, rstd_r) = norms.rms_norm_forward(x), ref.rms_norm_forward(x)
+        got, want = norms.rms_norm_backward(dy, x, None, rstd_r), ref.rms_norm_backward(dy, x, None, rstd_r)
+    else:
+        (y, _, _), (y_r, mean_r, rstd_r) = norms.layer_norm_forward(x), ref.layer_norm_forward(x)
+        got = norms.layer_norm_backward(dy, x, None, mean_r, rstd_r)
+        want = ref.layer_norm_backward(dy, x, None, mean_r, rstd_r)
+    assert_matches(y, y_r)
+    assert_matches(got[0], want[0])
+    assert got[1] is None and want[1] is None
+    if not rms:
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-4)
+
+
+def test_layer_norm_backward_matches_autograd_float64():
+    """dx uses the full width D in its means (the paper's kernel divided by D while summing 128 columns)."""
+    m, d = 5, 300  # several column chunks
+    x = sample((m, d), "outlier_channels", seed=10, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = (1 + sample((d,), seed=11, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    b = sample((d,), seed=12, dtype=torch.float64).to(DEVICE).requires_grad_()
+    dy = sample((m, d), seed=13, dtype=torch.float64).to(DEVICE)
+    torch.nn.functional.layer_norm(x, (d,), w, b, eps=1e-5).backward(dy)
+    _, mean, rstd = norms.layer_norm_forward(x.detach().float(), w.detach().float(), b.detach().float())
+    dx, dw, db = norms.layer_norm_backward(dy.float(), x.detach().float(), w.detach().float(), mean, rstd)
+    for got, want in ((dx, x.grad), (dw, w.grad), (db, b.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_layer_norm_with_given_stats_reads_them():
+    x = _x((64, 77), "gaussian", torch.float32, False, seed=14)
+    _, mean, rstd = ref.layer_norm_forward(x)
+    y, mean_out, rstd_out = norms.layer_norm_forward(x, mean=mean * 0 + 1.0, rstd=rstd, out_block="32x32")
+    assert mean_out is not mean and bool((mean_out == 1.0).all())
+    torch.testing.assert_close(y.dequantize(), (x - 1.0) * rstd[:, None], rtol=0, atol=float(y.scale.max()) / 2 + 1e-6)
+
+
+# --- GELU / SwiGLU -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape,out,dtype,quantized,dist", CASES[::2], ids=CASE_IDS[::2])
+def test_gelu(poisoned, approximate, shape, out, dtype, quantized, dist):
+    x = _x(shape, dist, dtype, quantized, seed=20, scale=2.0)
+    kw = _out_kwargs(out)
+    assert_matches(activations.gelu_forward(x, approximate, **kw), ref.gelu_forward(x, approximate, **kw))
+    dy = _x(shape, "heavy_tailed", dtype, quantized, seed=21)
+    assert_matches(activations.gelu_backward(dy, x, approximate, **kw), ref.gelu_backward(dy, x, approximate, **kw))
+
+
+@pytest.mark.parametrize("shape,out,dtype,quantized,dist", CASES[::2], ids=CASE_IDS[::2])
+def test_swiglu(poisoned, shape, out, dtype, quantized, dist):
+    gate = _x(shape, dist, dtype, quantized, seed=30, scale=3.0)
+    up = _x(shape, "heavy_tailed", dtype, quantized, seed=31)
+    kw = _out_kwargs(out)
+    assert_matches(activations.swiglu_forward(gate, up, **kw), ref.swiglu_forward(gate, up, **kw))
+    dy = _x(shape, "gaussian", dtype, quantized, seed=32)
+    for got, want in zip(activations.swiglu_backward(dy, gate, up, **kw), ref.swiglu_backward(dy, gate, up, **kw)):
+        assert_matches(got, want)
+
+
+# --- residual add --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stats", [None, "layernorm", "rmsnorm"])
+@pytest.mark.parametrize("shape,out,dtype,quantized,dist", CASES[1::3], ids=CASE_IDS[1::3])
+def test_residual_add(poisoned, stats, shape, out, dtype, quantized, dist):
+    res = (_x(shape, dist, dtype, False, seed=40, scale=4.0) + 2.0).to(dtype)
+    delta = _x(shape, "heavy_tailed", dtype, quantized, seed=41)
+    out_block = out if "x" in out else None
+    got = residual.residual_add_forward(res, delta, stats, out_block=out_block)
+    want = ref.residual_add_forward(res, delta, stats, out_block=out_block)
+    torch.testing.assert_close(got.h, want.h, rtol=0, atol=0)  # one float32 add, one rounding: exact
+    if out_block is None:
+        assert got.h_q is None
+    else:
+        assert_matches(got.h_q, want.h_q)
+    for name in ("mean", "rstd"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert (g is None) == (w is None), name
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out", ["float32", "bfloat16", "32x32", "1x128"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_residual_add_backward(out, quantized):
+    dh = _x((33, 77), "heavy_tailed", torch.float32, quantized, seed=42)
+    kw = _out_kwargs(out)
+    (dres, ddelta), (dres_r, ddelta_r) = residual.residual_add_backward(dh, **kw), ref.residual_add_backward(dh, **kw)
+    torch.testing.assert_close(dres, dres_r, rtol=0, atol=0)
+    assert_matches(ddelta, ddelta_r)
+    if not quantized:
+        assert dres is dh
+        if out == "float32":
+            assert ddelta is dh
+
+
+# --- the block quantizer itself ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", ["32x32", "1x32", "1x128", "64x64", "128x128", "2x64"])
+@pytest.mark.parametrize("shape", [(1, 32), (33, 77), (100, 160)])
+def test_convert_equals_format_quantize(block, shape):
+    """Nearest rounding of a float tensor is bit-identical to int8flow.format.quantize (same float32 ops)."""
+    x = _x(shape, "outlier_channels", torch.float32, False, seed=50)
+    x[0, :] = 0.0  # an all-zero block row where shape allows
+    got, want = residual.convert(x, out_block=block), quantize(x, block)
+    assert torch.equal(got.data, want.data) and torch.equal(got.scale, want.scale)
+    # and back: INT8 in (any block) -> float out is exact dequantization
+    torch.testing.assert_close(residual.convert(got), want.dequantize(), rtol=0, atol=0)
+
+
+def test_stochastic_rounding_unbiased_and_reproducible():
+    """Values sitting 0.3 of a step above a code: nearest is biased by -0.3 step, stochastic is not."""
+    m, d = 64, 64
+    codes = torch.randint(-100, 100, (m, d), generator=torch.Generator().manual_seed(0)).float()
+    codes[:, 0] = 127.0  # every 1x64 block's absmax is 127 * 0.5: scale = 0.5 exactly
+    x = ((codes + 0.3 * (codes < 127)) * 0.5).to(DEVICE)
+    step = 0.5
+    nearest = residual.convert(x, out_block="1x64").dequantize()
+    assert abs(float((nearest - x).mean()) / step + 0.3) < 0.02
+    draws = torch.stack([residual.convert(x, out_block="1x64", rounding="stochastic", seed=s).dequantize()
+                         for s in range(32)])
+    # mean error over 32 * 4096 draws with per-draw sd sqrt(0.3 * 0.7) step: 5 sigma = 0.0064 step
+    assert abs(float((draws - x).mean()) / step) < 0.0064
+    assert bool(((draws - x).abs() < step).all())
+    again = residual.convert(x, out_block="1x64", rounding="stochastic", seed=3).dequantize()
+    assert torch.equal(again, draws[3]) and not torch.equal(draws[3], draws[4])
+
+
+def test_stochastic_gradients_reproducible_and_unbiased():
+    x = _x((33, 77), "heavy_tailed", torch.float32, False, seed=60)
+    dy = _x((33, 77), "gaussian", torch.float32, False, seed=61)
+    kw = dict(out_block="32x32", rounding="stochastic")
+    a = activations.gelu_backward(dy, x, seed=7, **kw)
+    assert torch.equal(a.data, activations.gelu_backward(dy, x, seed=7, **kw).data)
+    exact = ref.gelu_backward(dy, x)
+    draws = torch.stack([activations.gelu_backward(dy, x, seed=s, **kw).dequantize() for s in range(16)])
+    step = expand_scale(a.scale, a.block, tuple(x.shape))
+    # mean over 16 draws: sd <= 0.5 / 4 step per element; all 2541 elements within 5 sd
+    assert bool(((draws.mean(0) - exact).abs() <= 0.625 * step + 1e-7).all())
+    dg, du = activations.swiglu_backward(dy, x, dy, seed=7, **kw)
+    assert not torch.equal(dg.data, du.data)  # different tensors draw different noise
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = _x((33, 77), "gaussian", torch.float32, False, seed=70)
+    with pytest.raises(ValueError, match="block sides must be powers of two"):
+        activations.gelu_forward(x, out_block="3x32")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        activations.swiglu_forward(x, x[:, :32].contiguous())
+    with pytest.raises(ValueError, match="contiguous"):
+        activations.gelu_forward(x.t())
+    with pytest.raises(ValueError, match="2-D"):
+        activations.gelu_forward(x[0])
+    with pytest.raises(ValueError, match="approximate"):
+        activations.gelu_forward(x, "fast")
+    with pytest.raises(ValueError, match="weight must have shape"):
+        norms.layer_norm_forward(x, torch.ones(76))
+    with pytest.raises(ValueError, match="rstd must be a float32"):
+        norms.rms_norm_backward(x, x, None, torch.ones(32))
+    with pytest.raises(ValueError, match="stats must be one of"):
+        residual.residual_add_forward(x, x, stats="batchnorm")
+    with pytest.raises(TypeError, match="int8"):
+        activations.gelu_forward(x.to(torch.int8))
+
+
+# --- GPU shapes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET, reason="compiled kernels: run with TRITON_INTERPRET=0 on a CUDA machine")
+@pytest.mark.parametrize("d", [4096, 11008])
+def test_gpu_llm_shapes(d):
+    m = 2048
+    x = _x((m, d), "outlier_channels", torch.bfloat16, True, seed=80)
+    w = torch.ones(d, device=DEVICE, dtype=torch.bfloat16)
+    kw = dict(out_block="32x32")
+    (y, mean, rstd), (y_r, mean_r, rstd_r) = norms.layer_norm_forward(x, w, w, **kw), ref.layer_norm_forward(x, w, w, **kw)
+    assert_matches(y, y_r)
+    dy = _x((m, d), "heavy_tailed", torch.bfloat16, True, seed=81)
+    dx, dw, db = norms.layer_norm_backward(dy, x, w, mean_r, rstd_r, **kw)
+    dx_r, dw_r, db_r = ref.layer_norm_backward(dy, x, w, mean_r, rstd_r, **kw)
+    assert_matches(dx, dx_r)
+    torch.testing.assert_close(dw, dw_r, rtol=1e-4, atol=1e-3 * math.sqrt(m))
+    assert_matches(activations.swiglu_forward(x, dy, **kw), ref.swiglu_forward(x, dy, **kw))
+    r = torch.randn(m, d, device=DEVICE, dtype=torch.bfloat16)
+    got, want = residual.residual_add_forward(r, x, "rmsnorm", out_block="32x32"), ref.residual_add_forward(
+        r, x, "rmsnorm", out_block="32x32")
+    torch.testing.assert_close(got.h, want.h, rtol=0, atol=0)
+    torch.testing.assert_close(got.rstd, want.rstd, rtol=1e-5, atol=0)
