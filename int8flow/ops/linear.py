@@ -32,21 +32,16 @@ def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: st
             y = P.gemm([x_q, x2_q], w_q, b, out_dtype=out_dtype, cfg=c)
         else:
             y = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(out_dtype)
-    x2_data = x2_q.data if x2_q is not None else P.empty(x.device)
-    x2_scale = x2_q.scale if x2_q is not None else P.empty(x.device, torch.float32)
-    return y, x_q.data, x_q.scale, x2_data, x2_scale, w_q.data, w_q.scale, rate
+    return y, *P.pack(x_q, x.device), *P.pack(x2_q, x.device), w_q.data, w_q.scale, rate
 
 
 @_linear_fwd.register_fake
 def _(x, w, b, seed, cfg, out_dtype):
     c = P.decode_config(cfg)
     M, N = x.shape[0], w.shape[0]
-    x_grid = P.scale_shape(x.shape, c.activation_block)
-    x2 = (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x_grid, dtype=torch.float32)) if c.uses_fallback else (
-        x.new_empty(P.EMPTY_SHAPE, dtype=torch.int8), x.new_empty(P.EMPTY_SHAPE, dtype=torch.float32))
-    return (x.new_empty((M, N), dtype=out_dtype), x.new_empty(x.shape, dtype=torch.int8),
-            x.new_empty(x_grid, dtype=torch.float32), *x2, w.new_empty(w.shape, dtype=torch.int8),
-            w.new_empty(P.scale_shape(w.shape, c.weight_block), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
+    x2 = P.fake_q(x, x.shape, c.activation_block) if c.uses_fallback else P.fake_absent(x)
+    return (x.new_empty((M, N), dtype=out_dtype), *P.fake_q(x, x.shape, c.activation_block), *x2,
+            *P.fake_q(w, w.shape, c.weight_block), x.new_empty((), dtype=torch.float32))
 
 
 @torch.library.custom_op("int8flow::linear_bwd", mutates_args=())
@@ -68,11 +63,7 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_data: Tensor, x
         else:
             dx = (dy.float() @ w_saved.float()).to(x_dtype)
         if c.quantize_wgrad:
-            dy_t = P.transposed(dy_q, dy, c.grad_rounding, backend.subseed(s, 1), c)
-            x_t = [P.transposed(q, None, "nearest", 0, c) for q in (x_q, x2_q) if q is not None]
-            dw = P.gemm([dy_t], x_t[0], out_dtype=w_dtype, cfg=c)
-            if len(x_t) == 2:
-                dw = dw + P.gemm([dy_t], x_t[1], out_dtype=w_dtype, cfg=c)
+            dw = P.weight_grad(dy_q, dy, [x_q, x2_q], backend.subseed(s, 1), c, w_dtype)
         else:
             dw = (dy.float().t() @ x_saved.float()).to(w_dtype)
         db = dy.float().sum(0).to(w_dtype) if has_bias else P.empty(dy.device, w_dtype)

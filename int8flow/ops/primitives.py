@@ -41,13 +41,9 @@ def unpack(data: torch.Tensor, scale: torch.Tensor, block: BlockShape) -> Option
     return None if data.numel() == 0 and data.dim() == 1 else QTensor(data, scale, block)
 
 
-def scale_shape(shape, block: BlockShape) -> tuple:
-    return block.grid(tuple(shape))
-
-
 def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig) -> QTensor:
-    kwargs = {} if backend.uses_kernel("quantize", x.device) else {"check_finite": cfg.nonfinite == "raise"}
-    return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed, **kwargs)
+    return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed,
+                        check_finite=cfg.nonfinite == "raise")
 
 
 def quantize_activation(x: torch.Tensor, cfg: Int8TrainingConfig) -> tuple[QTensor, Optional[QTensor], torch.Tensor]:
@@ -105,3 +101,34 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
 def no_autocast(device: torch.device):
     """The ops do their own precision control; autocast must not recast the reference's float32 math."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def pack(q: Optional[QTensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) of a QTensor, or empty placeholders for an absent one."""
+    if q is None:
+        return empty(device), empty(device, torch.float32)
+    return q.data, q.scale
+
+
+def fake_q(like: torch.Tensor, shape, block: BlockShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-mode (data, scale) of a QTensor of ``shape``."""
+    return like.new_empty(tuple(shape), dtype=torch.int8), like.new_empty(block.grid(tuple(shape)), dtype=torch.float32)
+
+
+def fake_absent(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return like.new_empty(EMPTY_SHAPE, dtype=torch.int8), like.new_empty(EMPTY_SHAPE, dtype=torch.float32)
+
+
+def weight_t(w_q: QTensor, w_hp: torch.Tensor, cfg: Int8TrainingConfig) -> QTensor:
+    """The weight operand of dgrad (``dx = dy @ w``): ``w_q.t()``, or ``w.T`` re-quantized for non-square blocks."""
+    if w_q.block.is_square:
+        return w_q.t()
+    return quantize(w_hp.t(), cfg.weight_block, "nearest", 0, cfg)
+
+
+def weight_grad(dy_q: QTensor, dy_hp: Optional[torch.Tensor], terms: Sequence[Optional[QTensor]], seed: int,
+                cfg: Int8TrainingConfig, out_dtype: torch.dtype) -> torch.Tensor:
+    """``dw = dy.T @ x`` with x given as its INT8 term(s) (the fallback term included when present)."""
+    dy_t = transposed(dy_q, dy_hp, cfg.grad_rounding, seed, cfg)
+    dw = sum(gemm([dy_t], transposed(t, None, "nearest", 0, cfg), cfg=cfg) for t in terms if t is not None)
+    return dw.to(out_dtype)

@@ -1,0 +1,167 @@
+"""GPT-2 (nanoGPT layout and parameter names) in bf16, int8-linear, int8 and int8+fallback.
+
+Parameter names follow nanoGPT: transformer.wte/wpe/h.N.{ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj}/ln_f, lm_head (tied to wte). `from_hf_state_dict` loads Hugging Face GPT-2
+weights (their Conv1D layers store weights transposed).
+
+Precision (constructor argument): ``bf16`` runs plain PyTorch; ``int8-linear`` swaps the block linear
+layers for Int8Linear; ``int8``/``int8+fallback`` run each block through the fused INT8 data-flow ops
+(int8flow.ops.flow) with these same parameters. Embeddings, attention (SDPA), the residual stream,
+ln_f, lm_head and the loss stay in high precision in every mode, so runs are comparable.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import as_config
+from ..nn import convert_to_int8_training
+from ..ops.flow import NormSpec, linear_residual, mlp_residual, norm_linear
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    bias: bool = True
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3C) fused q|k|v -> causal SDPA -> (B, T, C)."""
+        B, T, _ = qkv.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.transpose(1, 2).reshape(B, T, self.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.attend(self.c_attn(x)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        # fraction of fc2-input blocks computed at 16-bit in the last forward (int8+fallback only)
+        self.register_buffer("fallback_rate", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, int8_flow=None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.int8_flow = int8_flow  # an Int8TrainingConfig when this block runs the INT8 data flow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_flow is None:
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        cfg, attn, mlp = self.int8_flow, self.attn, self.mlp
+        qkv = norm_linear(x, NormSpec.of(self.ln_1), attn.c_attn.weight, attn.c_attn.bias, cfg)
+        h = linear_residual(attn.attend(qkv), attn.c_proj.weight, attn.c_proj.bias, x, cfg)
+        out, rate = mlp_residual(h, NormSpec.of(self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
+                                 mlp.c_proj.bias, "gelu_tanh", cfg)
+        if cfg.uses_fallback:
+            mlp.fallback_rate.copy_(rate)
+        return out
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, precision="bf16"):
+        super().__init__()
+        self.config = config
+        self.int8_config = as_config(precision)
+        self.precision = self.int8_config.precision
+        flow = self.int8_config if self.int8_config.uses_data_flow else None
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config, flow) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if self.precision == "int8-linear":
+            convert_to_int8_training(self.transformer.h, self.int8_config)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None); targets -1 are ignored."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @classmethod
+    def from_hf_state_dict(cls, state_dict: dict, config: GPTConfig, precision="bf16") -> "GPT":
+        """Build a model from a Hugging Face GPT2Model / GPT2LMHeadModel state dict."""
+        model = cls(config, precision)
+        model.load_state_dict(hf_to_nanogpt_state_dict(state_dict))
+        return model
+
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_to_nanogpt_state_dict(state_dict: dict) -> dict:
+    """Rename/transposes HF GPT-2 keys to ours: adds the ``transformer.`` prefix where missing,
+    transposes Conv1D weights, drops the causal-mask buffers, and ties lm_head to wte."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers, not parameters
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        out[name] = value.t() if name.endswith(_CONV1D) else value
+    if "transformer.wte.weight" not in out:
+        raise KeyError("state dict has no wte.weight; is this a GPT-2 checkpoint?")
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out

@@ -1,0 +1,180 @@
+"""Llama-style decoder (RMSNorm, SwiGLU, RoPE, no bias, optional GQA) with Hugging Face parameter names.
+
+Names: model.embed_tokens, model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,
+post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head - so a HF Llama state dict
+loads with `load_state_dict` (see `from_hf_state_dict`). RoPE uses HF's rotate-half layout.
+
+Precision as in gpt2.py: ``bf16``, ``int8-linear`` (Int8Linear layers), ``int8`` / ``int8+fallback``
+(fused INT8 data-flow ops; q/k/v weights are concatenated per forward so norm -> QKV is one INT8 GEMM).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import as_config
+from ..nn import convert_to_int8_training
+from ..ops.flow import NormSpec, linear_residual, mlp_residual, norm_linear
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    ffn_dim: int = 1376
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"LlamaConfig.dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def rope_tables(config: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); rotate-half convention (Hugging Face Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        hd, kv = config.head_dim, config.n_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, kv, bias=False)
+        self.v_proj = nn.Linear(config.dim, kv, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * hd, config.dim, bias=False)
+
+    def qkv_weight(self) -> torch.Tensor:
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, T, q|k|v) -> RoPE -> causal SDPA (GQA) -> (B, T, dim)."""
+        c = self.config
+        B, T, _ = qkv.shape
+        kv = c.n_kv_heads * c.head_dim
+        q, k, v = qkv.split([c.dim, kv, kv], dim=2)
+        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_heads != c.n_heads)
+        return y.transpose(1, 2).reshape(B, T, c.dim)
+
+    def forward(self, x, cos, sin):
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        return self.o_proj(self.attend(qkv, cos, sin))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        # fraction of down_proj-input blocks computed at 16-bit in the last forward (int8+fallback only)
+        self.register_buffer("fallback_rate", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, int8_flow=None):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.mlp = MLP(config)
+        self.int8_flow = int8_flow  # an Int8TrainingConfig when this layer runs the INT8 data flow
+
+    def forward(self, x, cos, sin):
+        if self.int8_flow is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        cfg, attn, mlp = self.int8_flow, self.self_attn, self.mlp
+        qkv = norm_linear(x, NormSpec.of(self.input_layernorm), attn.qkv_weight(), None, cfg)
+        h = linear_residual(attn.attend(qkv, cos, sin), attn.o_proj.weight, None, x, cfg)
+        out, rate = mlp_residual(h, NormSpec.of(self.post_attention_layernorm), mlp.up_proj.weight, None,
+                                 mlp.down_proj.weight, None, "swiglu", cfg, w_gate=mlp.gate_proj.weight)
+        if cfg.uses_fallback:
+            mlp.fallback_rate.copy_(rate)
+        return out
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig, precision="bf16"):
+        super().__init__()
+        self.config = config
+        self.int8_config = as_config(precision)
+        self.precision = self.int8_config.precision
+        flow = self.int8_config if self.int8_config.uses_data_flow else None
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.model.layers = nn.ModuleList([DecoderLayer(config, flow) for _ in range(config.n_layers)])
+        self.model.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if self.precision == "int8-linear":
+            convert_to_int8_training(self.model.layers, self.int8_config)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.model.embed_tokens.weight.numel() if non_embedding and not self.config.tie_embeddings else n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None); targets -1 are ignored."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.model.embed_tokens(idx)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.model.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @classmethod
+    def from_hf_state_dict(cls, state_dict: dict, config: LlamaConfig, precision="bf16") -> "Llama":
+        """Build a model from a Hugging Face LlamaForCausalLM state dict (same names; RoPE caches dropped)."""
+        model = cls(config, precision)
+        sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+        if config.tie_embeddings:
+            sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
+        model.load_state_dict(sd)
+        return model

@@ -1,0 +1,316 @@
+"""The INT8 data flow of a pre-norm transformer block (Jetfire), as three fused autograd ops.
+
+Attention half: ``h = x + proj(attn(qkv(norm1(x))))``
+    * `norm_linear`: x -> INT8 -> norm -> INT8 -> QKV GEMM -> high precision (for SDPA, as the paper).
+    * attention (SDPA) stays high precision with ordinary autograd.
+    * `linear_residual`: attention output -> INT8 -> proj GEMM -> + residual.
+MLP half: ``out = h + fc2(act(fc1(norm2(h))))``
+    * `mlp_residual`: every tensor between norm -> fc1 -> act -> fc2 is INT8 + per-block scales
+      forward, every gradient between them INT8 with stochastic rounding backward, and what is saved
+      for backward is INT8 plus per-row norm statistics.
+
+The ops take the model's own parameters, so model files keep their standard parameter names. The
+residual stream stays in its own (high) precision. Each op quantizes its high-precision input on
+entry; on the GPU that INT8 copy and the next norm's row statistics are what a fused residual-add
+kernel produces (same numbers), which these reference compositions do not fuse.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Int8TrainingConfig
+from . import backend
+from . import primitives as P
+from .linear import int8_linear
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh", "swiglu": None}  # name -> GELU approximation
+
+
+class NormSpec(NamedTuple):
+    """A norm layer's kind and parameters, read from the model's own module (`NormSpec.of`)."""
+
+    kind: str
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "NormSpec":
+        if isinstance(module, nn.LayerNorm):
+            return cls("layernorm", module.weight, module.bias, module.eps)
+        if isinstance(module, nn.RMSNorm):
+            eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+            return cls("rmsnorm", module.weight, None, eps)
+        raise TypeError(f"NormSpec.of expects nn.LayerNorm or nn.RMSNorm, got {type(module).__name__}")
+
+
+def _norm_forward(kind, x, weight, bias, eps, device, **out):
+    """-> (y, mean or None, rstd)."""
+    if kind == "layernorm":
+        return backend.call("layer_norm_forward", x, weight, bias, eps, device=device, **out)
+    y, rstd = backend.call("rms_norm_forward", x, weight, eps, device=device, **out)
+    return y, None, rstd
+
+
+def _norm_backward(kind, dy, x, weight, mean, rstd, device, **out):
+    """-> (dx, dweight, dbias or None)."""
+    if kind == "layernorm":
+        return backend.call("layer_norm_backward", dy, x, weight, mean, rstd, device=device, **out)
+    dx, dweight = backend.call("rms_norm_backward", dy, x, weight, rstd, device=device, **out)
+    return dx, dweight, None
+
+
+def _normalize(x: Tensor, norm: str, weight, bias, eps: float, c: Int8TrainingConfig):
+    """x -> INT8 copy -> norm -> INT8 output (+ fallback term). Returns (x_q, n_q, n2_q, mean, rstd, rate)."""
+    x_q = P.quantize(x, c.activation_block, "nearest", 0, c)
+    if c.uses_fallback:
+        n, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, x.device, out_dtype=torch.float32)
+        n_q, n2_q, rate = P.quantize_activation(n, c)
+    else:
+        n_q, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, x.device, out_block=c.activation_block)
+        n2_q, rate = None, torch.zeros((), dtype=torch.float32, device=x.device)
+    return x_q, n_q, n2_q, mean, rstd, rate
+
+
+def _grad_q(dy: Tensor, seed: int, c: Int8TrainingConfig):
+    return P.quantize(dy, c.grad_block, c.grad_rounding, seed, c)
+
+
+def _stats(t: Optional[Tensor], device) -> Tensor:
+    return t if t is not None else P.empty(device, torch.float32)
+
+
+def _opt(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+# --- norm -> QKV GEMM ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("int8flow::norm_linear_fwd", mutates_args=())
+def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w: Tensor, b: Optional[Tensor],
+                     seed: Tensor, cfg: str, norm: str, eps: float, out_dtype: torch.dtype) -> list[Tensor]:
+    c = P.decode_config(cfg)
+    with P.no_autocast(x.device):
+        x_q, n_q, n2_q, mean, rstd, rate = _normalize(x, norm, norm_w, norm_b, eps, c)
+        w_q = P.quantize(w, c.weight_block, "nearest", 0, c)
+        y = P.gemm([n_q, n2_q], w_q, b, out_dtype=out_dtype, cfg=c)
+    d = x.device
+    return [y, *P.pack(x_q, d), *P.pack(n_q, d), *P.pack(n2_q, d), _stats(mean, d), rstd, *P.pack(w_q, d), rate]
+
+
+@_norm_linear_fwd.register_fake
+def _(x, norm_w, norm_b, w, b, seed, cfg, norm, eps, out_dtype):
+    c = P.decode_config(cfg)
+    M, blk = x.shape[0], c.activation_block
+    n2 = P.fake_q(x, x.shape, blk) if c.uses_fallback else P.fake_absent(x)
+    mean = x.new_empty((M,) if norm == "layernorm" else P.EMPTY_SHAPE, dtype=torch.float32)
+    return [x.new_empty((M, w.shape[0]), dtype=out_dtype), *P.fake_q(x, x.shape, blk), *P.fake_q(x, x.shape, blk),
+            *n2, mean, x.new_empty((M,), dtype=torch.float32), *P.fake_q(w, w.shape, c.weight_block),
+            x.new_empty((), dtype=torch.float32)]
+
+
+@torch.library.custom_op("int8flow::norm_linear_bwd", mutates_args=())
+def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], w: Tensor, seed: Tensor, cfg: str,
+                     norm: str, x_dtype: torch.dtype, has_norm_bias: bool, has_bias: bool) -> list[Tensor]:
+    c = P.decode_config(cfg)
+    s = int(seed.item())
+    x_i8, x_s, n_i8, n_s, n2_i8, n2_s, mean, rstd, w_i8, w_s = saved
+    with P.no_autocast(dy.device):
+        blk = c.activation_block
+        x_q, n_q, n2_q = P.unpack(x_i8, x_s, blk), P.unpack(n_i8, n_s, blk), P.unpack(n2_i8, n2_s, blk)
+        w_q = P.unpack(w_i8, w_s, c.weight_block)
+        dy_q = _grad_q(dy, backend.subseed(s, 0), c)
+        dn_q = P.gemm([dy_q], P.weight_t(w_q, w, c), out_block=c.grad_block, rounding=c.grad_rounding,
+                      seed=backend.subseed(s, 1), cfg=c)
+        dw = P.weight_grad(dy_q, dy, [n_q, n2_q], backend.subseed(s, 2), c, w.dtype)
+        dx, dnw, dnb = _norm_backward(norm, dn_q, x_q, norm_w, _opt(mean), rstd, dy.device, out_dtype=x_dtype)
+        wd = w.dtype
+        dnw = dnw.to(wd) if dnw is not None else P.empty(dy.device, wd)
+        dnb = dnb.to(wd) if has_norm_bias else P.empty(dy.device, wd)
+        db = dy.float().sum(0).to(wd) if has_bias else P.empty(dy.device, wd)
+    return [dx, dnw, dnb, dw, db]
+
+
+@_norm_linear_bwd.register_fake
+def _(dy, saved, norm_w, w, seed, cfg, norm, x_dtype, has_norm_bias, has_bias):
+    M, D, N, wd = dy.shape[0], w.shape[1], w.shape[0], w.dtype
+    vec = lambda n, keep: dy.new_empty((n,) if keep else P.EMPTY_SHAPE, dtype=wd)  # noqa: E731
+    return [dy.new_empty((M, D), dtype=x_dtype), vec(D, norm_w is not None), vec(D, has_norm_bias),
+            dy.new_empty((N, D), dtype=wd), vec(N, has_bias)]
+
+
+def _norm_linear_setup(ctx, inputs, output):
+    x, norm_w, norm_b, w, b, seed, cfg, norm, _, _ = inputs
+    ctx.save_for_backward(*output[1:-1], norm_w, w, seed)
+    ctx.cfg, ctx.norm, ctx.x_dtype = cfg, norm, x.dtype
+    ctx.has_norm_w, ctx.has_norm_bias, ctx.has_bias = norm_w is not None, norm_b is not None, b is not None
+
+
+def _norm_linear_backward(ctx, grads):
+    *saved, norm_w, w, seed = ctx.saved_tensors
+    dx, dnw, dnb, dw, db = _norm_linear_bwd(grads[0], saved, norm_w, w, seed, ctx.cfg, ctx.norm, ctx.x_dtype,
+                                            ctx.has_norm_bias, ctx.has_bias)
+    return (dx, dnw if ctx.has_norm_w else None, dnb if ctx.has_norm_bias else None, dw,
+            db if ctx.has_bias else None, None, None, None, None, None)
+
+
+_norm_linear_fwd.register_autograd(_norm_linear_backward, setup_context=_norm_linear_setup)
+
+
+def norm_linear(x: Tensor, norm: NormSpec, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConfig) -> Tensor:
+    """``linear(norm(x))`` with the norm's output fed to the GEMM as INT8; output high precision (B, T, N)."""
+    if norm.kind not in NORMS:
+        raise ValueError(f"norm kind must be one of {NORMS}, got {norm.kind!r}")
+    x2d = x.reshape(-1, x.shape[-1])
+    out = _norm_linear_fwd(x2d, norm.weight, norm.bias, w, b, backend.draw_seed(), P.encode_config(cfg), norm.kind,
+                           float(norm.eps), P.output_dtype(x))
+    return out[0].reshape(*x.shape[:-1], w.shape[0])
+
+
+# --- attention output -> proj GEMM -> residual add -----------------------------------------------
+
+
+def linear_residual(a: Tensor, w: Tensor, b: Optional[Tensor], residual: Tensor, cfg: Int8TrainingConfig) -> Tensor:
+    """``residual + linear(a)``: a quantized to INT8 (saved as INT8), the sum kept in the residual's dtype."""
+    return residual + int8_linear(a, w, b, cfg).to(residual.dtype)
+
+
+# --- norm -> fc1 -> act -> fc2 -> residual add -------------------------------------------------
+
+
+@torch.library.custom_op("int8flow::mlp_residual_fwd", mutates_args=())
+def _mlp_fwd(h: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w_in: Tensor, b_in: Optional[Tensor],
+             w_gate: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor], seed: Tensor, cfg: str, norm: str,
+             eps: float, activation: str) -> list[Tensor]:
+    c = P.decode_config(cfg)
+    d, blk = h.device, c.activation_block
+    with P.no_autocast(d):
+        h_q, n_q, n2_q, mean, rstd, _ = _normalize(h, norm, norm_w, norm_b, eps, c)
+        w_in_q = P.quantize(w_in, c.weight_block, "nearest", 0, c)
+        w_out_q = P.quantize(w_out, c.weight_block, "nearest", 0, c)
+        f_q = P.gemm([n_q, n2_q], w_in_q, b_in, out_block=blk, cfg=c)
+        act_out = dict(out_dtype=torch.float32) if c.uses_fallback else dict(out_block=blk)
+        if activation == "swiglu":
+            w_gate_q = P.quantize(w_gate, c.weight_block, "nearest", 0, c)
+            g_q = P.gemm([n_q, n2_q], w_gate_q, None, out_block=blk, cfg=c)
+            a = backend.call("swiglu_forward", g_q, f_q, device=d, **act_out)
+        else:
+            w_gate_q = g_q = None
+            a = backend.call("gelu_forward", f_q, ACTIVATIONS[activation], device=d, **act_out)
+        a_q, a2_q, rate = P.quantize_activation(a, c) if c.uses_fallback else (a, None, torch.zeros((), device=d))
+        y = P.gemm([a_q, a2_q], w_out_q, b_out, out_dtype=torch.float32, cfg=c)
+        out = (h.float() + y).to(h.dtype)
+    return [out, *P.pack(h_q, d), _stats(mean, d), rstd, *P.pack(n_q, d), *P.pack(n2_q, d), *P.pack(f_q, d),
+            *P.pack(g_q, d), *P.pack(a_q, d), *P.pack(a2_q, d), *P.pack(w_in_q, d), *P.pack(w_gate_q, d),
+            *P.pack(w_out_q, d), rate]
+
+
+@_mlp_fwd.register_fake
+def _(h, norm_w, norm_b, w_in, b_in, w_gate, w_out, b_out, seed, cfg, norm, eps, activation):
+    c = P.decode_config(cfg)
+    M, F, blk, wb = h.shape[0], w_in.shape[0], c.activation_block, c.weight_block
+    fb = c.uses_fallback
+    glu = activation == "swiglu"
+    mean = h.new_empty((M,) if norm == "layernorm" else P.EMPTY_SHAPE, dtype=torch.float32)
+    return [h.new_empty(h.shape), *P.fake_q(h, h.shape, blk), mean, h.new_empty((M,), dtype=torch.float32),
+            *P.fake_q(h, h.shape, blk), *(P.fake_q(h, h.shape, blk) if fb else P.fake_absent(h)),
+            *P.fake_q(h, (M, F), blk), *(P.fake_q(h, (M, F), blk) if glu else P.fake_absent(h)),
+            *P.fake_q(h, (M, F), blk), *(P.fake_q(h, (M, F), blk) if fb else P.fake_absent(h)),
+            *P.fake_q(w_in, w_in.shape, wb), *(P.fake_q(w_in, w_in.shape, wb) if glu else P.fake_absent(h)),
+            *P.fake_q(w_out, w_out.shape, wb), h.new_empty((), dtype=torch.float32)]
+
+
+@torch.library.custom_op("int8flow::mlp_residual_bwd", mutates_args=())
+def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], w_in: Tensor, w_gate: Optional[Tensor],
+             w_out: Tensor, seed: Tensor, cfg: str, norm: str, activation: str, has_norm_bias: bool, has_b_in: bool,
+             has_b_out: bool) -> list[Tensor]:
+    c = P.decode_config(cfg)
+    s, d, blk, gb, wd = int(seed.item()), dout.device, c.activation_block, c.grad_block, w_in.dtype
+    (h_i8, h_s, mean, rstd, n_i8, n_s, n2_i8, n2_s, f_i8, f_s, g_i8, g_s, a_i8, a_s, a2_i8, a2_s,
+     wi_i8, wi_s, wg_i8, wg_s, wo_i8, wo_s) = saved
+    grad_out = dict(out_block=gb, rounding=c.grad_rounding)
+    with P.no_autocast(d):
+        h_q, n_q, n2_q = P.unpack(h_i8, h_s, blk), P.unpack(n_i8, n_s, blk), P.unpack(n2_i8, n2_s, blk)
+        f_q, g_q = P.unpack(f_i8, f_s, blk), P.unpack(g_i8, g_s, blk)
+        a_q, a2_q = P.unpack(a_i8, a_s, blk), P.unpack(a2_i8, a2_s, blk)
+        wi_q, wo_q = P.unpack(wi_i8, wi_s, c.weight_block), P.unpack(wo_i8, wo_s, c.weight_block)
+        # fc2
+        dy_q = _grad_q(dout, backend.subseed(s, 0), c)
+        da_q = P.gemm([dy_q], P.weight_t(wo_q, w_out, c), seed=backend.subseed(s, 1), cfg=c, **grad_out)
+        dw_out = P.weight_grad(dy_q, dout, [a_q, a2_q], backend.subseed(s, 2), c, wd)
+        # activation, then fc1 (and gate)
+        if activation == "swiglu":
+            dg_q, df_q = backend.call("swiglu_backward", da_q, g_q, f_q, device=d, seed=backend.subseed(s, 3), **grad_out)
+            wg_q = P.unpack(wg_i8, wg_s, c.weight_block)
+            dn = P.gemm([df_q], P.weight_t(wi_q, w_in, c), cfg=c) + P.gemm([dg_q], P.weight_t(wg_q, w_gate, c), cfg=c)
+            dn_q = P.quantize(dn, gb, c.grad_rounding, backend.subseed(s, 4), c)
+            dw_gate = P.weight_grad(dg_q, None, [n_q, n2_q], backend.subseed(s, 5), c, wd)
+        else:
+            df_q = backend.call("gelu_backward", da_q, f_q, ACTIVATIONS[activation], device=d,
+                                seed=backend.subseed(s, 3), **grad_out)
+            dn_q = P.gemm([df_q], P.weight_t(wi_q, w_in, c), seed=backend.subseed(s, 4), cfg=c, **grad_out)
+            dw_gate = P.empty(d, wd)
+        dw_in = P.weight_grad(df_q, None, [n_q, n2_q], backend.subseed(s, 6), c, wd)
+        # norm, then the residual branch
+        dh, dnw, dnb = _norm_backward(norm, dn_q, h_q, norm_w, _opt(mean), rstd, d, out_dtype=torch.float32)
+        dh = (dh + dout.float()).to(dout.dtype)
+        dnw = dnw.to(wd) if dnw is not None else P.empty(d, wd)
+        dnb = dnb.to(wd) if has_norm_bias else P.empty(d, wd)
+        db_in = df_q.dequantize(torch.float32).sum(0).to(wd) if has_b_in else P.empty(d, wd)
+        db_out = dout.float().sum(0).to(wd) if has_b_out else P.empty(d, wd)
+    return [dh, dnw, dnb, dw_in, db_in, dw_gate, dw_out, db_out]
+
+
+@_mlp_bwd.register_fake
+def _(dout, saved, norm_w, w_in, w_gate, w_out, seed, cfg, norm, activation, has_norm_bias, has_b_in, has_b_out):
+    D, F, wd = dout.shape[1], w_in.shape[0], w_in.dtype
+    vec = lambda n, keep: dout.new_empty((n,) if keep else P.EMPTY_SHAPE, dtype=wd)  # noqa: E731
+    dw_gate = dout.new_empty((F, D), dtype=wd) if activation == "swiglu" else vec(0, False)
+    return [dout.new_empty(dout.shape), vec(D, norm_w is not None), vec(D, has_norm_bias),
+            dout.new_empty((F, D), dtype=wd), vec(F, has_b_in), dw_gate, dout.new_empty((D, F), dtype=wd),
+            vec(D, has_b_out)]
+
+
+def _mlp_setup(ctx, inputs, output):
+    h, norm_w, norm_b, w_in, b_in, w_gate, w_out, b_out, seed, cfg, norm, _, activation = inputs
+    ctx.save_for_backward(*output[1:-1], norm_w, w_in, w_gate, w_out, seed)
+    ctx.cfg, ctx.norm, ctx.activation = cfg, norm, activation
+    ctx.present = tuple(t is not None for t in (norm_w, norm_b, b_in, w_gate, b_out))
+
+
+def _mlp_backward(ctx, grads):
+    *saved, norm_w, w_in, w_gate, w_out, seed = ctx.saved_tensors
+    has_nw, has_nb, has_bi, has_wg, has_bo = ctx.present
+    dh, dnw, dnb, dwi, dbi, dwg, dwo, dbo = _mlp_bwd(grads[0], saved, norm_w, w_in, w_gate, w_out, seed, ctx.cfg,
+                                                     ctx.norm, ctx.activation, has_nb, has_bi, has_bo)
+    keep = lambda g, flag: g if flag else None  # noqa: E731
+    return (dh, keep(dnw, has_nw), keep(dnb, has_nb), dwi, keep(dbi, has_bi), keep(dwg, has_wg), dwo,
+            keep(dbo, has_bo), None, None, None, None, None)
+
+
+_mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def mlp_residual(h: Tensor, norm: NormSpec, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor,
+                 b_out: Optional[Tensor], activation: str, cfg: Int8TrainingConfig,
+                 w_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``h + fc2(act(fc1(norm(h))))`` on the INT8 data flow; returns (out, fallback rate of the fc2 input).
+
+    activation: ``gelu`` / ``gelu_tanh`` (``w_in`` = fc1) or ``swiglu`` (``w_in`` = up_proj,
+    ``w_gate`` = gate_proj, act = silu(gate) * up). The output keeps h's dtype (the residual stream).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if (activation == "swiglu") != (w_gate is not None):
+        raise ValueError("activation='swiglu' needs w_gate (the gate projection); GELU MLPs take none")
+    if norm.kind not in NORMS:
+        raise ValueError(f"norm kind must be one of {NORMS}, got {norm.kind!r}")
+    h2d = h.reshape(-1, h.shape[-1])
+    out = _mlp_fwd(h2d, norm.weight, norm.bias, w_in, b_in, w_gate, w_out, b_out, backend.draw_seed(),
+                   P.encode_config(cfg), norm.kind, float(norm.eps), activation)
+    return out[0].reshape(h.shape), out[-1].detach()
