@@ -1,0 +1,222 @@
+"""Run configurations as data: one frozen dataclass, named presets, TOML files and key=value overrides.
+
+Precedence: preset defaults < ``--config file.toml`` < ``key=value`` on the command line. Keys
+``model.X`` (or a ``[model]`` table in TOML) go to ``build_model(..., X=value)``. The data order is a
+function of (seed, step) only, so runs that differ only in ``precision`` see the same batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "make_config", "parse_overrides", "load_toml"]
+
+PRECISIONS = ("bf16", "int8-linear", "int8", "int8+fallback")
+PARALLEL = ("none", "ddp", "fsdp2")
+NONFINITE = ("skip", "raise")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; validated on construction (bad values name the key and the fix)."""
+
+    name: str = "tiny"
+    # model
+    model: str = "gpt-tiny"
+    model_args: dict = field(default_factory=dict)
+    precision: str = "bf16"
+    # data
+    data: str = "shakespeare"       # embedded corpus name, text file/folder, or a prepared folder
+    data_dir: str = ""              # where prepared tokens are cached ("" = runs/_data/<source>-<tokenizer>)
+    tokenizer: str = "bpe"          # bpe (trained at prepare time) | gpt2 | auto | folder | tokenizer.json
+    vocab_size: int = 2048          # for tokenizer=bpe
+    val_fraction: float = 0.1
+    seq_len: int = 128
+    batch_size: int = 16            # sequences per micro-batch per process
+    grad_accum: int = 1             # micro-batches per step per process
+    # optimization (AdamW, fp32 master weights, linear warmup then cosine to min_lr)
+    max_steps: int = 600
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # 0 = off
+    # guard against non-finite losses and spikes
+    nonfinite: str = "skip"         # skip: drop the step, keep optimizer state | raise
+    spike_factor: float = 0.0       # also treat loss > factor * running mean as bad (0 = off)
+    max_skips: int = 20             # raise after this many consecutive skipped steps
+    # evaluation, logs, checkpoints
+    eval_interval: int = 100
+    eval_batches: int = 8           # val windows = eval_batches * global batch
+    ckpt_interval: int = 200        # 0 = only at the end
+    keep_checkpoints: int = 2
+    out_dir: str = ""               # "" = runs/<name>
+    resume: bool = False
+    stop_at: int = 0                # stop (with a checkpoint) after this step; the schedule still spans max_steps
+    tensorboard: bool = True        # write TensorBoard events too when tensorboard is importable
+    progress: bool = True
+    # system
+    seed: int = 1337
+    device: str = "auto"            # auto (cuda if present) | cpu | cuda | cuda:N
+    threads: int = 0                # CPU threads for torch ops (0 = torch's default)
+    compile: bool = False
+    parallel: str = "none"          # none | ddp | fsdp2 (launch with torchrun)
+
+    def __post_init__(self):
+        def bad(key, value, expected):
+            raise ValueError(f"{key}={value!r}: expected {expected}")
+
+        for key, choices in (("precision", PRECISIONS), ("parallel", PARALLEL), ("nonfinite", NONFINITE)):
+            if getattr(self, key) not in choices:
+                bad(key, getattr(self, key), f"one of {', '.join(choices)}")
+        for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                    "keep_checkpoints", "max_skips"):
+            if getattr(self, key) < 1:
+                bad(key, getattr(self, key), "an integer >= 1")
+        for key in ("warmup_steps", "ckpt_interval", "stop_at", "seed", "threads"):
+            if getattr(self, key) < 0:
+                bad(key, getattr(self, key), "an integer >= 0")
+        if not self.lr > 0:
+            bad("lr", self.lr, "a learning rate > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            bad("min_lr", self.min_lr, f"0 <= min_lr <= lr ({self.lr})")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                bad(key, getattr(self, key), "a value in [0, 1)")
+        for key in ("weight_decay", "grad_clip", "spike_factor"):
+            if getattr(self, key) < 0:
+                bad(key, getattr(self, key), "a value >= 0")
+        if self.spike_factor and self.spike_factor <= 1:
+            bad("spike_factor", self.spike_factor, "0 (off) or a factor > 1, e.g. 3")
+        if not 0 < self.val_fraction < 1:
+            bad("val_fraction", self.val_fraction, "a fraction in (0, 1), e.g. 0.1")
+        if not 257 <= self.vocab_size <= 65535:
+            bad("vocab_size", self.vocab_size, "257..65535 (byte-level BPE, uint16 token files)")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad("device", self.device, "auto, cpu, cuda or cuda:N")
+        if not self.name or "/" in self.name:
+            bad("name", self.name, "a non-empty run name without '/'")
+        if not isinstance(self.model_args, dict):
+            bad("model_args", self.model_args, "a table of build_model overrides")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_GPU = dict(device="auto", tokenizer="gpt2", seq_len=1024, eval_interval=250, eval_batches=20,
+            ckpt_interval=1000, warmup_steps=200, lr=6e-4, min_lr=6e-5)
+
+RUN_PRESETS: dict[str, dict[str, Any]] = {
+    # the default: ~1M-parameter GPT on the embedded Shakespeare, a few minutes on 2 CPU cores
+    "tiny": dict(name="tiny", model="gpt-tiny"),
+    "gpt2-124m": dict(_GPU, name="gpt2-124m", model="gpt2-124m", batch_size=16, grad_accum=4, max_steps=5000),
+    "gpt2-350m": dict(_GPU, name="gpt2-350m", model="gpt2-350m", batch_size=8, grad_accum=8, max_steps=5000,
+                      lr=3e-4, min_lr=3e-5),
+    "llama-60m": dict(_GPU, name="llama-60m", model="llama-60m", batch_size=32, grad_accum=2, max_steps=5000,
+                      seq_len=512, lr=1e-3, min_lr=1e-4),
+    "llama-350m": dict(_GPU, name="llama-350m", model="llama-350m", batch_size=16, grad_accum=4,
+                       max_steps=5000, lr=3e-4, min_lr=3e-5),
+    "llama-1b": dict(_GPU, name="llama-1b", model="llama-1b", batch_size=4, grad_accum=16, max_steps=5000,
+                     lr=2e-4, min_lr=2e-5, parallel="fsdp2"),
+}
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _parse_value(key: str, text: str, kind: Any) -> Any:
+    """Command-line text -> the field's type (``kind`` None: guess int, float, bool, else str)."""
+    lowered = text.strip().lower()
+    if kind is bool or (kind is None and lowered in ("true", "false")):
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}={text!r}: expected true or false")
+    for cast in ((kind,) if kind in (int, float) else (int, float) if kind is None else ()):
+        try:
+            return cast(text)
+        except ValueError:
+            if kind is not None:
+                raise ValueError(f"{key}={text!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    return text
+
+
+def _field_type(key: str) -> Any:
+    return {"int": int, "float": float, "bool": bool, "str": str}.get(str(_FIELDS[key].type), str)
+
+
+def _unknown(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    hint = f"; did you mean {close[0]}?" if close else "; use model.<name>=... for model settings"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['lr=1e-3', 'model.n_layer=2'] -> {'lr': 0.001, 'model_args': {'n_layer': 2}}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value, e.g. precision=int8 or max_steps=100")
+        if key.startswith("model."):
+            out.setdefault("model_args", {})[key[len("model."):]] = _parse_value(key, text, None)
+        elif key == "preset":
+            out["preset"] = text.strip()
+        elif key == "model_args" or key not in _FIELDS:
+            raise _unknown(key)
+        else:
+            out[key] = _parse_value(key, text, _field_type(key))
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML run file: top-level config keys, an optional ``preset``, an optional ``[model]`` table."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML ({err})") from None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "model" and isinstance(value, dict):
+            out["model_args"] = dict(value)
+        elif key == "preset" or (key in _FIELDS and key != "model_args"):
+            kind = _field_type(key) if key in _FIELDS else str
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{path}: {key} = {value!r}: expected {kind.__name__}")
+            out[key] = value
+        else:
+            raise ValueError(f"{path}: {_unknown(key)}")
+    return out
+
+
+def make_config(preset: str | None = None, toml_path: str | Path | None = None,
+                overrides: list[str] | None = None) -> TrainConfig:
+    """Preset < TOML file < command-line overrides; ``model_args`` tables merge key by key."""
+    from_file = load_toml(toml_path) if toml_path else {}
+    from_cli = parse_overrides(overrides or [])
+    name = preset or from_cli.pop("preset", None) or from_file.pop("preset", None) or "tiny"
+    from_file.pop("preset", None)
+    if name not in RUN_PRESETS:
+        raise ValueError(f"unknown run preset {name!r}; expected one of {', '.join(RUN_PRESETS)}")
+    merged = dict(RUN_PRESETS[name])
+    model_args: dict[str, Any] = {}
+    for layer in (from_file, from_cli):
+        model_args.update(layer.pop("model_args", {}))
+        merged.update(layer)
+    return TrainConfig(**merged, model_args=model_args)

@@ -1,0 +1,297 @@
+"""The training loop, top to bottom: data -> model -> (resume) -> wrap -> AdamW -> steps -> final eval.
+
+- FP32 master weights: parameters stay float32 and AdamW updates them; on CUDA the forward runs under
+  bf16 autocast. Linear warmup then cosine decay to ``min_lr``; gradient clipping; accumulation.
+- Exact resume: a batch, dropout and stochastic rounding depend only on (seed, step, rank), because
+  the batch is sampled from (seed, step) and the global RNG is reseeded from (seed, step, rank) at each
+  step. A checkpoint therefore needs weights, optimizer state and the step; resumed losses equal
+  uninterrupted ones bitwise on CPU.
+- Guard: a step whose loss or gradient norm is not finite (or spikes, if ``spike_factor`` is set)
+  is dropped before ``optimizer.step()`` (optimizer state untouched) and logged; ``nonfinite=raise``
+  stops instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..data import PreparedData, ensure_prepared, eval_offsets, gather_batch, load_prepared, step_offsets
+from .checkpoint import (MODEL_FILE, CheckpointError, check_state_dict, latest_checkpoint, load_checkpoint,
+                         save_checkpoint)
+from .config import TrainConfig
+from .metrics import MetricsLog, plot_runs
+from .parallelize import (DistInfo, all_reduce_mean, full_state_dicts, load_optimizer_state, parallelize,
+                          set_grad_sync, setup_distributed, teardown_distributed, unwrap)
+
+__all__ = ["TrainResult", "train", "lr_at", "model_kwargs", "NonFiniteLossError"]
+
+# settings a resumed run must share with its checkpoint (others, e.g. max_steps or lr, may change)
+RESUME_MUST_MATCH = ("model", "model_args", "precision", "tokenizer", "vocab_size", "seq_len", "seed")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    losses: list[float]          # train loss per step run by this call (nan for skipped steps)
+    val_loss: float | None
+    checkpoint: Path | None
+    seconds: float
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def _seed_step(seed: int, step: int, rank: int) -> None:
+    digest = hashlib.blake2b(f"int8flow-rng:{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def _default_data_dir(cfg: TrainConfig) -> Path:
+    source = Path(cfg.data)
+    tag = cfg.data if cfg.data.isidentifier() else f"{source.stem}-{hashlib.sha1(cfg.data.encode()).hexdigest()[:8]}"
+    vocab = f"{cfg.vocab_size}" if cfg.tokenizer == "bpe" else ""
+    return cfg.run_dir.parent / "_data" / f"{tag}-{Path(cfg.tokenizer).stem}{vocab}"
+
+
+def load_data(cfg: TrainConfig, info: DistInfo) -> PreparedData:
+    """A prepared folder as is; otherwise prepare (rank 0, cached by content) then open everywhere."""
+    if (Path(cfg.data) / "meta.json").is_file():
+        return load_prepared(cfg.data)
+    folder = Path(cfg.data_dir) if cfg.data_dir else _default_data_dir(cfg)
+    if info.is_main:
+        ensure_prepared(cfg.data, folder, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction)
+    if info.distributed:
+        dist.barrier()
+    return load_prepared(folder)
+
+
+def model_kwargs(cfg: TrainConfig, vocab_size: int, presets: dict) -> dict:
+    """build_model overrides: vocabulary (padded to 64) and context length from the data, then model.*."""
+    kwargs = {"vocab_size": -(-vocab_size // 64) * 64}
+    preset = presets.get(cfg.model)
+    if preset is not None:
+        names = {f.name for f in dataclasses.fields(preset)}
+        for context in ("block_size", "max_seq_len"):
+            if context in names:
+                kwargs[context] = cfg.seq_len
+    kwargs.update(cfg.model_args)
+    return kwargs
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices (dim >= 2) decay, biases and norm weights do not (as in nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != getattr(cfg, key):
+            raise CheckpointError(f"{path}: checkpoint was made with {key}={saved.get(key)!r}, this run has "
+                                  f"{key}={getattr(cfg, key)!r}; pass the same value or use a new out_dir")
+
+
+@torch.no_grad()
+def evaluate(model, data: PreparedData, cfg: TrainConfig, info: DistInfo, autocast) -> float:
+    """Mean val loss over fixed windows (eval_batches x global batch), split evenly over ranks."""
+    per_rank = cfg.eval_batches * cfg.batch_size * cfg.grad_accum
+    offsets = eval_offsets(per_rank * info.world_size, len(data.val), cfg.seq_len)
+    mine = offsets[info.rank * per_rank:(info.rank + 1) * per_rank]
+    model.eval()
+    total = torch.zeros((), device=info.device)
+    for chunk in mine.split(cfg.batch_size):
+        x, y = gather_batch(data.val, chunk, cfg.seq_len, info.device)
+        with autocast():
+            _, loss = model(x, y)
+        total += loss.float() * len(chunk)
+    model.train()
+    return all_reduce_mean(total / len(mine), info).item()
+
+
+def train(cfg: TrainConfig, build_fn: Callable | None = None) -> TrainResult:
+    """Run ``cfg``; ``build_fn(name, precision=..., **kwargs)`` defaults to int8flow.models.build_model."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = setup_distributed(cfg.parallel, cfg.device)
+    try:
+        return _train(cfg, info, build_fn)
+    finally:
+        teardown_distributed()
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> TrainResult:
+    presets = {}
+    if build_fn is None:
+        from ..models import MODEL_PRESETS as presets
+        from ..models import build_model as build_fn
+    say = print if info.is_main else (lambda *a, **k: None)
+    t_start = time.perf_counter()
+    run_dir, device = cfg.run_dir, info.device
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+        else contextlib.nullcontext
+
+    # data
+    data = load_data(cfg, info)
+    if info.is_main:
+        shutil.copyfile(data.folder / "tokenizer.json", run_dir / "tokenizer.json")
+
+    # model: same seed -> same initial weights in every precision mode
+    torch.manual_seed(cfg.seed)
+    kwargs = model_kwargs(cfg, data.vocab_size, presets)
+    model = build_fn(cfg.model, precision=cfg.precision, **kwargs)
+
+    # resume: weights before wrapping, optimizer state after
+    ckpt = None
+    if cfg.resume:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            say(f"int8flow: resume=true but {run_dir} has no checkpoint yet; starting from step 0")
+        else:
+            ckpt = load_checkpoint(path)
+            _check_resume_config(ckpt.state["config"], cfg, path)
+            check_state_dict(ckpt.model, model.state_dict(), path / MODEL_FILE)
+            model.load_state_dict(ckpt.model)
+    start_step = ckpt.step if ckpt else 0
+
+    model.to(device)
+    model = parallelize(model, cfg.parallel, info, cfg.compile)
+    optimizer = _build_optimizer(model, cfg, device)
+    if ckpt is not None:
+        load_optimizer_state(model, optimizer, ckpt.trainer["optimizer"])
+    guard = dict(ckpt.state["guard"]) if ckpt else {"loss_ema": None, "skips_in_a_row": 0, "skipped": 0}
+
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
+    per_rank = cfg.batch_size * cfg.grad_accum
+    tokens_per_step = per_rank * info.world_size * cfg.seq_len
+    say(f"int8flow: {cfg.name}: {cfg.model} ({n_params / 1e6:.2f}M params, {cfg.precision}) on {device}"
+        f"{f' x{info.world_size} {cfg.parallel}' if info.distributed else ''}; data {data.folder} "
+        f"({data.meta['train_tokens'] / 1e6:.2f}M train tokens, vocab {data.vocab_size}); "
+        f"{tokens_per_step} tokens/step, steps {start_step}..{cfg.max_steps}")
+
+    log = MetricsLog(run_dir, ckpt.step if ckpt else None, cfg.tensorboard) if info.is_main else None
+    if ckpt is None:
+        val = evaluate(model, data, cfg, info, autocast)
+        if log:
+            log.log({"step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "tokens": 0, "time_s": 0.0})
+
+    def save(step: int, metrics: dict) -> Path | None:
+        model_sd, optim_sd = full_state_dicts(model, optimizer)  # collective under FSDP2
+        path = None
+        if info.is_main:
+            state = {"config": cfg.to_dict(), "model_kwargs": kwargs, "metrics": metrics, "guard": guard,
+                     "world_size": info.world_size, "data": data.meta}
+            path = save_checkpoint(run_dir, step, model_sd, {"optimizer": optim_sd}, state, cfg.keep_checkpoints)
+        if info.distributed:
+            dist.barrier()
+        return path
+
+    end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and info.is_main),
+               unit="step", dynamic_ncols=True)
+    losses, val, last_ckpt, record = [], None, None, {}
+    train_seconds = 0.0
+    for step in range(start_step, end_step):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        _seed_step(cfg.seed, step, info.rank)
+        offsets = step_offsets(cfg.seed, step, per_rank * info.world_size, len(data.train), cfg.seq_len)
+        mine = offsets[info.rank * per_rank:(info.rank + 1) * per_rank]
+
+        loss_sum = torch.zeros((), device=device)
+        for micro, chunk in enumerate(mine.split(cfg.batch_size)):
+            x, y = gather_batch(data.train, chunk, cfg.seq_len, device)
+            set_grad_sync(model, micro == cfg.grad_accum - 1)
+            with autocast():
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        loss_val = all_reduce_mean(loss_sum / cfg.grad_accum, info).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+        reason = None
+        if not math.isfinite(loss_val) or not math.isfinite(grad_norm):
+            reason = "nonfinite"
+        elif cfg.spike_factor and guard["loss_ema"] is not None and loss_val > cfg.spike_factor * guard["loss_ema"]:
+            reason = "spike"
+        if reason is None:
+            optimizer.step()
+            guard["loss_ema"] = loss_val if guard["loss_ema"] is None else 0.9 * guard["loss_ema"] + 0.1 * loss_val
+            guard["skips_in_a_row"] = 0
+        else:
+            guard["skips_in_a_row"] += 1
+            guard["skipped"] += 1
+            if cfg.nonfinite == "raise" or guard["skips_in_a_row"] > cfg.max_skips:
+                raise NonFiniteLossError(
+                    f"step {step + 1}: loss {loss_val}, grad norm {grad_norm} ({reason}); "
+                    + ("nonfinite=raise" if cfg.nonfinite == "raise" else f"{guard['skips_in_a_row']} steps skipped "
+                       f"in a row (max_skips={cfg.max_skips})") + "; lower lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+
+        done = step + 1
+        losses.append(loss_val if reason is None else math.nan)
+        record = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step,
+                  "time_s": round(time.perf_counter() - t_start, 3)}
+        if reason:
+            record["skipped"] = reason
+            bar.write(f"int8flow: step {done} skipped ({reason}): loss {loss_val}, grad norm {grad_norm}")
+        if done % cfg.eval_interval == 0 or done == end_step:
+            val = evaluate(model, data, cfg, info, autocast)
+            record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+        if log:
+            log.log(record)
+        if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step:
+            last_ckpt = save(done, record) or last_ckpt
+        bar.set_postfix(loss=f"{loss_val:.3f}", val=f"{val:.3f}" if val is not None else "-",
+                        tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+        bar.update(1)
+    bar.close()
+
+    seconds = time.perf_counter() - t_start
+    if log:
+        log.close()
+        plot = plot_runs([run_dir], run_dir / "loss.png", labels=[f"{cfg.name} ({cfg.precision})"])
+        ran = end_step - start_step
+        say(f"int8flow: {cfg.name} done: {ran} steps ({ran * tokens_per_step / 1e6:.2f}M tokens) in "
+            f"{seconds / 60:.1f} min, {ran * tokens_per_step / max(train_seconds, 1e-9):,.0f} tokens/s"
+            + (f", {guard['skipped']} skipped" if guard["skipped"] else ""))
+        if val is not None:
+            say(f"int8flow: final val loss {val:.4f} (perplexity {math.exp(min(val, 50.0)):.1f}) at step {end_step}")
+        say(f"int8flow: log {run_dir / 'log.jsonl'} | plot {plot} | checkpoint {last_ckpt}")
+        if end_step < cfg.max_steps:
+            say(f"int8flow: stopped at step {end_step} of {cfg.max_steps}; continue with resume=true")
+    return TrainResult(run_dir, end_step, losses, val, last_ckpt, seconds)
