@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 
 from int8flow.format import QTensor, expand_scale, quantize  # noqa: E402
 from int8flow.reference import nonlinear as ref  # noqa: E402
-from int8flow.kernels import _blockquant, activations, norms, residual  # noqa: E402
+from int8flow.kernels import _blockquant, activations, dropout, norms, residual  # noqa: E402
 
 from _inputs import sample  # noqa: E402
 
@@ -237,6 +237,58 @@ def test_residual_add_backward(out, quantized):
             assert ddelta is dh
 
 
+# --- dropout -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,out,dtype,quantized,dist", CASES[::3], ids=CASE_IDS[::3])
+def test_dropout_regenerated_mask(poisoned, shape, out, dtype, quantized, dist):
+    """Forward and backward apply the same mask: the one DropoutMask.materialize() returns."""
+    p = 0.25
+    x = _x(shape, dist, dtype, quantized, seed=90)
+    kw = _out_kwargs(out)
+    y, mask = dropout.dropout_forward(x, p, seed=5, **kw)
+    keep = mask.materialize(DEVICE)
+    assert keep.dtype == torch.bool and keep.shape == shape
+    assert_matches(y, ref.dropout_backward(x, keep, p, **kw))  # the reference's formula with this mask
+    dy = _x(shape, "heavy_tailed", dtype, quantized, seed=91)
+    want = ref.dropout_backward(dy, keep, p, **kw)
+    assert_matches(dropout.dropout_backward(dy, mask, p, **kw), want)
+    assert_matches(dropout.dropout_backward(dy, keep, p, **kw), want)  # the reference-compatible bool path
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_dropout_mask_statistics(p):
+    shape = (256, 200)
+    x = torch.ones(shape, device=DEVICE)
+    y, mask = dropout.dropout_forward(x, p, seed=11)
+    keep = y != 0
+    assert torch.equal(keep, mask.materialize(DEVICE))
+    torch.testing.assert_close(y[keep], torch.full_like(y[keep], 1.0 / (1.0 - p)), rtol=0, atol=0)
+    n = keep.numel()
+    tol = 5 * math.sqrt(p * (1 - p) / (n / 4)) + 1e-12  # 5 sigma on each quarter of the tensor
+    for part in (keep[:128, :100], keep[:128, 100:], keep[128:, :100], keep[128:, 100:]):
+        assert abs(float(part.float().mean()) - (1 - p)) <= tol
+    if p > 0:
+        assert not torch.equal(keep, dropout.dropout_forward(x, p, seed=12)[1].materialize(DEVICE))
+        # neighbouring elements independent: P(both kept) = q = (1-p)^2 within 5 sigma (overlapping pairs
+        # share an element, which at most triples the variance q(1-q)/n of the pair average)
+        both = float((keep[:, 1:] & keep[:, :-1]).float().mean())
+        q = (1 - p) ** 2
+        assert abs(both - q) <= 5 * math.sqrt(3 * q * (1 - q) / keep[:, 1:].numel())
+    assert torch.equal(dropout.dropout_forward(x, p, seed=11)[0], y)
+
+
+def test_dropout_bad_arguments():
+    x = _x((33, 77), "gaussian", torch.float32, False, seed=92)
+    _, mask = dropout.dropout_forward(x, 0.1)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        dropout.dropout_forward(x, 1.0)
+    with pytest.raises(ValueError, match="matching forward"):
+        dropout.dropout_backward(x, mask, 0.2)
+    with pytest.raises(TypeError, match="bool"):
+        dropout.dropout_backward(x, torch.ones(33, 77), 0.1)
+
+
 # --- the block quantizer itself ------------------------------------------------------------------
 
 
@@ -246,6 +298,7 @@ def test_convert_equals_format_quantize(block, shape):
     """Nearest rounding of a float tensor is bit-identical to int8flow.format.quantize (same float32 ops)."""
     x = _x(shape, "outlier_channels", torch.float32, False, seed=50)
     x[0, :] = 0.0  # an all-zero block row where shape allows
+    x[-1, -1] = torch.finfo(torch.float32).max  # the format clamps this block's scale to stay finite
     got, want = residual.convert(x, out_block=block), quantize(x, block)
     assert torch.equal(got.data, want.data) and torch.equal(got.scale, want.scale)
     # and back: INT8 in (any block) -> float out is exact dequantization

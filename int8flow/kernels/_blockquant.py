@@ -9,7 +9,8 @@ and the output is written once.
 Host side: ``Operand`` (kernel arguments of one input), ``Output`` (allocation, kernel arguments and
 result of one output), ``check_*`` validators shared by the wrappers in this package.
 
-Numerics match ``int8flow.format.quantize``: scale = absmax / 127 (float32, correctly rounded), value /
+Numerics match ``int8flow.format.quantize``: scale = absmax / 127 (float32, correctly rounded, clamped to
+the format's largest finite scale), value /
 scale correctly rounded, nearest = round half to even, stochastic = floor(v + u) with u ~ U[0, 1) drawn
 by ``tl.rand(seed, element_index)`` (a counter-based RNG: the same seed gives the same bits on any
 launch geometry), clamp to [-127, 127], zero-scale blocks give 0.
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..format import QTensor
-from ..format.blocks import QMAX, ROUNDING_MODES, BlockShape
+from ..format.blocks import _SCALE_MAX, QMAX, ROUNDING_MODES, BlockShape
 
 # Block sides the kernels accept: powers of two (the in-register absmax reshapes the tile by them).
 MAX_BLOCK_SIDE = 128
@@ -35,6 +36,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # rint would do the same but the Triton interpreter (the CPU test path) has no libdevice.
 _RNE_MAGIC = tl.constexpr(12582912.0)
 _QMAX_F = tl.constexpr(float(QMAX))
+# The format's largest finite scale (absmax = FLT_MAX would round absmax / 127 up and dequantize to Inf).
+_SCALE_MAX_F = tl.constexpr(_SCALE_MAX)
 
 
 @triton.jit
@@ -75,6 +78,7 @@ def quantize_tile(y, offs, seed, BM: tl.constexpr, BN: tl.constexpr, QR: tl.cons
     y4 = tl.reshape(y, (BM // QR, QR, BN // QC, QC))
     absmax = tl.max(tl.max(tl.abs(y4), axis=3), axis=1)
     scale = tl.div_rn(absmax, _QMAX_F)
+    scale = tl.where((scale > _SCALE_MAX_F) & (scale < float("inf")), _SCALE_MAX_F, scale)
     s4 = scale[:, None, :, None]
     nonzero = s4 > 0
     v4 = tl.where(nonzero, tl.div_rn(y4, tl.where(nonzero, s4, 1.0)), 0.0)
