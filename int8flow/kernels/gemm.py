@@ -49,20 +49,34 @@ from .quantize import quantize as _quantize_kernel_wrapper
 from .quantize import quantize_values, scale_from_absmax
 
 IMPLS = ("auto", "int8", "dequant")
-# Operand layouts (compile-time): which dimension of the (rows, K) operand is contiguous.
-_K_CONTIG, _ROW_CONTIG, _STRIDED = 0, 1, 2
+# Operand layouts (compile-time). TMA (the Hopper bulk tensor copy engine, via tl.make_tensor_descriptor)
+# needs a unit stride and 16-byte aligned base and row stride; it then needs no pointer tensors in
+# registers (a 128x128 int8 tile of pointers alone is 128 registers per thread at 8 warps) and zero-fills
+# out-of-range rows and K tails. Other views go through pointer loads.
+_TMA_K_MAJOR, _TMA_ROW_MAJOR, _POINTERS = 0, 1, 2
 
 
 @triton.jit
-def _tile_offsets(rows, ks, stride_r, stride_k, LAYOUT: tl.constexpr):
-    """(len(rows), len(ks)) element offsets; the unit stride is a literal 1 so loads vectorise."""
+def _operand_desc(ptr, R, K, stride_r, stride_k, BR: tl.constexpr, BK: tl.constexpr, LAYOUT: tl.constexpr):
+    """TMA descriptor of an (R, K) operand: over (R, K) when K is contiguous, over (K, R) for a transposed view."""
     if LAYOUT == 0:
-        offs = rows[:, None] * stride_r + ks[None, :]
-    elif LAYOUT == 1:
-        offs = rows[:, None] + ks[None, :] * stride_k
+        desc = tl.make_tensor_descriptor(ptr, shape=[R, K], strides=[stride_r, 1], block_shape=[BR, BK])
     else:
-        offs = rows[:, None] * stride_r + ks[None, :] * stride_k
-    return offs
+        desc = tl.make_tensor_descriptor(ptr, shape=[K, R], strides=[stride_k, 1], block_shape=[BK, BR])
+    return desc
+
+
+@triton.jit
+def _load_tile(desc, ptr, r0, rows, offs_k, k0, K, stride_r, stride_k, LAYOUT: tl.constexpr):
+    """(BR, BK) int8 tile of rows ``r0 + [0, BR)`` and columns ``k0 + [0, BK)``; zeros past K."""
+    if LAYOUT == 0:
+        tile = desc.load([r0, k0])
+    elif LAYOUT == 1:
+        tile = tl.trans(desc.load([k0, r0]))
+    else:
+        ks = k0 + offs_k
+        tile = tl.load(ptr + rows[:, None] * stride_r + ks[None, :] * stride_k, mask=(ks < K)[None, :], other=0)
+    return tile
 
 
 @triton.jit
@@ -96,6 +110,12 @@ def _block_gemm_kernel(
     num_pid_n = tl.cdiv(N, BN)
     num_tiles = num_pid_m * num_pid_n
     num_groups = tl.cdiv(K, G)
+    a_desc = a_ptr
+    b_desc = b_ptr
+    if A_LAYOUT != 2:
+        a_desc = _operand_desc(a_ptr, M, K, stride_am, stride_ak, BM, BK, A_LAYOUT)
+    if B_LAYOUT != 2:
+        b_desc = _operand_desc(b_ptr, N, K, stride_bn, stride_bk, BN, BK, B_LAYOUT)
     # Persistent grid: each program walks tiles in GROUP_M-row bands so neighbours share L2 lines.
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         band = tile // (GROUP_M * num_pid_n)
@@ -106,12 +126,10 @@ def _block_gemm_kernel(
 
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        # Rows/cols past M/N read a valid row instead (no mask in the K loop); the epilogue drops them.
+        # Rows/cols past M/N read a valid row instead (pointer path; TMA zero-fills); the epilogue drops them.
         rows_a = offs_m % M
         rows_b = offs_n % N
         offs_k = tl.arange(0, BK)
-        a_tile = a_ptr + _tile_offsets(rows_a, offs_k, stride_am, stride_ak, A_LAYOUT)
-        b_tile = b_ptr + _tile_offsets(rows_b, offs_k, stride_bn, stride_bk, B_LAYOUT)
         sa_rows = sa_ptr + (rows_a // A_BR) * stride_sam
         sb_rows = sb_ptr + (rows_b // B_BR) * stride_sbn
 
@@ -126,9 +144,8 @@ def _block_gemm_kernel(
             p = tl.zeros((BM, BN), dtype=tl.int32)
             for s in tl.static_range(SUB):
                 k0 = k_group + s * BK
-                k_in = (k0 + offs_k) < K
-                a = tl.load(a_tile + k0 * stride_ak, mask=k_in[None, :], other=0)
-                b = tl.load(b_tile + k0 * stride_bk, mask=k_in[None, :], other=0)
+                a = _load_tile(a_desc, a_ptr, pid_m * BM, rows_a, offs_k, k0, K, stride_am, stride_ak, A_LAYOUT)
+                b = _load_tile(b_desc, b_ptr, pid_n * BN, rows_b, offs_k, k0, K, stride_bn, stride_bk, B_LAYOUT)
                 if DEQUANT:
                     acc = tl.dot(_scaled(a, sa, DOT_DTYPE), tl.trans(_scaled(b, sb, DOT_DTYPE)), acc)
                 else:
@@ -212,12 +229,19 @@ def _interpreter_config(obr: int, obc: int) -> dict:
 
 
 # --- wrapper -----------------------------------------------------------------------------------------
-def _layout(t: torch.Tensor) -> int:
-    if t.stride(1) == 1:
-        return _K_CONTIG
-    if t.stride(0) == 1:
-        return _ROW_CONTIG
-    return _STRIDED
+def _layout(t: torch.Tensor, use_tma: bool) -> int:
+    """TMA when the view has a unit stride and a 16-byte aligned base and leading stride, else pointers."""
+    if use_tma and t.data_ptr() % 16 == 0:
+        if t.stride(1) == 1 and t.stride(0) % 16 == 0:
+            return _TMA_K_MAJOR
+        if t.stride(0) == 1 and t.stride(1) % 16 == 0:
+            return _TMA_ROW_MAJOR
+    return _POINTERS
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for the device-side TMA descriptors (Triton asks for it at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _is_pow2(n: int) -> bool:
@@ -287,18 +311,20 @@ def block_gemm(
     rounding: str = "nearest",
     seed: int = 0,
     impl: str = "auto",
+    tma: bool = True,
 ):
     """``a @ b.T (+ bias)`` on per-block INT8 operands; float ``out_dtype`` or, with ``out_block``, a QTensor.
 
     Kernel twin of `int8flow.reference.block_gemm` (``seed`` in place of ``generator``; ``rounding`` applies
-    only to a quantized output). ``impl``: "auto" | "int8" | "dequant" (module docstring).
+    only to a quantized output). ``impl``: "auto" | "int8" | "dequant" (module docstring). ``tma=False``
+    forces pointer loads (for comparison; views TMA cannot read use them anyway).
     """
     _check_gemm_args(a, b, bias, out_dtype, rounding, seed)
     group = promotion_group(a, b)
     dequant = resolve_impl(impl, group) == "dequant"
     out_block = None if out_block is None else BlockShape.parse(out_block)
     if out_block is not None and not out_block_fits(out_block):
-        y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl)
+        y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl, tma)
         return _quantize_kernel_wrapper(y, out_block, rounding, seed, check_finite=False)
 
     M, K = a.shape
@@ -314,7 +340,7 @@ def block_gemm(
             a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1),
             a.scale.stride(0), a.scale.stride(1), b.scale.stride(0), b.scale.stride(1),
             c.stride(0), c.stride(1), sc.stride(0) if out_quant else 0, sc.stride(1) if out_quant else 0, seed)
-    meta = dict(A_LAYOUT=_layout(a.data), B_LAYOUT=_layout(b.data),
+    meta = dict(A_LAYOUT=_layout(a.data, tma), B_LAYOUT=_layout(b.data, tma),
                 A_BR=a.block.rows, A_BK=a.block.cols, B_BR=b.block.rows, B_BK=b.block.cols,
                 G=group, BK=min(group, 128), HAS_BIAS=bias is not None, OUT_QUANT=out_quant, OBR=obr, OBC=obc,
                 STOCHASTIC=rounding == "stochastic", DEQUANT=dequant,
@@ -325,6 +351,8 @@ def block_gemm(
         tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
         _block_gemm_kernel[(tiles,)](*args, **meta, **cfg)
     else:
+        if meta["A_LAYOUT"] != _POINTERS or meta["B_LAYOUT"] != _POINTERS:
+            triton.set_allocator(_tma_allocator)
         sms = num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
         grid = lambda cfg: (min(sms, triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])),)  # noqa: E731
         _tuned_kernel[grid](*args, **meta)

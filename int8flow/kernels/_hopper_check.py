@@ -1,0 +1,83 @@
+"""Compile the GEMM and quantize kernels for sm_90 without a GPU and report resources.
+
+``python -m int8flow.kernels._hopper_check`` prints one JSON line per variant: registers, stack bytes
+(spills), shared memory, and the wgmma instruction in the PTX. It catches what the CPU interpreter cannot
+(Triton front-end errors on the compiled path, a missing tensor-core path, spills) before any GPU time is
+spent. Needs triton's bundled ptxas/cuobjdump; must run without TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import gemm, quantize
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"regs": int(m.group(1)), "stack_bytes": int(m.group(2))} if m else {}
+
+
+def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile ``fn`` (a @triton.jit kernel) for sm_90; other int arguments are i32."""
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: pointer_types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = kernel.asm["ptx"]
+    return {**_resources(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
+            "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx)))}
+
+
+def gemm_variant(dequant: bool, out_quant: bool, group: int, a_br: int, b_br: int, cfg, layout: int = 0) -> dict:
+    consts = dict(A_LAYOUT=layout, B_LAYOUT=layout, A_BR=a_br, A_BK=group, B_BR=b_br, B_BK=group, G=group,
+                  HAS_BIAS=True, OUT_QUANT=out_quant, OBR=a_br if out_quant else 1, OBC=group if out_quant else 1,
+                  STOCHASTIC=False, DEQUANT=dequant, DOT_DTYPE=tl.bfloat16, BK=min(group, 128), **cfg.kwargs)
+    ptrs = {"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32",
+            "c_ptr": "*i8" if out_quant else "*bf16", "sc_ptr": "*fp32"}
+    report = compile_for_hopper(gemm._block_gemm_kernel, ptrs, consts, cfg.num_warps, cfg.num_stages)
+    return {"kernel": "block_gemm", "impl": "dequant" if dequant else "int8", "G": group, "out_quant": out_quant,
+            "layout": layout, "config": {**cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages}, **report}
+
+
+def quantize_variant(block: str, transpose: bool) -> dict:
+    from ..format import BlockShape
+    b = BlockShape.parse(block)
+    br_p, bc_p, rb, cb, warps = quantize._tiling(b)
+    consts = dict(BR=b.rows, BC=b.cols, BR_P=br_p, BC_P=bc_p, RB=rb, CB=cb, TRANSPOSE=transpose, STOCHASTIC=False)
+    ptrs = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32"}
+    report = compile_for_hopper(quantize._quantize_kernel, ptrs, consts, warps, 1)
+    return {"kernel": "quantize", "block": block, "transpose": transpose, **report}
+
+
+def main(quick: bool = False) -> list[dict]:
+    int8_cfgs = gemm._INT8_CONFIGS[:2] if quick else gemm._INT8_CONFIGS
+    deq_cfgs = gemm._DEQUANT_CONFIGS[:1] if quick else gemm._DEQUANT_CONFIGS
+    reports = [gemm_variant(False, oq, 128, 1, 128, c) for c in int8_cfgs for oq in (False, True)]
+    reports += [gemm_variant(True, oq, 32, 32, 32, c) for c in deq_cfgs for oq in (False, True)]
+    reports += [gemm_variant(False, False, 32, 32, 32, int8_cfgs[0], layout) for layout in (1, 2)]
+    reports += [quantize_variant(b, t) for b in ("32x32", "1x128", "128x128") for t in (False, True)]
+    for r in reports:
+        print(json.dumps(r), flush=True)
+    return reports
+
+
+if __name__ == "__main__":
+    import sys
+    main(quick="--quick" in sys.argv)
