@@ -1,0 +1,72 @@
+"""Timing, device description and result writing shared by the benchmarks.
+
+Timing follows the method every benchmark here uses: warm up first, time with CUDA events
+(`triton.testing.do_bench`, which also flushes the L2 cache before each repeat), report the median.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from typing import Callable, Iterable
+
+import torch
+
+
+class NoCudaError(RuntimeError):
+    """The benchmark needs a CUDA GPU."""
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise NoCudaError(
+            "this benchmark needs a CUDA GPU (torch.cuda.is_available() is False); run it on the H100 machine"
+        )
+
+
+def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of ``fn()`` in milliseconds: CUDA events, L2 flushed before each repeat."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_gbps(nbytes: int = 1 << 30, time_fn: Callable = time_ms) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second / 1e9 (the memory-bound ceiling)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / time_fn(lambda: dst.copy_(src)) / 1e6
+
+
+def device_info() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: str, records: list[dict], info: dict) -> None:
+    """``{"device":..., "records": [...]}`` with the device fields repeated on every record (long format)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**info, "records": [{**info, **r} for r in records]}, f, indent=1)
+
+
+def print_table(records: Iterable[dict], file=sys.stdout) -> None:
+    rows = [("op", "shape", "mode", "ours ms", "base ms", "speedup", "extra")]
+    for r in records:
+        extra = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else (
+            f"{r['gbps']:.0f} GB/s ({r['gbps'] / r['copy_gbps']:.2f} of copy)" if "gbps" in r and "copy_gbps" in r else "")
+        rows.append((r["op"], str(r["shape"]), r["mode"], f"{r['ours_ms']:.3f}", f"{r['baseline_ms']:.3f}",
+                     f"{r['speedup']:.2f}x", extra))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)), file=file)

@@ -1,0 +1,115 @@
+"""``python -m int8flow.bench kernels``: the three GEMMs of a linear layer, quantize, and the memory-bound kernels.
+
+GEMM modes (our kernel; baseline = cuBLAS BF16 ``torch.matmul`` on the same logical shapes, same run):
+
+* ``coarse128``: activations/gradients 1x128, weights 128x128, promotion every 128 of K, int8 tensor
+  cores; fwd and dgrad write re-quantized 1x128 INT8 (the data flow), wgrad writes BF16 and reads
+  ``quantize_transposed`` copies (a 1x128 tensor's transpose has K blocks of 1).
+* ``exact32-int8``: every operand 32x32 (paper numerics), int8 tensor cores, promotion every 32 of K;
+  fwd/dgrad write 32x32 INT8, wgrad BF16; backward operands are ``.t()`` views (no copies).
+* ``exact32-dequant``: the same operands, dequantize-on-load into BF16 tensor cores.
+
+Every time is a median of repeats with CUDA events and the L2 flushed (`common.time_ms`).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .common import copy_gbps, device_info, print_table, require_cuda, time_ms, write_json
+
+M_TOKENS = 16384
+DEVICE = "cuda"  # the CPU smoke test points it at the interpreter
+LINEAR_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (3072, 768), (768, 3072)]  # (N out, K in)
+MODES = {
+    # mode: (activation block, weight block, impl)
+    "coarse128": ("1x128", "128x128", "int8"),
+    "exact32-int8": ("32x32", "32x32", "int8"),
+    "exact32-dequant": ("32x32", "32x32", "dequant"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="two linear shapes instead of five (about a minute)")
+    p.add_argument("--out", default="bench/results/h100_kernels.json", help="JSON file of the records")
+
+
+def _gemm_calls(mode: str, x, w, dy):
+    """The three GEMMs of y = x @ w.T in ``mode`` as zero-argument callables, operands quantized once up front."""
+    from ..kernels import gemm, quantize as kq
+
+    act, wgt, impl = MODES[mode]
+    x_q, w_q, dy_q = kq.quantize(x, act), kq.quantize(w, wgt), kq.quantize(dy, act)
+    if act == "32x32":
+        dy_t, x_t = dy_q.t(), x_q.t()
+    else:
+        dy_t, x_t = kq.quantize_transposed(dy, act), kq.quantize_transposed(x, act)
+    return {
+        "gemm_fwd": lambda: gemm.block_gemm(x_q, w_q, out_block=act, impl=impl),
+        "gemm_dgrad": lambda: gemm.block_gemm(dy_q, w_q.t(), out_block=act, impl=impl),
+        "gemm_wgrad": lambda: gemm.block_gemm(dy_t, x_t, out_dtype=torch.bfloat16, impl=impl),
+    }
+
+
+def gemm_records(shapes, timer=time_ms) -> list[dict]:
+    records = []
+    for n, k in shapes:
+        m = M_TOKENS
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
+        dy = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
+        baseline = {
+            "gemm_fwd": timer(lambda: x @ w.t()),
+            "gemm_dgrad": timer(lambda: dy @ w),
+            "gemm_wgrad": timer(lambda: dy.t() @ x),
+        }
+        for mode in MODES:
+            for op, fn in _gemm_calls(mode, x, w, dy).items():
+                fn()  # autotune + compile outside the timed region
+                ours = timer(fn)
+                records.append({"op": op, "shape": [m, n, k], "mode": mode, "ours_ms": ours,
+                                "baseline_ms": baseline[op], "speedup": baseline[op] / ours,
+                                "tflops": 2 * m * n * k / ours / 1e9})
+            print(f"  gemm {m}x{n}x{k} done", flush=True)
+    return records
+
+
+def quantize_records(copy: float, timer=time_ms) -> list[dict]:
+    """Quantize a BF16 (16384, 4096) tensor (and its fused transpose) vs a BF16 device copy of it."""
+    from ..kernels import quantize as kq
+
+    x = torch.randn(M_TOKENS, 4096, device=DEVICE, dtype=torch.bfloat16)
+    copy_ms = timer(lambda: x.clone())
+    records = []
+    for block in ("32x32", "1x128"):
+        for op, fn in (("quantize", kq.quantize), ("quantize_transposed", kq.quantize_transposed)):
+            ms = timer(lambda: fn(x, block, check_finite=False))
+            r, c = x.shape
+            nbytes = x.numel() * 2 + x.numel() + 4 * (r * c) // (int(block.split("x")[0]) * int(block.split("x")[1]))
+            records.append({"op": op, "shape": [r, c], "mode": block, "ours_ms": ms, "baseline_ms": copy_ms,
+                            "speedup": copy_ms / ms, "gbps": nbytes / ms / 1e6, "copy_gbps": copy})
+    return records
+
+
+def membound(copy: float) -> list[dict]:
+    try:
+        from .membound import membound_records
+    except ImportError as e:
+        print(f"  int8flow.bench.membound is not available ({e}); memory-bound kernels skipped")
+        return []
+    return [{**r, "copy_gbps": copy} for r in membound_records(time_ms, copy)]
+
+
+def main(args) -> int:
+    require_cuda()
+    info = device_info()
+    print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['date']}", flush=True)
+    shapes = LINEAR_SHAPES[:2] if args.quick else LINEAR_SHAPES
+    copy = copy_gbps()
+    print(f"  device-to-device copy: {copy:.0f} GB/s", flush=True)
+    records = quantize_records(copy) + gemm_records(shapes) + membound(copy)
+    write_json(args.out, records, info)
+    print(f"wrote {len(records)} records to {args.out}")
+    print_table(records)
+    return 0
