@@ -363,6 +363,24 @@ def test_bad_inputs_raise_clear_errors():
         activations.gelu_forward(x.to(torch.int8))
 
 
+# --- benchmark wiring --------------------------------------------------------------------------
+
+
+def test_membound_cases_run_and_count_bytes():
+    """Each timed pair runs at a tiny shape (uncompiled baseline); INT8 moves fewer bytes than BF16 except in the
+    residual add, which also writes the INT8 copy the next operator reads instead of the BF16 sum."""
+    from int8flow.bench.membound import _cases
+
+    cases = _cases(40, 96, DEVICE, compile_=lambda fn: fn)
+    assert len({c.op for c in cases}) == len(cases)
+    for case in cases:
+        case.ours()
+        case.baseline()
+        assert 0 < case.ours_bytes, case.op
+        if not case.op.startswith("residual"):
+            assert case.ours_bytes < case.baseline_bytes, case.op
+
+
 # --- GPU shapes ----------------------------------------------------------------------------------
 
 
