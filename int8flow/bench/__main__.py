@@ -11,6 +11,7 @@ from .common import NoCudaError
 # name -> (module, help). Later benchmarks (blocks, train, accuracy) add their line here.
 SUBCOMMANDS = {
     "kernels": ("int8flow.bench.kernels", "GEMM / quantize / memory-bound kernels vs cuBLAS BF16 and copy"),
+    "blocks": ("int8flow.bench.blocks", "transformer-block stacks, forward + backward, every precision mode"),
 }
 
 
