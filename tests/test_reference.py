@@ -240,10 +240,13 @@ def test_residual_add_with_statistics(stats, shape):
     if stats == "layernorm":
         torch.testing.assert_close(out.mean.double(), h64.mean(1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.rstd.double(), 1 / torch.sqrt(h64.var(1, unbiased=False) + 1e-5), rtol=1e-5, atol=0)
-        # the fused statistics are what LayerNorm would compute itself
-        torch.testing.assert_close(ref.layer_norm_forward(out.h)[1], out.mean)
+        # the fused statistics are what LayerNorm would compute itself, and LayerNorm can take them
+        y_own, mean_own, _ = ref.layer_norm_forward(out.h)
+        torch.testing.assert_close(mean_own, out.mean)
+        torch.testing.assert_close(ref.layer_norm_forward(out.h, mean=out.mean, rstd=out.rstd)[0], y_own)
     elif stats == "rmsnorm":
         torch.testing.assert_close(out.rstd.double(), 1 / torch.sqrt(h64.pow(2).mean(1) + 1e-5), rtol=1e-5, atol=0)
+        torch.testing.assert_close(ref.rms_norm_forward(out.h, rstd=out.rstd)[0], ref.rms_norm_forward(out.h, eps=1e-5)[0])
     else:
         assert out.mean is None and out.rstd is None
     dh = sample(shape, "gaussian", 25)
@@ -263,3 +266,7 @@ def test_operator_shape_errors():
         ref.gelu_forward(torch.randn(2, 8), approximate="fast")
     with pytest.raises(ValueError, match="stats"):
         ref.residual_add_forward(torch.randn(2, 8), torch.randn(2, 8), stats="batchnorm")
+    with pytest.raises(ValueError, match="both mean and rstd"):
+        ref.layer_norm_forward(torch.randn(2, 8), mean=torch.zeros(2))
+    with pytest.raises(ValueError, match="one value per row"):
+        ref.rms_norm_forward(torch.randn(2, 8), rstd=torch.ones(3))

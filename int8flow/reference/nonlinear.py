@@ -44,13 +44,26 @@ def _check_vector(v: Optional[torch.Tensor], name: str, d: int) -> None:
 # --- LayerNorm --------------------------------------------------------------------------------
 
 
-def layer_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, **out):
-    """y = (x - mean) * rstd * weight + bias over the last dim; returns (y, mean, rstd)."""
+def _check_stats(t: Optional[torch.Tensor], name: str, rows: int) -> None:
+    if t is not None and tuple(t.shape) != (rows,):
+        raise ValueError(f"{name} must have shape ({rows},), one value per row (from residual_add_forward), got {tuple(t.shape)}")
+
+
+def layer_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *, mean=None, rstd=None, **out):
+    """y = (x - mean) * rstd * weight + bias over the last dim; returns (y, mean, rstd).
+
+    ``mean``/``rstd`` may be passed in when the residual add already computed them (Jetfire's fusion).
+    """
     xf = as_float(x)
     _check_vector(weight, "weight", xf.shape[1])
     _check_vector(bias, "bias", xf.shape[1])
-    mean = xf.mean(dim=1)
-    rstd = torch.rsqrt(((xf - mean[:, None]) ** 2).mean(dim=1) + eps)
+    if (mean is None) != (rstd is None):
+        raise ValueError("pass both mean and rstd (the residual add's LayerNorm statistics) or neither")
+    _check_stats(mean, "mean", xf.shape[0])
+    _check_stats(rstd, "rstd", xf.shape[0])
+    if mean is None:
+        mean = xf.mean(dim=1)
+        rstd = torch.rsqrt(((xf - mean[:, None]) ** 2).mean(dim=1) + eps)
     y = (xf - mean[:, None]) * rstd[:, None]
     if weight is not None:
         y = y * weight.float()
@@ -73,11 +86,13 @@ def layer_norm_backward(dy, x, weight, mean, rstd, **out):
 # --- RMSNorm ----------------------------------------------------------------------------------
 
 
-def rms_norm_forward(x, weight=None, eps: float = 1e-6, **out):
-    """y = x * rstd * weight with rstd = 1/sqrt(mean(x^2) + eps); returns (y, rstd)."""
+def rms_norm_forward(x, weight=None, eps: float = 1e-6, *, rstd=None, **out):
+    """y = x * rstd * weight with rstd = 1/sqrt(mean(x^2) + eps); returns (y, rstd) (``rstd`` may be passed in)."""
     xf = as_float(x)
     _check_vector(weight, "weight", xf.shape[1])
-    rstd = torch.rsqrt((xf * xf).mean(dim=1) + eps)
+    _check_stats(rstd, "rstd", xf.shape[0])
+    if rstd is None:
+        rstd = torch.rsqrt((xf * xf).mean(dim=1) + eps)
     y = xf * rstd[:, None]
     if weight is not None:
         y = y * weight.float()
