@@ -12,6 +12,9 @@ Precision modes (what a model does with its linear layers and the tensors betwee
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass, replace
 
 from .format.blocks import PAPER_BLOCK, ROUNDING_MODES, BlockShape
@@ -68,6 +71,19 @@ class Int8TrainingConfig:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(f"min_features must be a positive int, got {self.min_features!r}")
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        object.__setattr__(self, "_key", json.dumps({k: str(v) if isinstance(v, BlockShape) else v
+                                                     for k, v in fields.items()}, sort_keys=True))
+
+    @property
+    def key(self) -> str:
+        """This config as a JSON string: how it crosses custom-op boundaries (`from_key` reverses it)."""
+        return self._key
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def from_key(key: str) -> "Int8TrainingConfig":
+        return Int8TrainingConfig(**json.loads(key))
 
     @property
     def uses_data_flow(self) -> bool:

@@ -180,4 +180,6 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="norm kind"):
         norm_linear(h, NormSpec("batchnorm", None, None, 1e-5), p["w"], None, cfg)
     with pytest.raises(TypeError, match="LayerNorm"):
+        norm_linear(h, nn.BatchNorm1d(4), p["w"], None, cfg)
+    with pytest.raises(TypeError, match="LayerNorm"):
         NormSpec.of(nn.BatchNorm1d(4))

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import as_config
 from ..nn import convert_to_int8_training
-from ..ops.flow import NormSpec, linear_residual, mlp_residual, norm_linear
+from ..ops.flow import linear_residual, mlp_residual, norm_linear
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,9 @@ class Block(nn.Module):
             x = x + self.attn(self.ln_1(x))
             return x + self.mlp(self.ln_2(x))
         cfg, attn, mlp = self.int8_flow, self.attn, self.mlp
-        qkv = norm_linear(x, NormSpec.of(self.ln_1), attn.c_attn.weight, attn.c_attn.bias, cfg)
+        qkv = norm_linear(x, self.ln_1, attn.c_attn.weight, attn.c_attn.bias, cfg)
         h = linear_residual(attn.attend(qkv), attn.c_proj.weight, attn.c_proj.bias, x, cfg)
-        out, rate = mlp_residual(h, NormSpec.of(self.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
+        out, rate = mlp_residual(h, self.ln_2, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
                                  mlp.c_proj.bias, "gelu_tanh", cfg)
         if cfg.uses_fallback:
             mlp.fallback_rate.copy_(rate)
@@ -138,7 +138,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @classmethod

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import as_config
 from ..nn import convert_to_int8_training
-from ..ops.flow import NormSpec, linear_residual, mlp_residual, norm_linear
+from ..ops.flow import linear_residual, mlp_residual, norm_linear
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,9 @@ class DecoderLayer(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), cos, sin)
             return x + self.mlp(self.post_attention_layernorm(x))
         cfg, attn, mlp = self.int8_flow, self.self_attn, self.mlp
-        qkv = norm_linear(x, NormSpec.of(self.input_layernorm), attn.qkv_weight(), None, cfg)
+        qkv = norm_linear(x, self.input_layernorm, attn.qkv_weight(), None, cfg)
         h = linear_residual(attn.attend(qkv, cos, sin), attn.o_proj.weight, None, x, cfg)
-        out, rate = mlp_residual(h, NormSpec.of(self.post_attention_layernorm), mlp.up_proj.weight, None,
+        out, rate = mlp_residual(h, self.post_attention_layernorm, mlp.up_proj.weight, None,
                                  mlp.down_proj.weight, None, "swiglu", cfg, w_gate=mlp.gate_proj.weight)
         if cfg.uses_fallback:
             mlp.fallback_rate.copy_(rate)
@@ -166,7 +166,7 @@ class Llama(nn.Module):
         logits = self.lm_head(self.model.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @classmethod

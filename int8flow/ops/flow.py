@@ -31,7 +31,7 @@ ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh", "swiglu": None}  # name -> G
 
 
 class NormSpec(NamedTuple):
-    """A norm layer's kind and parameters, read from the model's own module (`NormSpec.of`)."""
+    """A norm's kind and parameters. The ops also take the model's nn.LayerNorm / nn.RMSNorm directly."""
 
     kind: str
     weight: Optional[Tensor]
@@ -40,12 +40,20 @@ class NormSpec(NamedTuple):
 
     @classmethod
     def of(cls, module: nn.Module) -> "NormSpec":
-        if isinstance(module, nn.LayerNorm):
-            return cls("layernorm", module.weight, module.bias, module.eps)
-        if isinstance(module, nn.RMSNorm):
-            eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
-            return cls("rmsnorm", module.weight, None, eps)
-        raise TypeError(f"NormSpec.of expects nn.LayerNorm or nn.RMSNorm, got {type(module).__name__}")
+        return cls(*_norm_args(module))
+
+
+def _norm_args(norm) -> tuple:
+    """(kind, weight, bias, eps) of a norm module or NormSpec (a plain tuple: torch.compile traces it)."""
+    if isinstance(norm, nn.LayerNorm):
+        return "layernorm", norm.weight, norm.bias, norm.eps
+    if isinstance(norm, nn.RMSNorm):
+        return "rmsnorm", norm.weight, None, norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+    if isinstance(norm, NormSpec):
+        if norm.kind not in NORMS:
+            raise ValueError(f"norm kind must be one of {NORMS}, got {norm.kind!r}")
+        return tuple(norm)
+    raise TypeError(f"norm must be nn.LayerNorm, nn.RMSNorm or a NormSpec, got {type(norm).__name__}")
 
 
 def _norm_forward(kind, x, weight, bias, eps, device, **out):
@@ -162,13 +170,15 @@ def _norm_linear_backward(ctx, grads):
 _norm_linear_fwd.register_autograd(_norm_linear_backward, setup_context=_norm_linear_setup)
 
 
-def norm_linear(x: Tensor, norm: NormSpec, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConfig) -> Tensor:
-    """``linear(norm(x))`` with the norm's output fed to the GEMM as INT8; output high precision (B, T, N)."""
-    if norm.kind not in NORMS:
-        raise ValueError(f"norm kind must be one of {NORMS}, got {norm.kind!r}")
+def norm_linear(x: Tensor, norm, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConfig) -> Tensor:
+    """``linear(norm(x))`` with the norm's output fed to the GEMM as INT8; output high precision (B, T, N).
+
+    norm: the model's nn.LayerNorm / nn.RMSNorm, or a NormSpec.
+    """
+    kind, norm_w, norm_b, eps = _norm_args(norm)
     x2d = x.reshape(-1, x.shape[-1])
-    out = _norm_linear_fwd(x2d, norm.weight, norm.bias, w, b, backend.draw_seed(), P.encode_config(cfg), norm.kind,
-                           float(norm.eps), P.output_dtype(x))
+    out = _norm_linear_fwd(x2d, norm_w, norm_b, w, b, backend.draw_seed(), cfg.key, kind, float(eps),
+                           P.output_dtype(x))
     return out[0].reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -296,11 +306,12 @@ def _mlp_backward(ctx, grads):
 _mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 
 
-def mlp_residual(h: Tensor, norm: NormSpec, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor,
+def mlp_residual(h: Tensor, norm, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor,
                  b_out: Optional[Tensor], activation: str, cfg: Int8TrainingConfig,
                  w_gate: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``h + fc2(act(fc1(norm(h))))`` on the INT8 data flow; returns (out, fallback rate of the fc2 input).
 
+    norm: the model's nn.LayerNorm / nn.RMSNorm, or a NormSpec.
     activation: ``gelu`` / ``gelu_tanh`` (``w_in`` = fc1) or ``swiglu`` (``w_in`` = up_proj,
     ``w_gate`` = gate_proj, act = silu(gate) * up). The output keeps h's dtype (the residual stream).
     """
@@ -308,9 +319,8 @@ def mlp_residual(h: Tensor, norm: NormSpec, w_in: Tensor, b_in: Optional[Tensor]
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if (activation == "swiglu") != (w_gate is not None):
         raise ValueError("activation='swiglu' needs w_gate (the gate projection); GELU MLPs take none")
-    if norm.kind not in NORMS:
-        raise ValueError(f"norm kind must be one of {NORMS}, got {norm.kind!r}")
+    kind, norm_w, norm_b, eps = _norm_args(norm)
     h2d = h.reshape(-1, h.shape[-1])
-    out = _mlp_fwd(h2d, norm.weight, norm.bias, w_in, b_in, w_gate, w_out, b_out, backend.draw_seed(),
-                   P.encode_config(cfg), norm.kind, float(norm.eps), activation)
+    out = _mlp_fwd(h2d, norm_w, norm_b, w_in, b_in, w_gate, w_out, b_out, backend.draw_seed(), cfg.key, kind,
+                   float(eps), activation)
     return out[0].reshape(h.shape), out[-1].detach()

@@ -108,7 +108,7 @@ def int8_linear(x: Tensor, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConf
     """``F.linear`` on per-block INT8 operands; x may have any leading dims."""
     _check(x, w, b)
     x2d = x.reshape(-1, x.shape[-1])
-    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), P.encode_config(cfg), P.output_dtype(x))
+    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), cfg.key, P.output_dtype(x))
     y = y.reshape(*x.shape[:-1], w.shape[0])
     return (y, rate.detach()) if return_fallback_rate else y
 

@@ -1,14 +1,11 @@
 """Building blocks shared by the fused ops: quantize / GEMM / transpose on the dispatched backend.
 
 Custom ops take and return plain tensors, so QTensors cross op boundaries as (int8 data, float32
-scale) pairs; `pack`/`unpack` convert. A config crosses as a JSON string (`encode_config`), decoded
-once and cached, because custom-op schemas only carry primitive types.
+scale) pairs; `pack`/`unpack` convert. A config crosses as its JSON key (`Int8TrainingConfig.key`),
+decoded once and cached, because custom-op schemas only carry primitive types.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 from typing import Optional, Sequence
 
 import torch
@@ -22,14 +19,8 @@ from .fallback import fallback_mask, residual_term
 EMPTY_SHAPE = (0,)
 
 
-def encode_config(cfg: Int8TrainingConfig) -> str:
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    return json.dumps({k: str(v) if isinstance(v, BlockShape) else v for k, v in fields.items()}, sort_keys=True)
-
-
-@functools.lru_cache(maxsize=64)
-def decode_config(text: str) -> Int8TrainingConfig:
-    return Int8TrainingConfig(**json.loads(text))
+def decode_config(key: str) -> Int8TrainingConfig:
+    return Int8TrainingConfig.from_key(key)
 
 
 def empty(device, dtype=torch.int8) -> torch.Tensor:
