@@ -1,1 +1,1 @@
-"""Benchmarks of int8flow on a CUDA GPU: ``python -m int8flow.bench SUBCOMMAND`` (see ``--help``)."""
+"""Benchmarks: `python -m int8flow.bench kernels|blocks|...` (GPU; each writes JSON under bench/results/)."""
