@@ -6,7 +6,7 @@ from int8flow.training.config import RUN_PRESETS, TrainConfig, load_toml, make_c
 
 def test_default_is_tiny_and_presets_build():
     cfg = make_config()
-    assert cfg == TrainConfig() and cfg.model == "gpt-tiny" and str(cfg.run_dir) == "runs/tiny"
+    assert cfg == TrainConfig(**RUN_PRESETS["tiny"]) and cfg.model == "gpt-tiny" and str(cfg.run_dir) == "runs/tiny"
     for name in RUN_PRESETS:
         assert make_config(name).name == name
 

@@ -118,7 +118,8 @@ _GPU = dict(device="auto", tokenizer="gpt2", seq_len=1024, eval_interval=250, ev
 
 RUN_PRESETS: dict[str, dict[str, Any]] = {
     # the default: ~1M-parameter GPT on the embedded Shakespeare, a few minutes on 2 CPU cores
-    "tiny": dict(name="tiny", model="gpt-tiny"),
+    # (one thread: ops this small gain nothing from more, and lose a lot when cores are shared)
+    "tiny": dict(name="tiny", model="gpt-tiny", threads=1),
     "gpt2-124m": dict(_GPU, name="gpt2-124m", model="gpt2-124m", batch_size=16, grad_accum=4, max_steps=5000),
     "gpt2-350m": dict(_GPU, name="gpt2-350m", model="gpt2-350m", batch_size=8, grad_accum=8, max_steps=5000,
                       lr=3e-4, min_lr=3e-5),
