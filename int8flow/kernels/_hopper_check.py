@@ -69,8 +69,11 @@ def quantize_variant(block: str, transpose: bool) -> dict:
 def main(quick: bool = False) -> list[dict]:
     int8_cfgs = gemm._INT8_CONFIGS[:2] if quick else gemm._INT8_CONFIGS
     deq_cfgs = gemm._DEQUANT_CONFIGS[:1] if quick else gemm._DEQUANT_CONFIGS
-    reports = [gemm_variant(False, oq, 128, 1, 128, c) for c in int8_cfgs for oq in (False, True)]
-    reports += [gemm_variant(True, oq, 32, 32, 32, c) for c in deq_cfgs for oq in (False, True)]
+    # Output blocks as the variant writes them (a_br x G); the autotuner prunes tiles that cannot hold one.
+    reports = [gemm_variant(False, oq, 128, 1, 128, c) for c in int8_cfgs for oq in (False, True)
+               if gemm._fits(c.kwargs, 1, 128, oq)]
+    reports += [gemm_variant(True, oq, 32, 32, 32, c) for c in deq_cfgs for oq in (False, True)
+                if gemm._fits(c.kwargs, 32, 32, oq)]
     reports += [gemm_variant(False, False, 32, 32, 32, int8_cfgs[0], layout) for layout in (1, 2)]
     reports += [quantize_variant(b, t) for b in ("32x32", "1x128", "128x128") for t in (False, True)]
     for r in reports:
