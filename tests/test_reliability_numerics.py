@@ -42,3 +42,16 @@ def test_nonfinite_with_check_disabled_stays_visible(bad):
     w = quantize(torch.randn(8, 64))
     out = ref.block_gemm(q, w)
     assert not bool(torch.isfinite(out[1]).any()) and bool(torch.isfinite(out[[0, 2, 3]]).all())
+
+
+def test_meta_device_input_is_refused_clearly():
+    with pytest.raises(ValueError, match=r"x is on the meta device .*cpu or cuda"):
+        quantize(torch.empty(4, 32, device="meta"))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int8, "float32"])
+def test_reference_gemm_refuses_non_float_out_dtype(out_dtype):
+    """Before the fix, out_dtype=torch.int32 silently truncated the float32 result."""
+    a = quantize(torch.randn(4, 32))
+    with pytest.raises(TypeError, match=r"out_dtype must be a float dtype .*pass out_block"):
+        ref.block_gemm(a, a, out_dtype=out_dtype)

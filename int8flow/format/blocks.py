@@ -123,6 +123,8 @@ def _check_input(x: torch.Tensor, name: str, check_finite: bool) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32/bfloat16/float16), got {x.dtype}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (shape only, no values); create or move it on cpu or cuda")
     if x.dim() != 2:
         raise ValueError(
             f"{name} must be 2-D (rows, cols), got shape {tuple(x.shape)}; flatten leading dims first, "

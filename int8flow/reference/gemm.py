@@ -37,6 +37,9 @@ def emit(
     """
     if out_block is not None:
         return quantize(y, BlockShape.parse(out_block), rounding, generator, check_finite=False)
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a float dtype (e.g. torch.float32 or torch.bfloat16), got {out_dtype}; "
+                        "pass out_block to get INT8 output")
     return y.to(out_dtype)
 
 
