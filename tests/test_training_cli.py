@@ -24,8 +24,8 @@ def default_run(tmp_path_factory):
     """`python -m int8flow.train` with only a shorter schedule: embedded corpus, trained BPE, gpt-tiny."""
     root = tmp_path_factory.mktemp("cli")
     run = root / "tiny"
-    proc = subprocess.run([sys.executable, "-m", "int8flow.train", "max_steps=12", "eval_interval=6",
-                           "eval_batches=2", f"out_dir={run}"], capture_output=True, text=True, env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "int8flow.train", "max_steps=8", "eval_interval=4",
+                           "eval_batches=1", f"out_dir={run}"], capture_output=True, text=True, env=ENV,
                           timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run, proc
@@ -36,10 +36,10 @@ def test_default_run_completes(default_run):
     lines = proc.stdout.strip().splitlines()
     assert "gpt-tiny" in lines[0] and "bf16" in lines[0]
     assert any(line.startswith("int8flow: final val loss") for line in lines)
-    assert str(run / "loss.png") in lines[-1] and "step_000012" in lines[-1]
+    assert str(run / "loss.png") in lines[-1] and "step_000008" in lines[-1]
     records = read_log(run)
     val = [r["val_loss"] for r in records if "val_loss" in r]
-    assert len(val) == 3 and val[-1] < val[0]  # 12 steps already lower the val loss
+    assert len(val) == 3 and val[-1] < val[0]  # 8 steps already lower the val loss
     meta = json.loads((run.parent / "_data" / "shakespeare-bpe2048" / "meta.json").read_text())
     assert meta["documents"] == 42 and meta["vocab_size"] == 2048
 

@@ -39,7 +39,7 @@ class TrainConfig:
     batch_size: int = 16            # sequences per micro-batch per process
     grad_accum: int = 1             # micro-batches per step per process
     # optimization (AdamW, fp32 master weights, linear warmup then cosine to min_lr)
-    max_steps: int = 600
+    max_steps: int = 800
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 30
