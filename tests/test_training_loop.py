@@ -17,14 +17,14 @@ from int8flow.training.checkpoint import MODEL_FILE, TRAINER_FILE, check_state_d
 class ToyLM(nn.Module):
     """Embedding -> residual MLP blocks with dropout -> head; dropout makes RNG handling matter."""
 
-    def __init__(self, vocab_size, n_embd=32, n_layer=2, dropout=0.1, poison_steps=()):
+    def __init__(self, vocab_size, n_embd=32, n_layer=2, dropout=0.1, poison_steps=(), poison=float("nan")):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, 2 * n_embd), nn.GELU(),
                           nn.Linear(2 * n_embd, n_embd), nn.Dropout(dropout)) for _ in range(n_layer))
         self.head = nn.Linear(n_embd, vocab_size)
-        self.poison_steps, self.train_calls = set(poison_steps), 0
+        self.poison_steps, self.poison, self.train_calls = set(poison_steps), poison, 0
 
     def forward(self, idx, targets=None):
         x = self.wte(idx)
@@ -37,7 +37,7 @@ class ToyLM(nn.Module):
         if self.training:
             self.train_calls += 1
             if self.train_calls in self.poison_steps:
-                loss = loss * float("nan")
+                loss = loss * self.poison
         return logits, loss
 
 
@@ -126,6 +126,15 @@ def test_guard_skips_nonfinite_steps_without_touching_optimizer(data_dir, tmp_pa
             torch.testing.assert_close(a.trainer["optimizer"]["state"][pid][key], value, rtol=0, atol=0)
     with pytest.raises(NonFiniteLossError, match="step 3.*nonfinite=raise"):
         train(config(data_dir, tmp_path / "raise", max_steps=4, nonfinite="raise"), poisoned)
+
+
+def test_guard_skips_spikes(data_dir, tmp_path):
+    spiky = lambda name, precision, **kw: build_toy(name, precision, poison_steps={4}, poison=10.0, **kw)
+    result = train(config(data_dir, tmp_path / "s", max_steps=5, spike_factor=3.0), spiky)
+    assert [r.get("skipped") for r in read_log(tmp_path / "s")[1:]] == [None, None, None, "spike", None]
+    assert math.isnan(result.losses[3]) and all(math.isfinite(x) for x in result.losses[4:])
+    # without the guard the spike is an ordinary (finite) step
+    assert "skipped" not in json.dumps(read_log(train(config(data_dir, tmp_path / "n", max_steps=5), spiky).run_dir))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
