@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
         print(f"int8flow {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the training guard gave up (nonfinite=raise or max_skips)
+        print(f"int8flow {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
