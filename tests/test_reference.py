@@ -266,6 +266,11 @@ def test_operator_shape_errors():
         ref.gelu_forward(torch.randn(2, 8), approximate="fast")
     with pytest.raises(ValueError, match="stats"):
         ref.residual_add_forward(torch.randn(2, 8), torch.randn(2, 8), stats="batchnorm")
+    for bad_eps in (-1.0, 0.0, float("nan"), "1e-5"):
+        with pytest.raises(ValueError, match="eps must be a positive"):
+            ref.layer_norm_forward(torch.randn(2, 8), eps=bad_eps)
+        with pytest.raises(ValueError, match="eps must be a positive"):
+            ref.rms_norm_forward(torch.randn(2, 8), eps=bad_eps)
     with pytest.raises(ValueError, match="both mean and rstd"):
         ref.layer_norm_forward(torch.randn(2, 8), mean=torch.zeros(2))
     with pytest.raises(ValueError, match="one value per row"):

@@ -44,6 +44,12 @@ def _check_vector(v: Optional[torch.Tensor], name: str, d: int) -> None:
 # --- LayerNorm --------------------------------------------------------------------------------
 
 
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a positive finite number (it keeps 1/sqrt(var + eps) finite), got {eps!r}; "
+                         "the usual values are 1e-5 (LayerNorm) and 1e-6 (RMSNorm)")
+
+
 def _check_stats(t: Optional[torch.Tensor], name: str, rows: int) -> None:
     if t is not None and tuple(t.shape) != (rows,):
         raise ValueError(f"{name} must have shape ({rows},), one value per row (from residual_add_forward), got {tuple(t.shape)}")
@@ -55,6 +61,7 @@ def layer_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *, mean=Non
     ``mean``/``rstd`` may be passed in when the residual add already computed them (Jetfire's fusion).
     """
     xf = as_float(x)
+    _check_eps(eps)
     _check_vector(weight, "weight", xf.shape[1])
     _check_vector(bias, "bias", xf.shape[1])
     if (mean is None) != (rstd is None):
@@ -89,6 +96,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, **out):
 def rms_norm_forward(x, weight=None, eps: float = 1e-6, *, rstd=None, **out):
     """y = x * rstd * weight with rstd = 1/sqrt(mean(x^2) + eps); returns (y, rstd) (``rstd`` may be passed in)."""
     xf = as_float(x)
+    _check_eps(eps)
     _check_vector(weight, "weight", xf.shape[1])
     _check_stats(rstd, "rstd", xf.shape[0])
     if rstd is None:
@@ -203,6 +211,7 @@ def residual_add_forward(residual: torch.Tensor, delta, stats=None, eps: float =
     """h = residual + delta, plus what the next norm needs, computed while h is in registers (Jetfire fuses this)."""
     if stats not in NORM_STATS:
         raise ValueError(f"stats must be one of {NORM_STATS}, got {stats!r}")
+    _check_eps(eps)
     rf, df = as_float(residual, "residual"), as_float(delta, "delta")
     _same_shape(residual=rf, delta=df)
     h = (rf + df).to(residual.dtype)
