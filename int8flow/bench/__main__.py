@@ -12,6 +12,8 @@ from .common import NoCudaError
 SUBCOMMANDS = {
     "kernels": ("int8flow.bench.kernels", "GEMM / quantize / memory-bound kernels vs cuBLAS BF16 and copy"),
     "blocks": ("int8flow.bench.blocks", "transformer-block stacks, forward + backward, every precision mode"),
+    "train": ("int8flow.bench.train", "end-to-end training tokens/s and peak memory, BF16 vs our modes"),
+    "accuracy": ("int8flow.bench.accuracy", "pretraining from scratch per mode: final validation loss and curves"),
 }
 
 

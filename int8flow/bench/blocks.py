@@ -71,8 +71,10 @@ def _build(config, layers: int, mode: str, device: str) -> nn.Module:
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward (each storage counted once)."""
-    seen, total = set(), 0
+    """Bytes of the tensors autograd saves for backward in one forward, each storage once, parameters excluded
+    (they exist whether or not autograd saves them; quantized copies of weights do count)."""
+    seen = {(p.untyped_storage().data_ptr(), p.device) for p in model.parameters()}
+    total = 0
 
     def pack(t):
         nonlocal total

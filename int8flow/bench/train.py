@@ -1,0 +1,79 @@
+"""``python -m int8flow.bench train``: end-to-end training throughput and peak memory, BF16 vs our modes.
+
+Each (model, mode) pair runs the real training loop (`int8flow.training.train`) for a fixed number of steps on
+the same data, seed and batch; tokens/s is the median over the steps after the first ``warmup`` (compilation and
+autotuning happen there). Writes ``bench/results/h100_train.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import torch
+
+from .common import device_info, require_cuda, write_json
+
+MODELS = {"gpt2-124m": ["batch_size=16", "grad_accum=1"], "llama-1b": ["batch_size=4", "grad_accum=1", "parallel=none"]}
+MODES = ("bf16", "int8", "int8+fallback", "int8-linear")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bench/results/h100_train.json")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the tokens/s median")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (checks the code path only)")
+
+
+def _choices(text: str, allowed, flag: str) -> list[str]:
+    chosen = [x for x in text.split(",") if x]
+    unknown = set(chosen) - set(allowed)
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {sorted(unknown)}; choose from {sorted(allowed)}")
+    return chosen
+
+
+def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, compile: bool, device: str) -> dict:
+    from ..training import make_config, train
+    from ..training.metrics import read_log
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = make_config(preset, overrides=[*extra, f"precision={mode}", f"max_steps={steps}", f"eval_interval={steps}", "eval_batches=1",
+                                             "ckpt_interval=0", "keep_checkpoints=1", "progress=false",
+                                             "tensorboard=false", f"compile={str(compile).lower()}",
+                                             f"device={device}", f"out_dir={out_dir}"])
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = train(cfg)
+        log = [r for r in read_log(out_dir) if r.get("tokens_per_s") and r["step"] > warmup]
+    if not log:
+        raise RuntimeError(f"{preset}/{mode}: no timed steps (steps={steps} must exceed warmup={warmup})")
+    return {"model": preset, "mode": mode, "steps": steps,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in log),
+            "final_loss": result.losses[-1],
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+
+
+def main(args) -> int:
+    device = "cpu" if args.cpu_smoke else "cuda"
+    if device == "cuda":
+        require_cuda()
+    models = {"tiny": ["max_steps=4"]} if args.cpu_smoke else {m: MODELS[m] for m in _choices(args.models, MODELS, "--models")}
+    records = []
+    for preset, extra in models.items():
+        base = None
+        for mode in _choices(args.modes, MODES, "--modes"):
+            r = run_one(preset, extra, mode, args.steps, args.warmup, not args.no_compile, device)
+            base = r["tokens_per_s"] if mode == "bf16" else base
+            r["speedup_vs_bf16"] = r["tokens_per_s"] / base if base else None
+            records.append(r)
+            print(f"{preset:10s} {mode:14s} {r['tokens_per_s']:12,.0f} tok/s"
+                  + (f"  {r['speedup_vs_bf16']:.2f}x" if base else "")
+                  + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""), flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    write_json(args.out, records, device_info() if device == "cuda" else {"device": "cpu (smoke)", "torch": torch.__version__})
+    return 0
