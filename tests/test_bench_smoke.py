@@ -37,12 +37,12 @@ def test_train_and_accuracy_smoke(tmp_path):
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"]) for r in recs)
 
     acc = tmp_path / "acc.json"
-    args = ["accuracy", "--cpu-smoke", "--modes", "bf16,int8", "--out", str(acc), "--runs", str(tmp_path / "runs")]
+    args = ["accuracy", "--cpu-smoke", "--models", "gpt-tiny", "--modes", "bf16,int8", "--out", str(acc), "--runs", str(tmp_path / "runs")]
     assert main(args) == 0
     recs = _records(acc)
     assert [r["mode"] for r in recs] == ["bf16", "int8"] and recs[0]["rel_gap_vs_bf16"] == 0.0
     assert all(math.isfinite(r["final_val_loss"]) for r in recs)
-    assert (tmp_path / "acc_tiny.png").stat().st_size > 1000
+    assert (tmp_path / "acc_gpt-tiny.png").stat().st_size > 1000
     assert main(args) == 0  # a second call finds the finished records and does not train again
     assert len(_records(acc)) == 2
 

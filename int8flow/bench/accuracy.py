@@ -15,19 +15,23 @@ from pathlib import Path
 
 from .common import device_info, require_cuda, write_json
 
-MODELS = {"gpt2-124m": [], "llama-60m": []}
+# name -> (run preset, overrides)
+MODELS = {"gpt2-124m": ("gpt2-124m", []), "llama-60m": ("llama-60m", [])}
+CPU_MODELS = {"gpt-tiny": ("tiny", []), "llama-tiny": ("tiny", ["model=llama-tiny", "name=tiny-llama"])}
 MODES = ("bf16", "int8", "int8+fallback")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results/h100_accuracy.json")
     p.add_argument("--runs", default="runs/accuracy", help="folder of the training runs")
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default="", help=f"comma-separated; default: all of {list(MODELS)} "
+                   f"(with --cpu: {list(CPU_MODELS)})")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--minutes", type=float, default=10.0, help="BF16 wall-clock budget that fixes the token budget")
     p.add_argument("--steps", type=int, default=0, help="fix the step count instead of deriving it from --minutes")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides (data=...)")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny models, a few steps, on the CPU")
+    p.add_argument("--cpu", action="store_true", help="the tiny models on the CPU (needs --steps)")
+    p.add_argument("--cpu-smoke", action="store_true", help="--cpu with 4 steps: checks the code path only")
 
 
 def _load(path: Path) -> list[dict]:
@@ -47,38 +51,46 @@ def _steps_for_budget(preset: str, extra: list[str], minutes: float) -> int:
 def main(args) -> int:
     from ..training import make_config, plot_runs, train
 
-    device = "cpu" if args.cpu_smoke else "cuda"
-    if device == "cuda":
+    cpu = args.cpu or args.cpu_smoke
+    device = "cpu" if cpu else "cuda"
+    if cpu and not (args.steps or args.cpu_smoke):
+        raise SystemExit("--cpu needs --steps N (there is no BF16 GPU run to derive a budget from)")
+    if not cpu:
         require_cuda()
-    models = {"tiny": ["max_steps=4"]} if args.cpu_smoke else {m: MODELS[m] for m in args.models.split(",") if m}
+    table = CPU_MODELS if cpu else MODELS
+    names = [m for m in args.models.split(",") if m] or list(table)
+    unknown = set(names) - set(table)
+    if unknown:
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(table)}")
     modes = [m for m in args.modes.split(",") if m]
     if modes[0] != "bf16":
         raise SystemExit("--modes must start with bf16: the other modes are compared with it")
     out, runs = Path(args.out), Path(args.runs)
     records = _load(out)
     info = device_info() if device == "cuda" else {"device": "cpu (smoke)"}
-    for preset, extra in models.items():
+    for name in names:
+        preset, extra = table[name]
         extra = [*extra, *args.set, f"device={device}", "progress=false"]
-        steps = args.steps or (4 if args.cpu_smoke else _steps_for_budget(preset, extra, args.minutes))
-        done = {r["mode"]: r for r in records if r["model"] == preset and r["steps"] == steps}
+        steps = 4 if args.cpu_smoke else args.steps or _steps_for_budget(preset, extra, args.minutes)
+        done = {r["mode"]: r for r in records if r["model"] == name and r["steps"] == steps}
         for mode in modes:
             if mode in done:
-                print(f"{preset} {mode}: done earlier, val loss {done[mode]['final_val_loss']:.4f}")
+                print(f"{name} {mode}: done earlier, val loss {done[mode]['final_val_loss']:.4f}")
                 continue
-            run_dir = runs / f"{preset}-{mode.replace('+', '-')}"
+            run_dir = runs / f"{name}-{mode.replace('+', '-')}"
             cfg = make_config(preset, overrides=[*extra, f"precision={mode}", f"max_steps={steps}",
                                                  f"out_dir={run_dir}", f"resume={str(run_dir.exists()).lower()}"])
             result = train(cfg)
             tokens = steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
             base = done.get("bf16", {}).get("final_val_loss", result.val_loss if mode == "bf16" else math.nan)
-            rec = {"model": preset, "mode": mode, "steps": steps, "tokens": tokens,
+            rec = {"model": name, "mode": mode, "steps": steps, "tokens": tokens,
                    "final_val_loss": result.val_loss, "rel_gap_vs_bf16": (result.val_loss - base) / base,
                    "run_dir": str(run_dir)}
             done[mode] = rec
             records.append(rec)
             write_json(str(out), [{k: v for k, v in r.items() if k not in info} for r in records], info)
-            print(f"{preset} {mode}: val loss {result.val_loss:.4f} ({100 * rec['rel_gap_vs_bf16']:+.2f}% vs bf16)",
+            print(f"{name} {mode}: val loss {result.val_loss:.4f} ({100 * rec['rel_gap_vs_bf16']:+.2f}% vs bf16)",
                   flush=True)
-        plot_runs([done[m]["run_dir"] for m in modes if m in done], out.with_name(f"{out.stem}_{preset}.png"),
+        plot_runs([done[m]["run_dir"] for m in modes if m in done], out.with_name(f"{out.stem}_{name}.png"),
                   labels=[m for m in modes if m in done])
     return 0
