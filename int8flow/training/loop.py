@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and info.is_main),
                unit="step", dynamic_ncols=True)
-    losses, val, last_ckpt, record = [], None, None, {}
+    losses, val, last_ckpt = [], None, None
     train_seconds = 0.0
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
