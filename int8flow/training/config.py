@@ -13,9 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..config import PRECISIONS
+
 __all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "make_config", "parse_overrides", "load_toml"]
 
-PRECISIONS = ("bf16", "int8-linear", "int8", "int8+fallback")
 PARALLEL = ("none", "ddp", "fsdp2")
 NONFINITE = ("skip", "raise")
 
