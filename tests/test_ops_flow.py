@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int8flow.config import Int8TrainingConfig
+from int8flow.format import BlockShape
 from int8flow.ops import NormSpec, linear_residual, mlp_residual, norm_linear
 
 from _inputs import sample, sqnr_db
@@ -183,3 +184,133 @@ def test_argument_errors():
         norm_linear(h, nn.BatchNorm1d(4), p["w"], None, cfg)
     with pytest.raises(TypeError, match="LayerNorm"):
         NormSpec.of(nn.BatchNorm1d(4))
+
+
+# --- what the data-flow ops save, and that backward recomputes the forward's operands exactly ----------
+
+
+def _saved(fn, params):
+    """Tensors autograd saves while running fn(), parameters excluded."""
+    ids = {id(p) for p in params}
+    saved = []
+
+    def pack(t):
+        if id(t) not in ids:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8+fallback"])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_ops_save_only_int8_inputs_and_row_stats(precision, kind):
+    """norm_linear keeps INT8 x; mlp_residual INT8 h and the fc1 (gate) outputs; everything else of
+    activation size (norm output, fc2 input, fallback terms) is recomputed, and no float tensor larger
+    than a per-row statistic (or the block scales) is kept. An outlier channel makes fallback flag blocks."""
+    cfg = Int8TrainingConfig(precision=precision)
+    p = _outlier_norm_gain(_params(kind))
+    x = sample(SHAPE, "heavy_tailed", 8).requires_grad_()
+    M = x.numel() // D
+    nl = _saved(lambda: norm_linear(x, _spec(kind, p), p["w"], p.get("b"), cfg), p.values())
+    mlp = _saved(lambda: _mlp_int8(kind, x, p, cfg), p.values())
+    for saved, expect in ((nl, [(M, D)]), (mlp, [(M, D), (M, FF)] + ([(M, FF)] if kind == "rmsnorm" else []))):
+        acts = sorted(tuple(t.shape) for t in saved if t.dim() == 2 and t.shape[0] == M)
+        assert acts == sorted(expect), acts
+        assert all(t.dtype == torch.int8 for t in saved if t.dim() == 2 and t.shape[0] == M)
+        # floats: row statistics, block-scale grids, scalars (seed, placeholders) - nothing per element
+        grids = {BlockShape(32, 32).grid(shape) for shape in ((M, D), (M, FF), (N, D), (FF, D), (D, FF))}
+        floats = {tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() > 1}
+        assert floats <= grids | {(M,)}, floats
+
+
+def _outlier_norm_gain(p):
+    """Norm gain of feature 3 scaled 50x (LLM-style outlier channel after the norm): its block column is far
+    above 8x the median block absmax, so fallback flags it. (An outlier in x alone would not do: the norm
+    divides each row by its own RMS.)"""
+    with torch.no_grad():
+        p["norm_w"][3] *= 50.0
+    return p
+
+
+def _hat(q):
+    return q.dequantize(torch.float64) if q is not None else 0.0
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8+fallback"])
+def test_backward_recomputes_norm_output_and_fc2_input_exactly(precision):
+    """With nearest-rounded gradients, dW of the QKV GEMM and of fc2 must equal dy_q.T @ (the forward's
+    INT8 operand [+ its fallback term]) computed independently from the reference ops: any drift in the
+    recomputation (missing norm bias, other statistics, another fallback mask) shows up here."""
+    from int8flow.format import quantize
+    from int8flow.ops.primitives import gemm, quantize_activation
+    from int8flow.reference import nonlinear as R
+
+    cfg = Int8TrainingConfig(precision=precision, grad_rounding="nearest")
+    blk, gblk = cfg.activation_block, cfg.grad_block
+    p = _outlier_norm_gain(_params("layernorm"))
+    with torch.no_grad():
+        p["w_in"][5] *= 40.0  # an outlier fc1 feature: its fc2-input blocks fall back
+    x = sample(SHAPE, "gaussian", 9).requires_grad_()
+    x2d = x.detach().reshape(-1, D)
+
+    def norm_out(t):
+        x_q = quantize(t, blk)
+        if not cfg.uses_fallback:
+            return R.layer_norm_forward(x_q, p["norm_w"].detach(), p["norm_b"].detach(), 1e-5, out_block=blk)[0], None
+        n_q, n2_q, rate = quantize_activation(R.layer_norm_forward(x_q, p["norm_w"].detach(), p["norm_b"].detach(),
+                                                                   1e-5)[0], cfg)
+        assert float(rate) > 0  # the outlier channel does flag blocks
+        return n_q, n2_q
+
+    # norm -> QKV
+    y = norm_linear(x, _spec("layernorm", p), p["w"], p["b"], cfg)
+    dy = sample(tuple(y.shape), "gaussian", 10)
+    y.backward(dy)
+    n_q, n2_q = norm_out(x2d)
+    dy_hat = quantize(dy.reshape(-1, N), gblk).dequantize(torch.float64)
+    expected = dy_hat.t() @ (_hat(n_q) + _hat(n2_q))
+    torch.testing.assert_close(p["w"].grad.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+    # MLP: fc2's weight gradient sees act(fc1(norm(h))) as the forward did
+    out = _mlp_int8("layernorm", x, p, cfg)
+    dout = sample(tuple(out.shape), "gaussian", 11)
+    out.backward(dout)
+    w_in_q, w_gate = quantize(p["w_in"].detach(), cfg.weight_block), None
+    f_q = gemm([n_q, n2_q], w_in_q, p["b_in"].detach(), out_block=blk, cfg=cfg)
+    a_q, a2_q, rate = quantize_activation(R.gelu_forward(f_q, "tanh"), cfg) if cfg.uses_fallback else (
+        R.gelu_forward(f_q, "tanh", out_block=blk), None, 0.0)
+    assert not cfg.uses_fallback or float(rate) > 0
+    dout_hat = quantize(dout.reshape(-1, D), gblk).dequantize(torch.float64)
+    expected = dout_hat.t() @ (_hat(a_q) + _hat(a2_q))
+    torch.testing.assert_close(p["w_out"].grad.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    del w_gate
+
+
+@pytest.mark.parametrize("rows", [(64, 32, 32), (40, 30, 30)])  # block-aligned (INT8 stacked) / tails (transient)
+def test_norm_linear_takes_stacked_weights_without_a_float_copy(rows):
+    """q|k|v as a list: same output and gradients, bit for bit, as one stacked weight; no stacked float
+    weight is saved for backward."""
+    cfg = Int8TrainingConfig(precision="int8")
+    g = torch.Generator().manual_seed(12)
+    ws = [(torch.randn(r, D, generator=g) / D**0.5).requires_grad_() for r in rows]
+    stacked = torch.cat(ws).detach().requires_grad_()
+    spec = NormSpec("rmsnorm", None, None, 1e-6)
+    x = sample(SHAPE, "heavy_tailed", 13)
+    dy = sample((*SHAPE[:2], sum(rows)), "gaussian", 14)
+    torch.manual_seed(0)
+    saved = _saved(lambda: norm_linear(x, spec, ws, None, cfg).backward(dy), ws)
+    torch.manual_seed(0)
+    y_list = norm_linear(x, spec, ws, None, cfg)
+    y_list.backward(dy)
+    torch.manual_seed(0)
+    y_one = norm_linear(x, spec, stacked, None, cfg)
+    y_one.backward(dy)
+    torch.testing.assert_close(y_list, y_one, rtol=0, atol=0)
+    for w, g_ref in zip(ws, stacked.grad.split(list(rows))):
+        torch.testing.assert_close(w.grad / 2, g_ref, rtol=0, atol=0)  # two backward passes above
+    assert not [t for t in saved if t.is_floating_point() and t.numel() >= D * min(rows)]
+    with pytest.raises(ValueError, match="each weight"):
+        norm_linear(x, spec, [ws[0], torch.randn(4, D + 1)], None, cfg)

@@ -23,6 +23,16 @@ from ..nn import convert_to_int8_training
 from ..ops.flow import linear_residual, mlp_residual, norm_linear
 
 
+def attention_output_is_saved(y: torch.Tensor) -> bool:
+    """Whether flattening SDPA's (B, T, H, hd)-view output ``y`` is a view of what SDPA saves for backward.
+
+    The flash / memory-efficient / cuDNN kernels (and the CPU flash kernel) lay their output out as
+    (B, T, H, hd), so ``y.flatten(2)`` shares its storage: the proj op can keep that reference instead of
+    an INT8 copy of the same activation. Otherwise (math backend) the flatten copies and INT8 is smaller.
+    """
+    return y.is_contiguous()
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     block_size: int = 1024
@@ -47,12 +57,15 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3C) fused q|k|v -> causal SDPA -> (B, T, C)."""
+    def heads_out(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3C) fused q|k|v -> causal SDPA -> (B, T, H, hd), a view of SDPA's output."""
         B, T, _ = qkv.shape
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return y.transpose(1, 2).reshape(B, T, self.n_embd)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3C) fused q|k|v -> causal SDPA -> (B, T, C)."""
+        return self.heads_out(qkv).flatten(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.attend(self.c_attn(x)))
@@ -85,7 +98,9 @@ class Block(nn.Module):
             return x + self.mlp(self.ln_2(x))
         cfg, attn, mlp = self.int8_flow, self.attn, self.mlp
         qkv = norm_linear(x, self.ln_1, attn.c_attn.weight, attn.c_attn.bias, cfg)
-        h = linear_residual(attn.attend(qkv), attn.c_proj.weight, attn.c_proj.bias, x, cfg)
+        y = attn.heads_out(qkv)
+        h = linear_residual(y.flatten(2), attn.c_proj.weight, attn.c_proj.bias, x, cfg,
+                            save_input=attention_output_is_saved(y))
         out, rate = mlp_residual(h, self.ln_2, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
                                  mlp.c_proj.bias, "gelu_tanh", cfg)
         if cfg.uses_fallback:

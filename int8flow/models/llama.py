@@ -5,7 +5,8 @@ post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head - so a H
 loads with `load_state_dict` (see `from_hf_state_dict`). RoPE uses HF's rotate-half layout.
 
 Precision as in gpt2.py: ``bf16``, ``int8-linear`` (Int8Linear layers), ``int8`` / ``int8+fallback``
-(fused INT8 data-flow ops; q/k/v weights are concatenated per forward so norm -> QKV is one INT8 GEMM).
+(fused INT8 data-flow ops; norm -> QKV is one INT8 GEMM over the q/k/v weights stacked as INT8, with
+no stacked BF16 weight copy).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 from ..config import as_config
 from ..nn import convert_to_int8_training
 from ..ops.flow import linear_residual, mlp_residual, norm_linear
+from .gpt2 import attention_output_is_saved
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def rope_tables(config: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); rotate-half convention (Hugging Face Llama)."""
+    """Rotate-half convention (Hugging Face Llama); cos/sin broadcast to x, e.g. (T, hd) against (B, H, T, hd)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -70,21 +72,28 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, kv, bias=False)
         self.o_proj = nn.Linear(config.n_heads * hd, config.dim, bias=False)
 
-    def qkv_weight(self) -> torch.Tensor:
-        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
+    def qkv_weights(self) -> list[torch.Tensor]:
+        """The q, k, v projection weights, stacked by rows in one INT8 GEMM by `norm_linear` (no copy here)."""
+        return [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+
+    def heads_out(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, T, q|k|v) -> RoPE -> causal SDPA (GQA) -> (B, T, H, hd), a view of SDPA's output.
+
+        q and k after RoPE and v are written into one tensor, whose views SDPA saves: the pre-RoPE qkv
+        is then not kept alive by v alone (RoPE itself saves only the cos/sin tables).
+        """
+        c = self.config
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, c.n_heads + 2 * c.n_kv_heads, c.head_dim)
+        qk, v = qkv.split([c.n_heads + c.n_kv_heads, c.n_kv_heads], dim=2)
+        qk = apply_rope(qk, cos[:, None], sin[:, None]).to(v.dtype)
+        q, k, v = torch.cat([qk, v], dim=2).transpose(1, 2).split([c.n_heads, c.n_kv_heads, c.n_kv_heads], dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_heads != c.n_heads)
+        return y.transpose(1, 2)
 
     def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """(B, T, q|k|v) -> RoPE -> causal SDPA (GQA) -> (B, T, dim)."""
-        c = self.config
-        B, T, _ = qkv.shape
-        kv = c.n_kv_heads * c.head_dim
-        q, k, v = qkv.split([c.dim, kv, kv], dim=2)
-        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
-        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_kv_heads != c.n_heads)
-        return y.transpose(1, 2).reshape(B, T, c.dim)
+        return self.heads_out(qkv, cos, sin).flatten(2)
 
     def forward(self, x, cos, sin):
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
@@ -118,8 +127,9 @@ class DecoderLayer(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), cos, sin)
             return x + self.mlp(self.post_attention_layernorm(x))
         cfg, attn, mlp = self.int8_flow, self.self_attn, self.mlp
-        qkv = norm_linear(x, self.input_layernorm, attn.qkv_weight(), None, cfg)
-        h = linear_residual(attn.attend(qkv, cos, sin), attn.o_proj.weight, None, x, cfg)
+        qkv = norm_linear(x, self.input_layernorm, attn.qkv_weights(), None, cfg)
+        y = attn.heads_out(qkv, cos, sin)
+        h = linear_residual(y.flatten(2), attn.o_proj.weight, None, x, cfg, save_input=attention_output_is_saved(y))
         out, rate = mlp_residual(h, self.post_attention_layernorm, mlp.up_proj.weight, None,
                                  mlp.down_proj.weight, None, "swiglu", cfg, w_gate=mlp.gate_proj.weight)
         if cfg.uses_fallback:

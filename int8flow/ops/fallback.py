@@ -6,12 +6,17 @@ flagged when its absmax exceeds ``threshold`` times the median block absmax of t
 ``x ~ s1*q1 + s2*q2`` where ``q2`` quantizes the residual ``x - s1*q1`` of the first quantization
 (``s2 <= s1/254``), so its error is about 2^-15 of the block absmax instead of 2^-8. The GEMM adds
 the second product for the flagged blocks only (here: a second operand whose other blocks are zero).
+
+Where the term must be kept for backward it is stored compactly (`compact_term`: flagged block indices,
+their INT8 blocks and scales) and expanded to the dense operand only transiently for the GEMM
+(`expand_term`). The fused data-flow ops never store it: they recompute it from saved INT8 inputs.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..format import QTensor, block_absmax, expand_scale
 from ..format.blocks import BlockShape
@@ -37,6 +42,37 @@ def residual_term(x: torch.Tensor, x_q: QTensor, mask: torch.Tensor) -> torch.Te
     """x - dequant(x_q) on the flagged blocks, zero elsewhere (float32): what the second INT8 term holds."""
     keep = expand_scale(mask.float(), x_q.block, tuple(x.shape))
     return (x.float() - x_q.dequantize(torch.float32)) * keep
+
+
+def _blocked(data: torch.Tensor, block: BlockShape) -> torch.Tensor:
+    """(R, C) -> (GR, br, GC, bc) view of ``data`` zero-padded to whole blocks (a copy only when padding)."""
+    (gr, gc), (br, bc) = block.grid(tuple(data.shape)), (block.rows, block.cols)
+    pad_r, pad_c = gr * br - data.shape[0], gc * bc - data.shape[1]
+    if pad_r or pad_c:
+        data = F.pad(data, (0, pad_c, 0, pad_r))
+    return data.reshape(gr, br, gc, bc)
+
+
+def compact_term(x2_q: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zero blocks of a fallback term: (flat block indices int32 (k,), INT8 blocks (k, br, bc),
+    scales float32 (k,)) - about 1 byte per element of the flagged blocks only, instead of a dense INT8
+    tensor. A block whose scale is 0 holds only zeros, so it needs no storage."""
+    index = (x2_q.scale.flatten() != 0).nonzero().squeeze(1)
+    gc = x2_q.scale.shape[1]
+    blocks = _blocked(x2_q.data, x2_q.block)[index // gc, :, index % gc, :]
+    return index.to(torch.int32), blocks, x2_q.scale.flatten()[index]
+
+
+def expand_term(index: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, shape, block: BlockShape) -> QTensor:
+    """Inverse of `compact_term`: the dense fallback operand of ``shape`` (zero outside the stored blocks)."""
+    gr, gc = block.grid(tuple(shape))
+    index = index.long()
+    data = torch.zeros((gr, block.rows, gc, block.cols), dtype=torch.int8, device=blocks.device)
+    data[index // gc, :, index % gc, :] = blocks
+    dense_scale = torch.zeros(gr * gc, dtype=torch.float32, device=scale.device)
+    dense_scale[index] = scale
+    data = data.reshape(gr * block.rows, gc * block.cols)[: shape[0], : shape[1]]
+    return QTensor(data.contiguous(), dense_scale.view(gr, gc), block)
 
 
 def fallback_sqnr_sweep(x: torch.Tensor, w: torch.Tensor, thresholds, block: BlockShape, budget: float = 1.0):

@@ -6,8 +6,12 @@ Attention half: ``h = x + proj(attn(qkv(norm1(x))))``
     * `linear_residual`: attention output -> INT8 -> proj GEMM -> + residual.
 MLP half: ``out = h + fc2(act(fc1(norm2(h))))``
     * `mlp_residual`: every tensor between norm -> fc1 -> act -> fc2 is INT8 + per-block scales
-      forward, every gradient between them INT8 with stochastic rounding backward, and what is saved
-      for backward is INT8 plus per-row norm statistics.
+      forward, every gradient between them INT8 with stochastic rounding backward.
+
+Saved for backward: only the INT8 op inputs (x, h, the fc1/gate outputs), per-row norm statistics and
+the INT8 weights. The norm output and the fc2 input (and their fallback terms) are recomputed in
+backward from those by the same memory-bound kernels with the same numbers, since storing them would
+cost 1 byte per element each. See docs/models.md for the per-token table.
 
 The ops take the model's own parameters, so model files keep their standard parameter names. The
 residual stream stays in its own (high) precision. Each op quantizes its high-precision input on
@@ -16,7 +20,7 @@ kernel produces (same numbers), which these reference compositions do not fuse.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,11 +60,11 @@ def _norm_args(norm) -> tuple:
     raise TypeError(f"norm must be nn.LayerNorm, nn.RMSNorm or a NormSpec, got {type(norm).__name__}")
 
 
-def _norm_forward(kind, x, weight, bias, eps, device, **out):
-    """-> (y, mean or None, rstd)."""
+def _norm_forward(kind, x, weight, bias, eps, device, mean=None, rstd=None, **out):
+    """-> (y, mean or None, rstd); given row statistics (the forward's, in backward) x is only normalized."""
     if kind == "layernorm":
-        return backend.call("layer_norm_forward", x, weight, bias, eps, device=device, **out)
-    y, rstd = backend.call("rms_norm_forward", x, weight, eps, device=device, **out)
+        return backend.call("layer_norm_forward", x, weight, bias, eps, device=device, mean=mean, rstd=rstd, **out)
+    y, rstd = backend.call("rms_norm_forward", x, weight, eps, device=device, rstd=rstd, **out)
     return y, None, rstd
 
 
@@ -72,16 +76,37 @@ def _norm_backward(kind, dy, x, weight, mean, rstd, device, **out):
     return dx, dweight, None
 
 
-def _normalize(x: Tensor, norm: str, weight, bias, eps: float, c: Int8TrainingConfig):
-    """x -> INT8 copy -> norm -> INT8 output (+ fallback term). Returns (x_q, n_q, n2_q, mean, rstd, rate)."""
-    x_q = P.quantize(x, c.activation_block, "nearest", 0, c)
+def _no_fallback(device) -> Tensor:
+    return torch.zeros((), dtype=torch.float32, device=device)
+
+
+def _norm_output(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig, mean=None, rstd=None):
+    """norm(x_q) -> INT8 output (+ fallback term). Returns (n_q, n2_q, mean, rstd, rate).
+
+    Backward calls it again with the forward's row statistics to recompute the norm output from the
+    saved INT8 input instead of saving it (a memory-bound op; same numbers).
+    """
+    d = x_q.device
     if c.uses_fallback:
-        n, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, x.device, out_dtype=torch.float32)
+        n, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, d, mean, rstd, out_dtype=torch.float32)
         n_q, n2_q, rate = P.quantize_activation(n, c)
+        return n_q, n2_q, mean, rstd, rate
+    n_q, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, d, mean, rstd, out_block=c.activation_block)
+    return n_q, None, mean, rstd, _no_fallback(d)
+
+
+def _activate(f_q, g_q, activation: str, c: Int8TrainingConfig):
+    """act(fc1 output) -> INT8 fc2 input (+ fallback term). Returns (a_q, a2_q, rate); recomputed in backward
+    from the saved INT8 fc1 (and gate) outputs instead of being saved."""
+    d = f_q.device
+    out = dict(out_dtype=torch.float32) if c.uses_fallback else dict(out_block=c.activation_block)
+    if activation == "swiglu":
+        a = backend.call("swiglu_forward", g_q, f_q, device=d, **out)
     else:
-        n_q, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, x.device, out_block=c.activation_block)
-        n2_q, rate = None, torch.zeros((), dtype=torch.float32, device=x.device)
-    return x_q, n_q, n2_q, mean, rstd, rate
+        a = backend.call("gelu_forward", f_q, ACTIVATIONS[activation], device=d, **out)
+    if c.uses_fallback:
+        return P.quantize_activation(a, c)
+    return a, None, _no_fallback(d)
 
 
 def _grad_q(dy: Tensor, seed: int, c: Int8TrainingConfig):
@@ -96,98 +121,117 @@ def _opt(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
+def _param_grads(device, dtype, grads: Sequence[tuple[Optional[Tensor], bool]]) -> list[Tensor]:
+    """(gradient, parameter present) pairs -> gradients in the parameter dtype, empty placeholders where absent."""
+    return [g.to(dtype) if keep else P.empty(device, dtype) for g, keep in grads]
+
+
 # --- norm -> QKV GEMM ---------------------------------------------------------------------------
 
 
 @torch.library.custom_op("int8flow::norm_linear_fwd", mutates_args=())
-def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w: Tensor, b: Optional[Tensor],
-                     seed: Tensor, cfg: str, norm: str, eps: float, out_dtype: torch.dtype) -> list[Tensor]:
+def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], ws: list[Tensor],
+                     b: Optional[Tensor], seed: Tensor, cfg: str, norm: str, eps: float,
+                     out_dtype: torch.dtype) -> list[Tensor]:
     c = P.decode_config(cfg)
-    with P.no_autocast(x.device):
-        x_q, n_q, n2_q, mean, rstd, rate = _normalize(x, norm, norm_w, norm_b, eps, c)
-        w_q = P.quantize(w, c.weight_block, "nearest", 0, c)
-        y = P.gemm([n_q, n2_q], w_q, b, out_dtype=out_dtype, cfg=c)
     d = x.device
-    return [y, *P.pack(x_q, d), *P.pack(n_q, d), *P.pack(n2_q, d), _stats(mean, d), rstd, *P.pack(w_q, d), rate]
+    with P.no_autocast(d):
+        x_q = P.quantize(x, c.activation_block, "nearest", 0, c)
+        n_q, n2_q, mean, rstd, _ = _norm_output(x_q, norm, norm_w, norm_b, eps, c)
+        w_q = P.quantize_weights(ws, c)
+        y = P.gemm([n_q, n2_q], w_q, b, out_dtype=out_dtype, cfg=c)
+    return [y, *P.pack(x_q, d), _stats(mean, d), rstd, *P.pack(w_q, d)]
 
 
 @_norm_linear_fwd.register_fake
-def _(x, norm_w, norm_b, w, b, seed, cfg, norm, eps, out_dtype):
+def _(x, norm_w, norm_b, ws, b, seed, cfg, norm, eps, out_dtype):
     c = P.decode_config(cfg)
-    M, blk = x.shape[0], c.activation_block
-    n2 = P.fake_q(x, x.shape, blk) if c.uses_fallback else P.fake_absent(x)
+    M, N = x.shape[0], sum(w.shape[0] for w in ws)
     mean = x.new_empty((M,) if norm == "layernorm" else P.EMPTY_SHAPE, dtype=torch.float32)
-    return [x.new_empty((M, w.shape[0]), dtype=out_dtype), *P.fake_q(x, x.shape, blk), *P.fake_q(x, x.shape, blk),
-            *n2, mean, x.new_empty((M,), dtype=torch.float32), *P.fake_q(w, w.shape, c.weight_block),
-            x.new_empty((), dtype=torch.float32)]
+    return [x.new_empty((M, N), dtype=out_dtype), *P.fake_q(x, x.shape, c.activation_block), mean,
+            x.new_empty((M,), dtype=torch.float32), *P.fake_q(ws[0], (N, x.shape[1]), c.weight_block)]
 
 
 @torch.library.custom_op("int8flow::norm_linear_bwd", mutates_args=())
-def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], w: Tensor, seed: Tensor, cfg: str,
-                     norm: str, x_dtype: torch.dtype, has_norm_bias: bool, has_bias: bool) -> list[Tensor]:
+def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b: Optional[Tensor],
+                     ws: list[Tensor], seed: Tensor, cfg: str, norm: str, eps: float, x_dtype: torch.dtype,
+                     has_bias: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
-    s = int(seed.item())
-    x_i8, x_s, n_i8, n_s, n2_i8, n2_s, mean, rstd, w_i8, w_s = saved
-    with P.no_autocast(dy.device):
-        blk = c.activation_block
-        x_q, n_q, n2_q = P.unpack(x_i8, x_s, blk), P.unpack(n_i8, n_s, blk), P.unpack(n2_i8, n2_s, blk)
-        w_q = P.unpack(w_i8, w_s, c.weight_block)
+    s, d, wd = int(seed.item()), dy.device, ws[0].dtype
+    x_i8, x_s, mean, rstd, w_i8, w_s = saved
+    with P.no_autocast(d):
+        x_q, w_q = P.unpack(x_i8, x_s, c.activation_block), P.unpack(w_i8, w_s, c.weight_block)
+        n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, _opt(mean), rstd)
         dy_q = _grad_q(dy, backend.subseed(s, 0), c)
-        dn_q = P.gemm([dy_q], P.weight_t(w_q, w, c), out_block=c.grad_block, rounding=c.grad_rounding,
+        dn_q = P.gemm([dy_q], P.weight_t(w_q, ws, c), out_block=c.grad_block, rounding=c.grad_rounding,
                       seed=backend.subseed(s, 1), cfg=c)
-        dw = P.weight_grad(dy_q, dy, [n_q, n2_q], backend.subseed(s, 2), c, w.dtype)
-        dx, dnw, dnb = _norm_backward(norm, dn_q, x_q, norm_w, _opt(mean), rstd, dy.device, out_dtype=x_dtype)
-        wd = w.dtype
-        dnw = dnw.to(wd) if dnw is not None else P.empty(dy.device, wd)
-        dnb = dnb.to(wd) if has_norm_bias else P.empty(dy.device, wd)
-        db = dy.float().sum(0).to(wd) if has_bias else P.empty(dy.device, wd)
-    return [dx, dnw, dnb, dw, db]
+        dw = P.weight_grad(dy_q, dy, [n_q, n2_q], backend.subseed(s, 2), c, torch.float32)
+        dx, dnw, dnb = _norm_backward(norm, dn_q, x_q, norm_w, _opt(mean), rstd, d, out_dtype=x_dtype)
+        db = dy.float().sum(0) if has_bias else None
+        grads = _param_grads(d, wd, [(dnw, norm_w is not None), (dnb, norm_b is not None), (db, has_bias)])
+        # split views of one tensor would alias each other: custom-op outputs must not
+        dws = [g.to(w.dtype, copy=len(ws) > 1) for g, w in zip(dw.split([w.shape[0] for w in ws]), ws)]
+    return [dx, *grads, *dws]
 
 
 @_norm_linear_bwd.register_fake
-def _(dy, saved, norm_w, w, seed, cfg, norm, x_dtype, has_norm_bias, has_bias):
-    M, D, N, wd = dy.shape[0], w.shape[1], w.shape[0], w.dtype
+def _(dy, saved, norm_w, norm_b, ws, seed, cfg, norm, eps, x_dtype, has_bias):
+    M, D, N, wd = dy.shape[0], ws[0].shape[1], dy.shape[1], ws[0].dtype
     vec = lambda n, keep: dy.new_empty((n,) if keep else P.EMPTY_SHAPE, dtype=wd)  # noqa: E731
-    return [dy.new_empty((M, D), dtype=x_dtype), vec(D, norm_w is not None), vec(D, has_norm_bias),
-            dy.new_empty((N, D), dtype=wd), vec(N, has_bias)]
+    return [dy.new_empty((M, D), dtype=x_dtype), vec(D, norm_w is not None), vec(D, norm_b is not None), vec(N, has_bias),
+            *(w.new_empty(w.shape) for w in ws)]
 
 
 def _norm_linear_setup(ctx, inputs, output):
-    x, norm_w, norm_b, w, b, seed, cfg, norm, _, _ = inputs
-    ctx.save_for_backward(*output[1:-1], norm_w, w, seed)
-    ctx.cfg, ctx.norm, ctx.x_dtype = cfg, norm, x.dtype
-    ctx.has_norm_w, ctx.has_norm_bias, ctx.has_bias = norm_w is not None, norm_b is not None, b is not None
+    x, norm_w, norm_b, ws, b, seed, cfg, norm, eps, _ = inputs
+    ctx.save_for_backward(*output[1:], norm_w, norm_b, seed, *ws)
+    ctx.cfg, ctx.norm, ctx.eps, ctx.x_dtype, ctx.has_bias = cfg, norm, eps, x.dtype, b is not None
 
 
 def _norm_linear_backward(ctx, grads):
-    *saved, norm_w, w, seed = ctx.saved_tensors
-    dx, dnw, dnb, dw, db = _norm_linear_bwd(grads[0], saved, norm_w, w, seed, ctx.cfg, ctx.norm, ctx.x_dtype,
-                                            ctx.has_norm_bias, ctx.has_bias)
-    return (dx, dnw if ctx.has_norm_w else None, dnb if ctx.has_norm_bias else None, dw,
+    tensors = ctx.saved_tensors  # read once (checkpointing unpacks each saved tensor only once)
+    *saved, norm_w, norm_b, seed = tensors[:9]
+    ws = list(tensors[9:])
+    dx, dnw, dnb, db, *dws = _norm_linear_bwd(grads[0], saved, norm_w, norm_b, ws, seed, ctx.cfg, ctx.norm, ctx.eps,
+                                              ctx.x_dtype, ctx.has_bias)
+    return (dx, dnw if norm_w is not None else None, dnb if norm_b is not None else None, dws,
             db if ctx.has_bias else None, None, None, None, None, None)
 
 
 _norm_linear_fwd.register_autograd(_norm_linear_backward, setup_context=_norm_linear_setup)
 
 
-def norm_linear(x: Tensor, norm, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConfig) -> Tensor:
+def norm_linear(x: Tensor, norm, w: Union[Tensor, Sequence[Tensor]], b: Optional[Tensor],
+                cfg: Int8TrainingConfig) -> Tensor:
     """``linear(norm(x))`` with the norm's output fed to the GEMM as INT8; output high precision (B, T, N).
 
     norm: the model's nn.LayerNorm / nn.RMSNorm, or a NormSpec.
+    w: one weight, or several stacked by rows (e.g. q, k, v projections): one GEMM, output columns in
+    that order, without a stacked high-precision copy (see `primitives.quantize_weights`); b is then the
+    bias of the stacked output.
     """
     kind, norm_w, norm_b, eps = _norm_args(norm)
+    ws = [w] if isinstance(w, Tensor) else list(w)
+    for wi in ws:
+        if wi.dim() != 2 or wi.shape[1] != x.shape[-1]:
+            raise ValueError(f"norm_linear: each weight must be (out_features, {x.shape[-1]}), got {tuple(wi.shape)}")
     x2d = x.reshape(-1, x.shape[-1])
-    out = _norm_linear_fwd(x2d, norm_w, norm_b, w, b, backend.draw_seed(), cfg.key, kind, float(eps),
-                           P.output_dtype(x))
-    return out[0].reshape(*x.shape[:-1], w.shape[0])
+    y = _norm_linear_fwd(x2d, norm_w, norm_b, ws, b, backend.draw_seed(), cfg.key, kind, float(eps),
+                         P.output_dtype(x))[0]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # --- attention output -> proj GEMM -> residual add -----------------------------------------------
 
 
-def linear_residual(a: Tensor, w: Tensor, b: Optional[Tensor], residual: Tensor, cfg: Int8TrainingConfig) -> Tensor:
-    """``residual + linear(a)``: a quantized to INT8 (saved as INT8), the sum kept in the residual's dtype."""
-    return residual + int8_linear(a, w, b, cfg).to(residual.dtype)
+def linear_residual(a: Tensor, w: Tensor, b: Optional[Tensor], residual: Tensor, cfg: Int8TrainingConfig,
+                    save_input: bool = False) -> Tensor:
+    """``residual + linear(a)``: a quantized to INT8, the sum kept in the residual's dtype.
+
+    Backward gets a's INT8 copy, or with ``save_input`` a itself (re-quantized there: same numbers) - for an
+    ``a`` its producer saves anyway, such as SDPA's output, so that no second copy is kept.
+    """
+    return residual + int8_linear(a, w, b, cfg, save_input=save_input).to(residual.dtype)
 
 
 # --- norm -> fc1 -> act -> fc2 -> residual add -------------------------------------------------
@@ -200,104 +244,97 @@ def _mlp_fwd(h: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w_in
     c = P.decode_config(cfg)
     d, blk = h.device, c.activation_block
     with P.no_autocast(d):
-        h_q, n_q, n2_q, mean, rstd, _ = _normalize(h, norm, norm_w, norm_b, eps, c)
-        w_in_q = P.quantize(w_in, c.weight_block, "nearest", 0, c)
-        w_out_q = P.quantize(w_out, c.weight_block, "nearest", 0, c)
+        h_q = P.quantize(h, blk, "nearest", 0, c)
+        n_q, n2_q, mean, rstd, _ = _norm_output(h_q, norm, norm_w, norm_b, eps, c)
+        w_in_q, w_out_q = P.quantize_weights([w_in], c), P.quantize_weights([w_out], c)
         f_q = P.gemm([n_q, n2_q], w_in_q, b_in, out_block=blk, cfg=c)
-        act_out = dict(out_dtype=torch.float32) if c.uses_fallback else dict(out_block=blk)
+        w_gate_q = g_q = None
         if activation == "swiglu":
-            w_gate_q = P.quantize(w_gate, c.weight_block, "nearest", 0, c)
+            w_gate_q = P.quantize_weights([w_gate], c)
             g_q = P.gemm([n_q, n2_q], w_gate_q, None, out_block=blk, cfg=c)
-            a = backend.call("swiglu_forward", g_q, f_q, device=d, **act_out)
-        else:
-            w_gate_q = g_q = None
-            a = backend.call("gelu_forward", f_q, ACTIVATIONS[activation], device=d, **act_out)
-        a_q, a2_q, rate = P.quantize_activation(a, c) if c.uses_fallback else (a, None, torch.zeros((), device=d))
+        a_q, a2_q, rate = _activate(f_q, g_q, activation, c)
         y = P.gemm([a_q, a2_q], w_out_q, b_out, out_dtype=torch.float32, cfg=c)
         out = (h.float() + y).to(h.dtype)
-    return [out, *P.pack(h_q, d), _stats(mean, d), rstd, *P.pack(n_q, d), *P.pack(n2_q, d), *P.pack(f_q, d),
-            *P.pack(g_q, d), *P.pack(a_q, d), *P.pack(a2_q, d), *P.pack(w_in_q, d), *P.pack(w_gate_q, d),
-            *P.pack(w_out_q, d), rate]
+    return [out, *P.pack(h_q, d), _stats(mean, d), rstd, *P.pack(f_q, d), *P.pack(g_q, d), *P.pack(w_in_q, d),
+            *P.pack(w_gate_q, d), *P.pack(w_out_q, d), rate]
 
 
 @_mlp_fwd.register_fake
 def _(h, norm_w, norm_b, w_in, b_in, w_gate, w_out, b_out, seed, cfg, norm, eps, activation):
     c = P.decode_config(cfg)
     M, F, blk, wb = h.shape[0], w_in.shape[0], c.activation_block, c.weight_block
-    fb = c.uses_fallback
     glu = activation == "swiglu"
     mean = h.new_empty((M,) if norm == "layernorm" else P.EMPTY_SHAPE, dtype=torch.float32)
     return [h.new_empty(h.shape), *P.fake_q(h, h.shape, blk), mean, h.new_empty((M,), dtype=torch.float32),
-            *P.fake_q(h, h.shape, blk), *(P.fake_q(h, h.shape, blk) if fb else P.fake_absent(h)),
             *P.fake_q(h, (M, F), blk), *(P.fake_q(h, (M, F), blk) if glu else P.fake_absent(h)),
-            *P.fake_q(h, (M, F), blk), *(P.fake_q(h, (M, F), blk) if fb else P.fake_absent(h)),
             *P.fake_q(w_in, w_in.shape, wb), *(P.fake_q(w_in, w_in.shape, wb) if glu else P.fake_absent(h)),
             *P.fake_q(w_out, w_out.shape, wb), h.new_empty((), dtype=torch.float32)]
 
 
 @torch.library.custom_op("int8flow::mlp_residual_bwd", mutates_args=())
-def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], w_in: Tensor, w_gate: Optional[Tensor],
-             w_out: Tensor, seed: Tensor, cfg: str, norm: str, activation: str, has_norm_bias: bool, has_b_in: bool,
-             has_b_out: bool) -> list[Tensor]:
+def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b: Optional[Tensor], w_in: Tensor,
+             w_gate: Optional[Tensor], w_out: Tensor, seed: Tensor, cfg: str, norm: str, eps: float, activation: str,
+             has_b_in: bool, has_b_out: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
     s, d, blk, gb, wd = int(seed.item()), dout.device, c.activation_block, c.grad_block, w_in.dtype
-    (h_i8, h_s, mean, rstd, n_i8, n_s, n2_i8, n2_s, f_i8, f_s, g_i8, g_s, a_i8, a_s, a2_i8, a2_s,
-     wi_i8, wi_s, wg_i8, wg_s, wo_i8, wo_s) = saved
+    h_i8, h_s, mean, rstd, f_i8, f_s, g_i8, g_s, wi_i8, wi_s, wg_i8, wg_s, wo_i8, wo_s = saved
     grad_out = dict(out_block=gb, rounding=c.grad_rounding)
     with P.no_autocast(d):
-        h_q, n_q, n2_q = P.unpack(h_i8, h_s, blk), P.unpack(n_i8, n_s, blk), P.unpack(n2_i8, n2_s, blk)
-        f_q, g_q = P.unpack(f_i8, f_s, blk), P.unpack(g_i8, g_s, blk)
-        a_q, a2_q = P.unpack(a_i8, a_s, blk), P.unpack(a2_i8, a2_s, blk)
+        h_q, f_q, g_q = P.unpack(h_i8, h_s, blk), P.unpack(f_i8, f_s, blk), P.unpack(g_i8, g_s, blk)
         wi_q, wo_q = P.unpack(wi_i8, wi_s, c.weight_block), P.unpack(wo_i8, wo_s, c.weight_block)
+        # recompute what the forward did not save: the norm output and the fc2 input (memory-bound)
+        n_q, n2_q, *_ = _norm_output(h_q, norm, norm_w, norm_b, eps, c, _opt(mean), rstd)
+        a_q, a2_q, _ = _activate(f_q, g_q, activation, c)
         # fc2
         dy_q = _grad_q(dout, backend.subseed(s, 0), c)
-        da_q = P.gemm([dy_q], P.weight_t(wo_q, w_out, c), seed=backend.subseed(s, 1), cfg=c, **grad_out)
+        da_q = P.gemm([dy_q], P.weight_t(wo_q, [w_out], c), seed=backend.subseed(s, 1), cfg=c, **grad_out)
         dw_out = P.weight_grad(dy_q, dout, [a_q, a2_q], backend.subseed(s, 2), c, wd)
         # activation, then fc1 (and gate)
         if activation == "swiglu":
             dg_q, df_q = backend.call("swiglu_backward", da_q, g_q, f_q, device=d, seed=backend.subseed(s, 3), **grad_out)
             wg_q = P.unpack(wg_i8, wg_s, c.weight_block)
-            dn = P.gemm([df_q], P.weight_t(wi_q, w_in, c), cfg=c) + P.gemm([dg_q], P.weight_t(wg_q, w_gate, c), cfg=c)
+            dn = (P.gemm([df_q], P.weight_t(wi_q, [w_in], c), cfg=c)
+                  + P.gemm([dg_q], P.weight_t(wg_q, [w_gate], c), cfg=c))
             dn_q = P.quantize(dn, gb, c.grad_rounding, backend.subseed(s, 4), c)
             dw_gate = P.weight_grad(dg_q, None, [n_q, n2_q], backend.subseed(s, 5), c, wd)
         else:
             df_q = backend.call("gelu_backward", da_q, f_q, ACTIVATIONS[activation], device=d,
                                 seed=backend.subseed(s, 3), **grad_out)
-            dn_q = P.gemm([df_q], P.weight_t(wi_q, w_in, c), seed=backend.subseed(s, 4), cfg=c, **grad_out)
+            dn_q = P.gemm([df_q], P.weight_t(wi_q, [w_in], c), seed=backend.subseed(s, 4), cfg=c, **grad_out)
             dw_gate = P.empty(d, wd)
         dw_in = P.weight_grad(df_q, None, [n_q, n2_q], backend.subseed(s, 6), c, wd)
         # norm, then the residual branch
         dh, dnw, dnb = _norm_backward(norm, dn_q, h_q, norm_w, _opt(mean), rstd, d, out_dtype=torch.float32)
         dh = (dh + dout.float()).to(dout.dtype)
-        dnw = dnw.to(wd) if dnw is not None else P.empty(d, wd)
-        dnb = dnb.to(wd) if has_norm_bias else P.empty(d, wd)
-        db_in = df_q.dequantize(torch.float32).sum(0).to(wd) if has_b_in else P.empty(d, wd)
-        db_out = dout.float().sum(0).to(wd) if has_b_out else P.empty(d, wd)
+        db_in = df_q.dequantize(torch.float32).sum(0) if has_b_in else None
+        db_out = dout.float().sum(0) if has_b_out else None
+        dnw, dnb, db_in, db_out = _param_grads(d, wd, [(dnw, norm_w is not None), (dnb, norm_b is not None),
+                                                       (db_in, has_b_in), (db_out, has_b_out)])
     return [dh, dnw, dnb, dw_in, db_in, dw_gate, dw_out, db_out]
 
 
 @_mlp_bwd.register_fake
-def _(dout, saved, norm_w, w_in, w_gate, w_out, seed, cfg, norm, activation, has_norm_bias, has_b_in, has_b_out):
+def _(dout, saved, norm_w, norm_b, w_in, w_gate, w_out, seed, cfg, norm, eps, activation, has_b_in, has_b_out):
     D, F, wd = dout.shape[1], w_in.shape[0], w_in.dtype
     vec = lambda n, keep: dout.new_empty((n,) if keep else P.EMPTY_SHAPE, dtype=wd)  # noqa: E731
     dw_gate = dout.new_empty((F, D), dtype=wd) if activation == "swiglu" else vec(0, False)
-    return [dout.new_empty(dout.shape), vec(D, norm_w is not None), vec(D, has_norm_bias),
+    return [dout.new_empty(dout.shape), vec(D, norm_w is not None), vec(D, norm_b is not None),
             dout.new_empty((F, D), dtype=wd), vec(F, has_b_in), dw_gate, dout.new_empty((D, F), dtype=wd),
             vec(D, has_b_out)]
 
 
 def _mlp_setup(ctx, inputs, output):
-    h, norm_w, norm_b, w_in, b_in, w_gate, w_out, b_out, seed, cfg, norm, _, activation = inputs
-    ctx.save_for_backward(*output[1:-1], norm_w, w_in, w_gate, w_out, seed)
-    ctx.cfg, ctx.norm, ctx.activation = cfg, norm, activation
+    h, norm_w, norm_b, w_in, b_in, w_gate, w_out, b_out, seed, cfg, norm, eps, activation = inputs
+    ctx.save_for_backward(*output[1:-1], norm_w, norm_b, w_in, w_gate, w_out, seed)
+    ctx.cfg, ctx.norm, ctx.eps, ctx.activation = cfg, norm, eps, activation
     ctx.present = tuple(t is not None for t in (norm_w, norm_b, b_in, w_gate, b_out))
 
 
 def _mlp_backward(ctx, grads):
-    *saved, norm_w, w_in, w_gate, w_out, seed = ctx.saved_tensors
+    *saved, norm_w, norm_b, w_in, w_gate, w_out, seed = ctx.saved_tensors
     has_nw, has_nb, has_bi, has_wg, has_bo = ctx.present
-    dh, dnw, dnb, dwi, dbi, dwg, dwo, dbo = _mlp_bwd(grads[0], saved, norm_w, w_in, w_gate, w_out, seed, ctx.cfg,
-                                                     ctx.norm, ctx.activation, has_nb, has_bi, has_bo)
+    dh, dnw, dnb, dwi, dbi, dwg, dwo, dbo = _mlp_bwd(grads[0], saved, norm_w, norm_b, w_in, w_gate, w_out, seed,
+                                                     ctx.cfg, ctx.norm, ctx.eps, ctx.activation, has_bi, has_bo)
     keep = lambda g, flag: g if flag else None  # noqa: E731
     return (dh, keep(dnw, has_nw), keep(dnb, has_nb), dwi, keep(dbi, has_bi), keep(dwg, has_wg), dwo,
             keep(dbo, has_bo), None, None, None, None, None)

@@ -4,7 +4,8 @@ Forward: ``y = x_q @ w_q.T + b`` with x and w quantized per block (nearest round
 Backward: ``dy`` quantized with stochastic rounding; ``dx = dy_q @ w_q`` uses ``w_q.t()`` and
 ``dw = dy_q.T @ x_q`` uses ``dy_q.t()`` and ``x_q.t()``: views for square blocks, re-quantized
 otherwise. What is saved for backward is the INT8 ``x_q`` (not the high-precision x) - the memory
-saving of INT8 training - plus the INT8 weight.
+saving of INT8 training - plus the INT8 weight; with fallback quantization also the flagged blocks of
+the second INT8 term, compactly (indices + blocks + scales).
 
 The op is opaque to torch.compile (one node per call, a fake impl gives shapes), so models compile
 without graph breaks; parameters stay ordinary tensors.
@@ -22,8 +23,8 @@ from . import primitives as P
 
 
 @torch.library.custom_op("int8flow::linear_fwd", mutates_args=())
-def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: str,
-                out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: str, out_dtype: torch.dtype,
+                save_input: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
     with P.no_autocast(x.device):
         x_q, x2_q, rate = P.quantize_activation(x, c)
@@ -32,27 +33,39 @@ def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: st
             y = P.gemm([x_q, x2_q], w_q, b, out_dtype=out_dtype, cfg=c)
         else:
             y = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(out_dtype)
-    return y, *P.pack(x_q, x.device), *P.pack(x2_q, x.device), w_q.data, w_q.scale, rate
+    keep = _keeps_int8_input(c, save_input)
+    d = x.device
+    return [y, *P.pack(x_q if keep else None, d), *P.pack_compact(x2_q if keep else None, d), w_q.data, w_q.scale,
+            rate]
+
+
+def _keeps_int8_input(c: Int8TrainingConfig, save_input: bool) -> bool:
+    """Whether backward gets x as INT8 (+ compact fallback term) rather than x itself."""
+    return c.quantize_wgrad and not save_input
 
 
 @_linear_fwd.register_fake
-def _(x, w, b, seed, cfg, out_dtype):
+def _(x, w, b, seed, cfg, out_dtype, save_input):
     c = P.decode_config(cfg)
     M, N = x.shape[0], w.shape[0]
-    x2 = P.fake_q(x, x.shape, c.activation_block) if c.uses_fallback else P.fake_absent(x)
-    return (x.new_empty((M, N), dtype=out_dtype), *P.fake_q(x, x.shape, c.activation_block), *x2,
-            *P.fake_q(w, w.shape, c.weight_block), x.new_empty((), dtype=torch.float32))
+    keep = _keeps_int8_input(c, save_input)
+    x_keep = P.fake_q(x, x.shape, c.activation_block) if keep else P.fake_absent(x)
+    return [x.new_empty((M, N), dtype=out_dtype), *x_keep, *P.fake_compact(x, c.activation_block, keep and c.uses_fallback),
+            *P.fake_q(w, w.shape, c.weight_block), x.new_empty((), dtype=torch.float32)]
 
 
 @torch.library.custom_op("int8flow::linear_bwd", mutates_args=())
-def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_data: Tensor, x2_scale: Tensor, w_saved: Tensor,
-                w_scale: Tensor, seed: Tensor, cfg: str, has_bias: bool, x_dtype: torch.dtype,
+def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, x2_blocks: Tensor, x2_scale: Tensor,
+                w_saved: Tensor, w_scale: Tensor, seed: Tensor, cfg: str, has_bias: bool, x_dtype: torch.dtype,
                 w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     c = P.decode_config(cfg)
     s = int(seed.item())
     with P.no_autocast(dy.device):
-        x_q = P.unpack(x_saved, x_scale, c.activation_block) if x_saved.dtype == torch.int8 else None
-        x2_q = P.unpack(x2_data, x2_scale, c.activation_block)
+        if x_saved.dtype == torch.int8:
+            x_q = P.unpack(x_saved, x_scale, c.activation_block)
+            x2_q = P.unpack_compact(x2_index, x2_blocks, x2_scale, x_saved.shape, c.activation_block)
+        elif c.quantize_wgrad:  # x itself was kept (held anyway): the forward's INT8 operands, recomputed
+            x_q, x2_q, _ = P.quantize_activation(x_saved, c)
         w_q = P.unpack(w_saved, w_scale, c.weight_block) if w_saved.dtype == torch.int8 else None
         dy_q = None
         if c.quantize_dgrad or c.quantize_wgrad:
@@ -71,25 +84,25 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_data: Tensor, x
 
 
 @_linear_bwd.register_fake
-def _(dy, x_saved, x_scale, x2_data, x2_scale, w_saved, w_scale, seed, cfg, has_bias, x_dtype, w_dtype):
+def _(dy, x_saved, x_scale, x2_index, x2_blocks, x2_scale, w_saved, w_scale, seed, cfg, has_bias, x_dtype, w_dtype):
     N, K = w_saved.shape
     db = dy.new_empty((N,) if has_bias else P.EMPTY_SHAPE, dtype=w_dtype)
     return dy.new_empty((dy.shape[0], K), dtype=x_dtype), dy.new_empty((N, K), dtype=w_dtype), db
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, b, seed, cfg, _ = inputs
-    _, x_data, x_scale, x2_data, x2_scale, w_data, w_scale, _ = output
+    x, w, b, seed, cfg, _, save_input = inputs
+    _, x_data, x_scale, x2_index, x2_blocks, x2_scale, w_data, w_scale, _ = output
     c = P.decode_config(cfg)
-    x_keep = (x_data, x_scale) if c.quantize_wgrad else (x, P.empty(x.device, torch.float32))
+    x_keep = (x_data, x_scale) if _keeps_int8_input(c, save_input) else (x, P.empty(x.device, torch.float32))
     w_keep = (w_data, w_scale) if c.quantize_dgrad and c.weight_block.is_square else (w, P.empty(w.device, torch.float32))
-    ctx.save_for_backward(*x_keep, x2_data, x2_scale, *w_keep, seed)
+    ctx.save_for_backward(*x_keep, x2_index, x2_blocks, x2_scale, *w_keep, seed)
     ctx.cfg, ctx.has_bias, ctx.x_dtype, ctx.w_dtype = cfg, b is not None, x.dtype, w.dtype
 
 
-def _backward(ctx, dy, *_):
-    dx, dw, db = _linear_bwd(dy, *ctx.saved_tensors, ctx.cfg, ctx.has_bias, ctx.x_dtype, ctx.w_dtype)
-    return dx, dw, (db if ctx.has_bias else None), None, None, None
+def _backward(ctx, grads):
+    dx, dw, db = _linear_bwd(grads[0], *ctx.saved_tensors, ctx.cfg, ctx.has_bias, ctx.x_dtype, ctx.w_dtype)
+    return dx, dw, (db if ctx.has_bias else None), None, None, None, None
 
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -104,11 +117,16 @@ def _check(x: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
         raise ValueError(f"int8_linear: bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
 
 
-def int8_linear(x: Tensor, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConfig, return_fallback_rate: bool = False):
-    """``F.linear`` on per-block INT8 operands; x may have any leading dims."""
+def int8_linear(x: Tensor, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConfig, return_fallback_rate: bool = False,
+                save_input: bool = False):
+    """``F.linear`` on per-block INT8 operands; x may have any leading dims.
+
+    save_input: keep x itself for backward and re-quantize it there (nearest rounding: the same INT8
+    numbers) instead of storing an INT8 copy - for an x that its producer saves anyway (SDPA's output).
+    """
     _check(x, w, b)
     x2d = x.reshape(-1, x.shape[-1])
-    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), cfg.key, P.output_dtype(x))
+    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), cfg.key, P.output_dtype(x), save_input)
     y = y.reshape(*x.shape[:-1], w.shape[0])
     return (y, rate.detach()) if return_fallback_rate else y
 

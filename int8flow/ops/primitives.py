@@ -14,7 +14,7 @@ from ..config import Int8TrainingConfig
 from ..format import QTensor
 from ..format.blocks import BlockShape
 from . import backend
-from .fallback import fallback_mask, residual_term
+from .fallback import compact_term, expand_term, fallback_mask, residual_term
 
 EMPTY_SHAPE = (0,)
 
@@ -49,6 +49,22 @@ def quantize_activation(x: torch.Tensor, cfg: Int8TrainingConfig) -> tuple[QTens
     mask = fallback_mask(x, block, cfg.fallback_threshold, cfg.fallback_budget)
     x2_q = quantize(residual_term(x, x_q, mask), block, "nearest", 0, cfg)
     return x_q, x2_q, mask.float().mean()
+
+
+def quantize_weights(ws: Sequence[torch.Tensor], cfg: Int8TrainingConfig) -> QTensor:
+    """One INT8 GEMM operand for weights stacked by rows (q|k|v projections), without a stacked BF16 copy.
+
+    Each weight is quantized on its own and the INT8 data and scales are concatenated: the same numbers as
+    quantizing the stacked weight whenever every weight but the last has a multiple of the block rows (no
+    block straddles two weights). Otherwise the stack is built transiently in high precision (never saved).
+    """
+    block = cfg.weight_block
+    if len(ws) == 1:
+        return quantize(ws[0], block, "nearest", 0, cfg)
+    if any(w.shape[0] % block.rows for w in ws[:-1]):
+        return quantize(torch.cat(list(ws)), block, "nearest", 0, cfg)
+    qs = [quantize(w, block, "nearest", 0, cfg) for w in ws]
+    return QTensor(torch.cat([q.data for q in qs]), torch.cat([q.scale for q in qs]), block)
 
 
 def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape], rounding: str, seed: int,
@@ -110,11 +126,35 @@ def fake_absent(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return like.new_empty(EMPTY_SHAPE, dtype=torch.int8), like.new_empty(EMPTY_SHAPE, dtype=torch.float32)
 
 
-def weight_t(w_q: QTensor, w_hp: torch.Tensor, cfg: Int8TrainingConfig) -> QTensor:
-    """The weight operand of dgrad (``dx = dy @ w``): ``w_q.t()``, or ``w.T`` re-quantized for non-square blocks."""
+def pack_compact(q: Optional[QTensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(block indices, INT8 blocks, scales) of a fallback term's non-zero blocks, or empty placeholders."""
+    if q is None:
+        return torch.empty(EMPTY_SHAPE, dtype=torch.int32, device=device), empty(device), empty(device, torch.float32)
+    return compact_term(q)
+
+
+def unpack_compact(index, blocks, scale, shape, block: BlockShape) -> Optional[QTensor]:
+    if blocks.dim() == 1:
+        return None
+    return expand_term(index, blocks, scale, shape, block)
+
+
+def fake_compact(like: torch.Tensor, block: BlockShape, present: bool) -> tuple[torch.Tensor, ...]:
+    """Fake-mode `pack_compact` output: the number of stored blocks is data-dependent (an unbacked size)."""
+    if not present:
+        return like.new_empty(EMPTY_SHAPE, dtype=torch.int32), *fake_absent(like)
+    k = torch.library.get_ctx().new_dynamic_size()
+    return (like.new_empty((k,), dtype=torch.int32), like.new_empty((k, block.rows, block.cols), dtype=torch.int8),
+            like.new_empty((k,), dtype=torch.float32))
+
+
+def weight_t(w_q: QTensor, w_hp: Sequence[torch.Tensor], cfg: Int8TrainingConfig) -> QTensor:
+    """The weight operand of dgrad (``dx = dy @ w``): ``w_q.t()``, or ``w.T`` re-quantized for non-square blocks
+    (``w_hp``: the weights stacked by rows in ``w_q``)."""
     if w_q.block.is_square:
         return w_q.t()
-    return quantize(w_hp.t(), cfg.weight_block, "nearest", 0, cfg)
+    w = w_hp[0] if len(w_hp) == 1 else torch.cat(list(w_hp))
+    return quantize(w.t(), cfg.weight_block, "nearest", 0, cfg)
 
 
 def weight_grad(dy_q: QTensor, dy_hp: Optional[torch.Tensor], terms: Sequence[Optional[QTensor]], seed: int,
