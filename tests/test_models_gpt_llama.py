@@ -1,4 +1,6 @@
 """GPT-2 and Llama in every precision mode: training, parity with the float model, state dicts, compile."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -174,3 +176,65 @@ def test_compiles_without_graph_breaks(arch, precision):
     torch.manual_seed(2)
     logits_e, _ = model(x, y)
     torch.testing.assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-4)
+
+
+def _block_saved_bytes_per_token(model, arch, tokens=(32, 64)):
+    """Bytes autograd saves per token per block (slope between two lengths; parameters and constant
+    buffers such as RoPE tables cancel), storages counted once - what docs/models.md tabulates."""
+    blocks = model.transformer.h if arch == "gpt" else model.model.layers
+    dim = model.config.n_embd if arch == "gpt" else model.config.dim
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    totals = []
+    for T in tokens:
+        seen, total = set(params), 0
+
+        def pack(t):
+            nonlocal total
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(1, T, dim, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for block in blocks:
+                x = block(x) if arch == "gpt" else block(x, model.rope_cos[:T], model.rope_sin[:T])
+            x.sum().backward()
+        totals.append(total)
+    return (totals[1] - totals[0]) / (tokens[1] - tokens[0]) / len(blocks)
+
+
+def test_int8_blocks_save_exactly_the_int8_inputs_and_attention():
+    """Per token and block (float32 model, 32x32 blocks): attention's q|k|v (one tensor), its output (shared
+    with the proj op) and log-sum-exp; INT8 x, h, fc1 (and gate) outputs with their block scales; norm row
+    statistics. Nothing else: no norm output, no fc2 input, no fallback term, no second copy of q|k|v."""
+    torch.manual_seed(0)
+    g, l = SMALL["gpt"], SMALL["llama"]
+    D, H, F = g.n_embd, g.n_head, 4 * g.n_embd
+    gpt = 4 * (3 * D + D + H) + (D + D + F) * (1 + 4 / 1024) + 2 * 8
+    D, H, F, KV = l.dim, l.n_heads, l.ffn_dim, l.n_kv_heads * l.dim // l.n_heads
+    llama = 4 * (D + 2 * KV + D + H) + (D + D + 2 * F) * (1 + 4 / 1024) + 2 * 4
+    for precision in ("int8", "int8+fallback"):
+        for arch, expected in (("gpt", gpt), ("llama", llama)):
+            config = dataclasses.replace(SMALL[arch], **{"block_size" if arch == "gpt" else "max_seq_len": 64})
+            got = _block_saved_bytes_per_token(build_model(config, precision), arch)
+            assert got == expected, (arch, precision, got, expected)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 3])  # k/v rows 32 (block-aligned INT8 stack) / 48 (tails)
+def test_llama_qkv_gradients_match_float_model(n_kv_heads):
+    """q/k/v stay separate HF parameters; the INT8 GEMM over them stacked gives each its own gradient."""
+    config = LlamaConfig(vocab_size=64, dim=96, n_layers=1, n_heads=6, n_kv_heads=n_kv_heads, ffn_dim=96,
+                         max_seq_len=32)
+    torch.manual_seed(0)
+    ref = build_model(config, "bf16")
+    model = build_model(config, "int8")
+    model.load_state_dict(ref.state_dict())
+    x, y = _batch(7)
+    ref(x, y)[1].backward()
+    model(x, y)[1].backward()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        g_ref = getattr(ref.model.layers[0].self_attn, name).weight.grad
+        g = getattr(model.model.layers[0].self_attn, name).weight.grad
+        assert g is not None and g.shape == g_ref.shape
+        assert sqnr_db(g_ref, g) >= 20.0, (name, sqnr_db(g_ref, g))

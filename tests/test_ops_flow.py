@@ -289,28 +289,37 @@ def test_backward_recomputes_norm_output_and_fc2_input_exactly(precision):
     del w_gate
 
 
-@pytest.mark.parametrize("rows", [(64, 32, 32), (40, 30, 30)])  # block-aligned (INT8 stacked) / tails (transient)
+@pytest.mark.parametrize("rows", [(64, 32, 32), (40, 30, 30)])  # block-aligned (one GEMM) / not (one per weight)
 def test_norm_linear_takes_stacked_weights_without_a_float_copy(rows):
-    """q|k|v as a list: same output and gradients, bit for bit, as one stacked weight; no stacked float
-    weight is saved for backward."""
+    """q|k|v as a list: no stacked float weight is saved. Block-aligned: bit for bit one stacked weight.
+    Otherwise one GEMM per weight (no block mixes two weights): the output equals separate calls bit for
+    bit, and each weight's gradient stays accurate even when the output segments' gradients differ by
+    1000x (as k's and v's do; a block straddling both would bury the small one: measured 13 dB)."""
     cfg = Int8TrainingConfig(precision="int8")
     g = torch.Generator().manual_seed(12)
     ws = [(torch.randn(r, D, generator=g) / D**0.5).requires_grad_() for r in rows]
-    stacked = torch.cat(ws).detach().requires_grad_()
     spec = NormSpec("rmsnorm", None, None, 1e-6)
     x = sample(SHAPE, "heavy_tailed", 13)
     dy = sample((*SHAPE[:2], sum(rows)), "gaussian", 14)
+    dy[..., rows[0]:rows[0] + rows[1]] /= 1000.0
     torch.manual_seed(0)
     saved = _saved(lambda: norm_linear(x, spec, ws, None, cfg).backward(dy), ws)
-    torch.manual_seed(0)
-    y_list = norm_linear(x, spec, ws, None, cfg)
-    y_list.backward(dy)
-    torch.manual_seed(0)
-    y_one = norm_linear(x, spec, stacked, None, cfg)
-    y_one.backward(dy)
-    torch.testing.assert_close(y_list, y_one, rtol=0, atol=0)
-    for w, g_ref in zip(ws, stacked.grad.split(list(rows))):
-        torch.testing.assert_close(w.grad / 2, g_ref, rtol=0, atol=0)  # two backward passes above
     assert not [t for t in saved if t.is_floating_point() and t.numel() >= D * min(rows)]
+    y_list = norm_linear(x, spec, ws, None, cfg)
+    if rows[0] % 32 == 0:
+        torch.manual_seed(0)
+        stacked = torch.cat(ws).detach().requires_grad_()
+        y_one = norm_linear(x, spec, stacked, None, cfg)
+        y_one.backward(dy)
+        torch.testing.assert_close(y_list, y_one, rtol=0, atol=0)
+        for w, g_ref in zip(ws, stacked.grad.split(list(rows))):
+            torch.testing.assert_close(w.grad, g_ref, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(y_list, torch.cat([norm_linear(x, spec, w, None, cfg) for w in ws], -1), rtol=0,
+                                   atol=0)
+        x64 = x.double()
+        n = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+        for w, dy_w in zip(ws, dy.double().split(list(rows), dim=-1)):
+            assert sqnr_db(dy_w.reshape(-1, dy_w.shape[-1]).t() @ n.reshape(-1, D), w.grad) >= FLOORS["w"]
     with pytest.raises(ValueError, match="each weight"):
         norm_linear(x, spec, [ws[0], torch.randn(4, D + 1)], None, cfg)

@@ -75,6 +75,31 @@ def test_saves_int8_input_not_float():
     assert dtypes == {torch.int8}, dtypes
 
 
+@pytest.mark.parametrize("precision", ["int8-linear", "int8+fallback"])
+def test_save_input_keeps_a_reference_and_gives_the_same_gradients(precision):
+    """save_input: x itself (its storage, no copy) instead of an INT8 copy; backward re-quantizes it to the
+    same INT8 numbers (and fallback term), so gradients are bit-identical."""
+    cfg = Int8TrainingConfig(precision=precision)
+    base = torch.randn(2, 33, 96)
+    base[0, 5, :] = 300.0  # an outlier row: fallback flags its blocks
+    w = torch.nn.Parameter(torch.randn(40, 96) / 10)
+    grads = []
+    for save_input in (False, True):
+        x = base.clone().requires_grad_()
+        saved = []
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = int8_linear(x, w, None, cfg, save_input=save_input)
+        y.backward(torch.ones_like(y))
+        grads.append((x.grad, w.grad.clone()))
+        w.grad = None
+        acts = [t for t in saved if t is not w and t.numel() >= x.numel()]
+        assert len(acts) == 1 and acts[0].dtype == (x.dtype if save_input else torch.int8), acts
+        assert (acts[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()) == save_input
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=0, atol=0)
+
+
 def test_function_apply_and_errors():
     cfg = Int8TrainingConfig(precision="int8-linear")
     x, w = torch.randn(4, 32), torch.randn(8, 32)

@@ -14,6 +14,7 @@ their INT8 blocks and scales) and expanded to the dense operand only transiently
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +54,19 @@ def _blocked(data: torch.Tensor, block: BlockShape) -> torch.Tensor:
     return data.reshape(gr, br, gc, bc)
 
 
-def compact_term(x2_q: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compact_term(x2_q: QTensor, capacity: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The non-zero blocks of a fallback term: (flat block indices int32 (k,), INT8 blocks (k, br, bc),
     scales float32 (k,)) - about 1 byte per element of the flagged blocks only, instead of a dense INT8
-    tensor. A block whose scale is 0 holds only zeros, so it needs no storage."""
-    index = (x2_q.scale.flatten() != 0).nonzero().squeeze(1)
+    tensor. A block whose scale is 0 holds only zeros, so it needs no storage.
+
+    capacity: store exactly this many blocks (a static size, e.g. under torch.compile, where a
+    data-dependent size would break the graph): the non-zero ones first, then zero blocks as padding
+    (expanding those writes zeros where zeros are). It must be at least the number of non-zero blocks:
+    the fallback budget bounds that number.
+    """
+    zero = (x2_q.scale.flatten() == 0).to(torch.int8)
+    k = int(zero.numel() - zero.sum()) if capacity is None else capacity
+    index = torch.argsort(zero, stable=True)[:k]
     gc = x2_q.scale.shape[1]
     blocks = _blocked(x2_q.data, x2_q.block)[index // gc, :, index % gc, :]
     return index.to(torch.int32), blocks, x2_q.scale.flatten()[index]

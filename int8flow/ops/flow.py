@@ -129,6 +129,24 @@ def _param_grads(device, dtype, grads: Sequence[tuple[Optional[Tensor], bool]]) 
 # --- norm -> QKV GEMM ---------------------------------------------------------------------------
 
 
+def _segments(ws: Sequence[Tensor], c: Int8TrainingConfig) -> list[tuple[int, int]]:
+    """Output-column ranges computed as one GEMM each: all weights together when `stackable`, else one per
+    weight (so no quantization block of the output or its gradient straddles two weights)."""
+    bounds = [0]
+    for w in ws:
+        bounds.append(bounds[-1] + w.shape[0])
+    if P.stackable(ws, c):
+        return [(0, bounds[-1])]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _segment_weights(w_qs: Sequence, ws: Sequence[Tensor], segments, c: Int8TrainingConfig):
+    """(INT8 operand, its high-precision weights) per output segment."""
+    if len(segments) == 1:
+        return [(P.stack_rows(w_qs), list(ws))]
+    return [(q, [w]) for q, w in zip(w_qs, ws)]
+
+
 @torch.library.custom_op("int8flow::norm_linear_fwd", mutates_args=())
 def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], ws: list[Tensor],
                      b: Optional[Tensor], seed: Tensor, cfg: str, norm: str, eps: float,
@@ -138,9 +156,11 @@ def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tenso
     with P.no_autocast(d):
         x_q = P.quantize(x, c.activation_block, "nearest", 0, c)
         n_q, n2_q, mean, rstd, _ = _norm_output(x_q, norm, norm_w, norm_b, eps, c)
-        w_q = P.quantize_weights(ws, c)
-        y = P.gemm([n_q, n2_q], w_q, b, out_dtype=out_dtype, cfg=c)
-    return [y, *P.pack(x_q, d), _stats(mean, d), rstd, *P.pack(w_q, d)]
+        w_qs = [P.quantize(w, c.weight_block, "nearest", 0, c) for w in ws]
+        segments = _segments(ws, c)
+        y = torch.cat([P.gemm([n_q, n2_q], w_q, None if b is None else b[lo:hi], out_dtype=out_dtype, cfg=c)
+                       for (w_q, _), (lo, hi) in zip(_segment_weights(w_qs, ws, segments, c), segments)], dim=1)
+    return [y, *P.pack(x_q, d), _stats(mean, d), rstd, *(t for q in w_qs for t in P.pack(q, d))]
 
 
 @_norm_linear_fwd.register_fake
@@ -149,7 +169,7 @@ def _(x, norm_w, norm_b, ws, b, seed, cfg, norm, eps, out_dtype):
     M, N = x.shape[0], sum(w.shape[0] for w in ws)
     mean = x.new_empty((M,) if norm == "layernorm" else P.EMPTY_SHAPE, dtype=torch.float32)
     return [x.new_empty((M, N), dtype=out_dtype), *P.fake_q(x, x.shape, c.activation_block), mean,
-            x.new_empty((M,), dtype=torch.float32), *P.fake_q(ws[0], (N, x.shape[1]), c.weight_block)]
+            x.new_empty((M,), dtype=torch.float32), *(t for w in ws for t in P.fake_q(w, w.shape, c.weight_block))]
 
 
 @torch.library.custom_op("int8flow::norm_linear_bwd", mutates_args=())
@@ -157,19 +177,28 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
                      ws: list[Tensor], seed: Tensor, cfg: str, norm: str, eps: float, x_dtype: torch.dtype,
                      has_bias: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
-    s, d, wd = int(seed.item()), dy.device, ws[0].dtype
-    x_i8, x_s, mean, rstd, w_i8, w_s = saved
+    s, d, wd, gb = int(seed.item()), dy.device, ws[0].dtype, c.grad_block
+    x_i8, x_s, mean, rstd, *w_saved = saved
     with P.no_autocast(d):
-        x_q, w_q = P.unpack(x_i8, x_s, c.activation_block), P.unpack(w_i8, w_s, c.weight_block)
+        x_q = P.unpack(x_i8, x_s, c.activation_block)
+        w_qs = [P.unpack(w_saved[2 * i], w_saved[2 * i + 1], c.weight_block) for i in range(len(ws))]
         n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, _opt(mean), rstd)
-        dy_q = _grad_q(dy, backend.subseed(s, 0), c)
-        dn_q = P.gemm([dy_q], P.weight_t(w_q, ws, c), out_block=c.grad_block, rounding=c.grad_rounding,
-                      seed=backend.subseed(s, 1), cfg=c)
-        dw = P.weight_grad(dy_q, dy, [n_q, n2_q], backend.subseed(s, 2), c, torch.float32)
+        segments = _segments(ws, c)
+        dn, dws = [], []
+        for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(_segment_weights(w_qs, ws, segments, c), segments)):
+            dy_j = dy[:, lo:hi]
+            dy_q = _grad_q(dy_j, backend.subseed(s, 0 if j == 0 else 3 + 2 * j), c)
+            dn.append(P.gemm([dy_q], P.weight_t(w_q, w_hp, c), cfg=c) if len(segments) > 1 else
+                      P.gemm([dy_q], P.weight_t(w_q, w_hp, c), out_block=gb, rounding=c.grad_rounding,
+                             seed=backend.subseed(s, 1), cfg=c))
+            dws.append(P.weight_grad(dy_q, dy_j, [n_q, n2_q], backend.subseed(s, 2 if j == 0 else 4 + 2 * j), c,
+                                     torch.float32))
+        dn_q = dn[0] if len(dn) == 1 else P.emit(sum(dn), torch.float32, gb, c.grad_rounding, backend.subseed(s, 1), c)
         dx, dnw, dnb = _norm_backward(norm, dn_q, x_q, norm_w, _opt(mean), rstd, d, out_dtype=x_dtype)
         db = dy.float().sum(0) if has_bias else None
         grads = _param_grads(d, wd, [(dnw, norm_w is not None), (dnb, norm_b is not None), (db, has_bias)])
         # split views of one tensor would alias each other: custom-op outputs must not
+        dw = dws[0] if len(dws) == 1 else torch.cat(dws)
         dws = [g.to(w.dtype, copy=len(ws) > 1) for g, w in zip(dw.split([w.shape[0] for w in ws]), ws)]
     return [dx, *grads, *dws]
 
@@ -186,12 +215,13 @@ def _norm_linear_setup(ctx, inputs, output):
     x, norm_w, norm_b, ws, b, seed, cfg, norm, eps, _ = inputs
     ctx.save_for_backward(*output[1:], norm_w, norm_b, seed, *ws)
     ctx.cfg, ctx.norm, ctx.eps, ctx.x_dtype, ctx.has_bias = cfg, norm, eps, x.dtype, b is not None
+    ctx.n_saved = len(output) - 1
 
 
 def _norm_linear_backward(ctx, grads):
     tensors = ctx.saved_tensors  # read once (checkpointing unpacks each saved tensor only once)
-    *saved, norm_w, norm_b, seed = tensors[:9]
-    ws = list(tensors[9:])
+    k = ctx.n_saved
+    saved, (norm_w, norm_b, seed), ws = list(tensors[:k]), tensors[k:k + 3], list(tensors[k + 3:])
     dx, dnw, dnb, db, *dws = _norm_linear_bwd(grads[0], saved, norm_w, norm_b, ws, seed, ctx.cfg, ctx.norm, ctx.eps,
                                               ctx.x_dtype, ctx.has_bias)
     return (dx, dnw if norm_w is not None else None, dnb if norm_b is not None else None, dws,
@@ -206,9 +236,10 @@ def norm_linear(x: Tensor, norm, w: Union[Tensor, Sequence[Tensor]], b: Optional
     """``linear(norm(x))`` with the norm's output fed to the GEMM as INT8; output high precision (B, T, N).
 
     norm: the model's nn.LayerNorm / nn.RMSNorm, or a NormSpec.
-    w: one weight, or several stacked by rows (e.g. q, k, v projections): one GEMM, output columns in
-    that order, without a stacked high-precision copy (see `primitives.quantize_weights`); b is then the
-    bias of the stacked output.
+    w: one weight, or several stacked by rows (e.g. q, k, v projections), output columns in that order:
+    each weight is quantized on its own, never copied in high precision; one GEMM over their INT8 stack
+    when block boundaries allow (`primitives.stackable`), else one GEMM per weight. b is then the bias of
+    the stacked output.
     """
     kind, norm_w, norm_b, eps = _norm_args(norm)
     ws = [w] if isinstance(w, Tensor) else list(w)
@@ -246,11 +277,11 @@ def _mlp_fwd(h: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w_in
     with P.no_autocast(d):
         h_q = P.quantize(h, blk, "nearest", 0, c)
         n_q, n2_q, mean, rstd, _ = _norm_output(h_q, norm, norm_w, norm_b, eps, c)
-        w_in_q, w_out_q = P.quantize_weights([w_in], c), P.quantize_weights([w_out], c)
+        w_in_q, w_out_q = (P.quantize(w, c.weight_block, "nearest", 0, c) for w in (w_in, w_out))
         f_q = P.gemm([n_q, n2_q], w_in_q, b_in, out_block=blk, cfg=c)
         w_gate_q = g_q = None
         if activation == "swiglu":
-            w_gate_q = P.quantize_weights([w_gate], c)
+            w_gate_q = P.quantize(w_gate, c.weight_block, "nearest", 0, c)
             g_q = P.gemm([n_q, n2_q], w_gate_q, None, out_block=blk, cfg=c)
         a_q, a2_q, rate = _activate(f_q, g_q, activation, c)
         y = P.gemm([a_q, a2_q], w_out_q, b_out, out_dtype=torch.float32, cfg=c)

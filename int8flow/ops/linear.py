@@ -5,7 +5,7 @@ Backward: ``dy`` quantized with stochastic rounding; ``dx = dy_q @ w_q`` uses ``
 ``dw = dy_q.T @ x_q`` uses ``dy_q.t()`` and ``x_q.t()``: views for square blocks, re-quantized
 otherwise. What is saved for backward is the INT8 ``x_q`` (not the high-precision x) - the memory
 saving of INT8 training - plus the INT8 weight; with fallback quantization also the flagged blocks of
-the second INT8 term, compactly (indices + blocks + scales).
+the second INT8 term, compactly (indices + blocks + scales; see `fallback.compact_term`).
 
 The op is opaque to torch.compile (one node per call, a fake impl gives shapes), so models compile
 without graph breaks; parameters stay ordinary tensors.
@@ -24,7 +24,7 @@ from . import primitives as P
 
 @torch.library.custom_op("int8flow::linear_fwd", mutates_args=())
 def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: str, out_dtype: torch.dtype,
-                save_input: bool) -> list[Tensor]:
+                save_input: bool, static_storage: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
     with P.no_autocast(x.device):
         x_q, x2_q, rate = P.quantize_activation(x, c)
@@ -35,8 +35,9 @@ def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: st
             y = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(out_dtype)
     keep = _keeps_int8_input(c, save_input)
     d = x.device
-    return [y, *P.pack(x_q if keep else None, d), *P.pack_compact(x2_q if keep else None, d), w_q.data, w_q.scale,
-            rate]
+    capacity = P.fallback_capacity(x.shape, c) if static_storage else None
+    return [y, *P.pack(x_q if keep else None, d), *P.pack_compact(x2_q if keep else None, d, capacity), w_q.data,
+            w_q.scale, rate]
 
 
 def _keeps_int8_input(c: Int8TrainingConfig, save_input: bool) -> bool:
@@ -45,12 +46,16 @@ def _keeps_int8_input(c: Int8TrainingConfig, save_input: bool) -> bool:
 
 
 @_linear_fwd.register_fake
-def _(x, w, b, seed, cfg, out_dtype, save_input):
+def _(x, w, b, seed, cfg, out_dtype, save_input, static_storage):
     c = P.decode_config(cfg)
     M, N = x.shape[0], w.shape[0]
     keep = _keeps_int8_input(c, save_input)
     x_keep = P.fake_q(x, x.shape, c.activation_block) if keep else P.fake_absent(x)
-    return [x.new_empty((M, N), dtype=out_dtype), *x_keep, *P.fake_compact(x, c.activation_block, keep and c.uses_fallback),
+    if keep and c.uses_fallback and not static_storage:
+        raise NotImplementedError("int8_linear: an exact-size fallback store has a data-dependent shape; "
+                                  "trace with static_storage=True (int8_linear does so under torch.compile)")
+    capacity = P.fallback_capacity(x.shape, c) if keep and c.uses_fallback else None
+    return [x.new_empty((M, N), dtype=out_dtype), *x_keep, *P.fake_compact(x, c.activation_block, capacity),
             *P.fake_q(w, w.shape, c.weight_block), x.new_empty((), dtype=torch.float32)]
 
 
@@ -91,7 +96,7 @@ def _(dy, x_saved, x_scale, x2_index, x2_blocks, x2_scale, w_saved, w_scale, see
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, b, seed, cfg, _, save_input = inputs
+    x, w, b, seed, cfg, _, save_input, _ = inputs
     _, x_data, x_scale, x2_index, x2_blocks, x2_scale, w_data, w_scale, _ = output
     c = P.decode_config(cfg)
     x_keep = (x_data, x_scale) if _keeps_int8_input(c, save_input) else (x, P.empty(x.device, torch.float32))
@@ -102,7 +107,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     dx, dw, db = _linear_bwd(grads[0], *ctx.saved_tensors, ctx.cfg, ctx.has_bias, ctx.x_dtype, ctx.w_dtype)
-    return dx, dw, (db if ctx.has_bias else None), None, None, None, None
+    return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None
 
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -126,7 +131,10 @@ def int8_linear(x: Tensor, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConf
     """
     _check(x, w, b)
     x2d = x.reshape(-1, x.shape[-1])
-    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), cfg.key, P.output_dtype(x), save_input)
+    # The fallback store holds exactly the flagged blocks in eager mode; a traced graph needs a static
+    # size, so under torch.compile it holds the budget's worth (the most that can be flagged).
+    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), cfg.key, P.output_dtype(x), save_input,
+                              torch.compiler.is_compiling())
     y = y.reshape(*x.shape[:-1], w.shape[0])
     return (y, rate.detach()) if return_fallback_rate else y
 

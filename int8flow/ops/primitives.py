@@ -6,6 +6,8 @@ decoded once and cached, because custom-op schemas only carry primitive types.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence
 
 import torch
@@ -51,20 +53,19 @@ def quantize_activation(x: torch.Tensor, cfg: Int8TrainingConfig) -> tuple[QTens
     return x_q, x2_q, mask.float().mean()
 
 
-def quantize_weights(ws: Sequence[torch.Tensor], cfg: Int8TrainingConfig) -> QTensor:
-    """One INT8 GEMM operand for weights stacked by rows (q|k|v projections), without a stacked BF16 copy.
+def stackable(ws: Sequence[torch.Tensor], cfg: Int8TrainingConfig) -> bool:
+    """Whether GEMMs over weights stacked by rows (q|k|v) can run as one: every boundary between them falls
+    on a weight-block row and on a gradient-block column of the output, so no block mixes two weights."""
+    step = math.lcm(cfg.weight_block.rows, cfg.grad_block.cols)
+    return all(w.shape[0] % step == 0 for w in ws[:-1])
 
-    Each weight is quantized on its own and the INT8 data and scales are concatenated: the same numbers as
-    quantizing the stacked weight whenever every weight but the last has a multiple of the block rows (no
-    block straddles two weights). Otherwise the stack is built transiently in high precision (never saved).
-    """
-    block = cfg.weight_block
-    if len(ws) == 1:
-        return quantize(ws[0], block, "nearest", 0, cfg)
-    if any(w.shape[0] % block.rows for w in ws[:-1]):
-        return quantize(torch.cat(list(ws)), block, "nearest", 0, cfg)
-    qs = [quantize(w, block, "nearest", 0, cfg) for w in ws]
-    return QTensor(torch.cat([q.data for q in qs]), torch.cat([q.scale for q in qs]), block)
+
+def stack_rows(qs: Sequence[QTensor]) -> QTensor:
+    """Separately quantized weights as one operand (INT8 data and scales concatenated; 1 byte per element
+    transiently): the same numbers as quantizing the stacked weight when `stackable`."""
+    if len(qs) == 1:
+        return qs[0]
+    return QTensor(torch.cat([q.data for q in qs]), torch.cat([q.scale for q in qs]), qs[0].block)
 
 
 def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape], rounding: str, seed: int,
@@ -126,11 +127,18 @@ def fake_absent(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return like.new_empty(EMPTY_SHAPE, dtype=torch.int8), like.new_empty(EMPTY_SHAPE, dtype=torch.float32)
 
 
-def pack_compact(q: Optional[QTensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(block indices, INT8 blocks, scales) of a fallback term's non-zero blocks, or empty placeholders."""
+def pack_compact(q: Optional[QTensor], device, capacity: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+    """(block indices, INT8 blocks, scales) of a fallback term's non-zero blocks (`compact_term`), or empty
+    placeholders for an absent term."""
     if q is None:
         return torch.empty(EMPTY_SHAPE, dtype=torch.int32, device=device), empty(device), empty(device, torch.float32)
-    return compact_term(q)
+    return compact_term(q, capacity)
+
+
+def fallback_capacity(shape, cfg: Int8TrainingConfig) -> int:
+    """Most blocks of an activation of ``shape`` that can fall back (the budget): a static storage size."""
+    rows, cols = cfg.activation_block.grid(tuple(shape))
+    return math.floor(cfg.fallback_budget * rows * cols)
 
 
 def unpack_compact(index, blocks, scale, shape, block: BlockShape) -> Optional[QTensor]:
@@ -139,13 +147,13 @@ def unpack_compact(index, blocks, scale, shape, block: BlockShape) -> Optional[Q
     return expand_term(index, blocks, scale, shape, block)
 
 
-def fake_compact(like: torch.Tensor, block: BlockShape, present: bool) -> tuple[torch.Tensor, ...]:
-    """Fake-mode `pack_compact` output: the number of stored blocks is data-dependent (an unbacked size)."""
-    if not present:
+def fake_compact(like: torch.Tensor, block: BlockShape, capacity: Optional[int]) -> tuple[torch.Tensor, ...]:
+    """Fake-mode `pack_compact` output: ``capacity`` blocks (None: absent term)."""
+    if capacity is None:
         return like.new_empty(EMPTY_SHAPE, dtype=torch.int32), *fake_absent(like)
-    k = torch.library.get_ctx().new_dynamic_size()
-    return (like.new_empty((k,), dtype=torch.int32), like.new_empty((k, block.rows, block.cols), dtype=torch.int8),
-            like.new_empty((k,), dtype=torch.float32))
+    return (like.new_empty((capacity,), dtype=torch.int32),
+            like.new_empty((capacity, block.rows, block.cols), dtype=torch.int8),
+            like.new_empty((capacity,), dtype=torch.float32))
 
 
 def weight_t(w_q: QTensor, w_hp: Sequence[torch.Tensor], cfg: Int8TrainingConfig) -> QTensor:
