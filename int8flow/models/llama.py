@@ -5,8 +5,8 @@ post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head - so a H
 loads with `load_state_dict` (see `from_hf_state_dict`). RoPE uses HF's rotate-half layout.
 
 Precision as in gpt2.py: ``bf16``, ``int8-linear`` (Int8Linear layers), ``int8`` / ``int8+fallback``
-(fused INT8 data-flow ops; norm -> QKV is one INT8 GEMM over the q/k/v weights stacked as INT8, with
-no stacked BF16 weight copy).
+(fused INT8 data-flow ops; norm -> QKV quantizes the q/k/v weights one by one, never copying them in
+BF16, and runs one INT8 GEMM over their INT8 stack when block boundaries allow).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * hd, config.dim, bias=False)
 
     def qkv_weights(self) -> list[torch.Tensor]:
-        """The q, k, v projection weights, stacked by rows in one INT8 GEMM by `norm_linear` (no copy here)."""
+        """The q, k, v projection weights, which `norm_linear` stacks by rows (as INT8; no copy here)."""
         return [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
 
     def heads_out(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -140,7 +140,7 @@ def _segments(ws: Sequence[Tensor], c: Int8TrainingConfig) -> list[tuple[int, in
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _segment_weights(w_qs: Sequence, ws: Sequence[Tensor], segments, c: Int8TrainingConfig):
+def _segment_weights(w_qs: Sequence, ws: Sequence[Tensor], segments):
     """(INT8 operand, its high-precision weights) per output segment."""
     if len(segments) == 1:
         return [(P.stack_rows(w_qs), list(ws))]
@@ -159,7 +159,7 @@ def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tenso
         w_qs = [P.quantize(w, c.weight_block, "nearest", 0, c) for w in ws]
         segments = _segments(ws, c)
         y = torch.cat([P.gemm([n_q, n2_q], w_q, None if b is None else b[lo:hi], out_dtype=out_dtype, cfg=c)
-                       for (w_q, _), (lo, hi) in zip(_segment_weights(w_qs, ws, segments, c), segments)], dim=1)
+                       for (w_q, _), (lo, hi) in zip(_segment_weights(w_qs, ws, segments), segments)], dim=1)
     return [y, *P.pack(x_q, d), _stats(mean, d), rstd, *(t for q in w_qs for t in P.pack(q, d))]
 
 
@@ -185,7 +185,7 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
         n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, _opt(mean), rstd)
         segments = _segments(ws, c)
         dn, dws = [], []
-        for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(_segment_weights(w_qs, ws, segments, c), segments)):
+        for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(_segment_weights(w_qs, ws, segments), segments)):
             dy_j = dy[:, lo:hi]
             dy_q = _grad_q(dy_j, backend.subseed(s, 0 if j == 0 else 3 + 2 * j), c)
             dn.append(P.gemm([dy_q], P.weight_t(w_q, w_hp, c), cfg=c) if len(segments) > 1 else
