@@ -1,15 +1,17 @@
 """Non-finite detection: find where a NaN/Inf appeared, and the policy for a step that has one.
 
-The trainer (``int8flow.training.loop``) already drops a step whose loss or gradient norm is not finite
-(``nonfinite=skip``) or stops (``nonfinite=raise``); it checks once per step, at no extra cost. This module
-adds what that check cannot say: *where* the fault came from, and a third policy.
+The trainer (``int8flow.training.loop``) checks each step's loss and gradient norm once, at no extra cost,
+and treats a ``NonFiniteError`` raised by an INT8 operator as a bad step too. For a bad step it uses this
+module: ``locate_nonfinite`` and ``nonfinite_params`` say *where* the fault came from, and
+``recompute_high_precision`` is the third policy.
 
 * ``check_finite(t, where, what, policy)``: one tensor; ``raise`` throws ``NonFiniteError`` naming the
   layer/operator and tensor ("layer transformer.h.3.mlp.c_fc: input gradient holds 12 NaN ...").
 * ``NonFiniteTracker(model)``: a context that hooks every submodule and records, in execution order,
   each module output, output gradient and input gradient holding NaN/Inf. Each check synchronizes with the
   device, so use it to diagnose a step already known to be bad (``locate_nonfinite``), not on every step.
-* ``grads_are_finite(model)`` (one device sync) / ``nonfinite_grads(model)`` (names the parameters).
+* ``grads_are_finite(model)`` (one device sync) / ``nonfinite_grads(model)`` / ``nonfinite_params(model)``
+  (name the parameters whose gradient / value holds NaN/Inf).
 * ``high_precision(model)``: a context in which INT8 layers and INT8 data-flow blocks run their ordinary
   high-precision PyTorch math (BF16 under autocast on CUDA), sharing the same parameters. The ``bf16``
   policy recomputes a bad step's forward and backward inside it (``recompute_high_precision``).
@@ -31,7 +33,7 @@ from .format import NonFiniteError
 
 __all__ = [
     "POLICIES", "NonFiniteError", "NonFiniteEvent", "NonFiniteTracker", "check_finite", "count_nonfinite",
-    "grads_are_finite", "nonfinite_grads", "high_precision", "locate_nonfinite", "recompute_high_precision",
+    "grads_are_finite", "nonfinite_grads", "nonfinite_params", "high_precision", "locate_nonfinite", "recompute_high_precision",
     "check_policy",
 ]
 
@@ -71,6 +73,8 @@ def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
         raise TypeError(f"count_nonfinite expects a torch.Tensor, got {type(t).__name__}")
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return 0, 0
+    if hasattr(t, "full_tensor"):  # a sharded DTensor (FSDP2): count over all shards (a collective)
+        t = t.full_tensor()
     counts = torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum()]).tolist()
     return int(counts[0]), int(counts[1])
 
@@ -206,6 +210,14 @@ def nonfinite_grads(model: nn.Module) -> list[NonFiniteEvent]:
     events: list[NonFiniteEvent] = []
     for name, g in _grads(model):
         check_finite(g, f"parameter {name}", "gradient", "skip", events)
+    return events
+
+
+def nonfinite_params(model: nn.Module) -> list[NonFiniteEvent]:
+    """One event per parameter whose value holds NaN/Inf (``parameter NAME: value holds ...``)."""
+    events: list[NonFiniteEvent] = []
+    for name, p in model.named_parameters():
+        check_finite(p.detach(), f"parameter {name}", "value", "skip", events)
     return events
 
 

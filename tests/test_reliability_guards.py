@@ -6,7 +6,7 @@ import torch
 
 from int8flow.format import NonFiniteError
 from int8flow.guards import (NonFiniteTracker, check_finite, count_nonfinite, grads_are_finite, high_precision,
-                             locate_nonfinite, nonfinite_grads, recompute_high_precision)
+                             locate_nonfinite, nonfinite_grads, nonfinite_params, recompute_high_precision)
 from int8flow.models import build_model
 
 SMALL = dict(n_layer=2, n_embd=64, n_head=2, block_size=32, vocab_size=64)
@@ -63,6 +63,9 @@ def test_tracker_names_the_layer_whose_weight_is_poisoned():
         _, loss = model(x, y)
     assert tr.first is not None and (tr.first.where, tr.first.what) == ("layer transformer.h.1.mlp.c_fc", "output")
     assert not math.isfinite(float(loss))
+    w = model.transformer.h[1].mlp.c_fc.weight
+    assert [str(e) for e in nonfinite_params(model)] == [
+        f"parameter transformer.h.1.mlp.c_fc.weight: value holds 1 Inf of {w.numel()} values"]
     with pytest.raises(NonFiniteError, match=r"^layer transformer\.h\.1\.mlp\.c_fc: output holds 0 NaN|"
                                              r"^layer transformer\.h\.1\.mlp\.c_fc: output holds \d+ (NaN|Inf)"):
         tr.raise_if_any()
@@ -71,7 +74,7 @@ def test_tracker_names_the_layer_whose_weight_is_poisoned():
     clean = _model("bf16")
     with NonFiniteTracker(clean) as tr2:
         clean(x, y)[1].backward()
-    assert tr2.events == [] and grads_are_finite(clean) and nonfinite_grads(clean) == []
+    assert tr2.events == [] and grads_are_finite(clean) and nonfinite_grads(clean) == nonfinite_params(clean) == []
 
 
 @pytest.mark.parametrize("precision,where", [("int8-linear", "layer transformer.h.1.mlp.c_fc"),

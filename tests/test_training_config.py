@@ -38,7 +38,7 @@ def test_precedence_preset_toml_cli(tmp_path):
     (["compile=maybe"], "compile='maybe': expected true or false"),
     (["min_lr=1", "lr=0.1"], "min_lr=1.0: expected 0 <= min_lr <= lr"),
     (["parallel=tp"], "parallel='tp': expected one of none, ddp, fsdp2"),
-    (["nonfinite=ignore"], "nonfinite='ignore': expected one of skip, raise"),
+    (["nonfinite=ignore"], "nonfinite='ignore': expected one of raise, skip, bf16"),
     (["spike_factor=0.5"], "spike_factor=0.5"),
     (["device=tpu"], "device='tpu'"),
     (["val_fraction=1"], "val_fraction=1.0"),

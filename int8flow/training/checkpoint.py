@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .killpoints import kill_point
+
 __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "resolve_checkpoint", "check_state_dict", "save_weights", "load_weights"]
 
@@ -117,13 +119,20 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict, trainer: dic
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+
+    def reached(fname: str) -> None:
+        kill_point(f"ckpt:{fname}", f"ckpt:{name}/{fname}")
+
     try:
+        reached(MODEL_FILE)
         save_weights(model_sd, tmp / MODEL_FILE)
+        reached(TRAINER_FILE)
         torch.save(trainer, tmp / TRAINER_FILE)
         files = {}
         for fname in (MODEL_FILE, TRAINER_FILE):
             _fsync_file(tmp / fname)
             files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
+        reached(STATE_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}, indent=1))
         _fsync_file(tmp / STATE_FILE)
         _fsync_dir(tmp)
@@ -139,6 +148,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict, trainer: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    reached(LATEST)
     write_text_atomic(root / LATEST, name + "\n")
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for stale in [p for p in steps if p.name != name][: max(0, len(steps) - keep)]:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PRECISIONS
+from ..guards import POLICIES as NONFINITE
 
 __all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "make_config", "parse_overrides", "load_toml"]
 
 PARALLEL = ("none", "ddp", "fsdp2")
-NONFINITE = ("skip", "raise")
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0          # 0 = off
     # guard against non-finite losses and spikes
-    nonfinite: str = "skip"         # skip: drop the step, keep optimizer state | raise
-    spike_factor: float = 0.0       # also treat loss > factor * running mean as bad (0 = off)
+    nonfinite: str = "skip"         # skip: drop the step, keep optimizer state | raise | bf16: recompute it
+    spike_factor: float = 0.0       # also skip a step whose loss > factor * running mean (0 = off)
     max_skips: int = 20             # raise after this many consecutive skipped steps
     # evaluation, logs, checkpoints
     eval_interval: int = 100

@@ -6,9 +6,13 @@
   the batch is sampled from (seed, step) and the global RNG is reseeded from (seed, step, rank) at each
   step. A checkpoint therefore needs weights, optimizer state and the step; resumed losses equal
   uninterrupted ones bitwise on CPU.
-- Guard: a step whose loss or gradient norm is not finite (or spikes, if ``spike_factor`` is set)
-  is dropped before ``optimizer.step()`` (optimizer state untouched) and logged; ``nonfinite=raise``
-  stops instead.
+- Guard: a step whose loss or gradient norm is not finite, or in which an INT8 operator refused NaN/Inf
+  (``NonFiniteError``), follows ``nonfinite``: ``skip`` drops it before ``optimizer.step()`` (optimizer state
+  untouched), ``raise`` stops, ``bf16`` recomputes it with the INT8 layers in high precision and steps on
+  that if it is finite (else skips). Skipped and stopped steps are located first: one re-run with the same
+  seed under ``guards.NonFiniteTracker`` names the layer and tensor, in the log and the error. A loss spike
+  (``spike_factor``) is skipped too.
+- Test-only kill points (``killpoints``): ``INT8FLOW_TEST_KILL_AT=step:N`` SIGKILLs the run after step N.
 """
 from __future__ import annotations
 
@@ -27,9 +31,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data import PreparedData, ensure_prepared, eval_offsets, gather_batch, load_prepared, step_offsets
+from ..format import NonFiniteError
+from ..guards import locate_nonfinite, nonfinite_params, recompute_high_precision
 from .checkpoint import (MODEL_FILE, CheckpointError, check_state_dict, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .config import TrainConfig
+from .killpoints import kill_point
 from .metrics import MetricsLog, plot_runs
 from .parallelize import (DistInfo, all_reduce_mean, full_state_dicts, load_optimizer_state, parallelize,
                           set_grad_sync, setup_distributed, teardown_distributed, unwrap)
@@ -122,13 +129,81 @@ def evaluate(model, data: PreparedData, cfg: TrainConfig, info: DistInfo, autoca
     mine = offsets[info.rank * per_rank:(info.rank + 1) * per_rank]
     model.eval()
     total = torch.zeros((), device=info.device)
-    for chunk in mine.split(cfg.batch_size):
-        x, y = gather_batch(data.val, chunk, cfg.seq_len, info.device)
-        with autocast():
-            _, loss = model(x, y)
-        total += loss.float() * len(chunk)
-    model.train()
+    try:
+        for chunk in mine.split(cfg.batch_size):
+            x, y = gather_batch(data.val, chunk, cfg.seq_len, info.device)
+            with autocast():
+                _, loss = model(x, y)
+            total += loss.float() * len(chunk)
+    except NonFiniteError:  # an INT8 operator refused NaN/Inf: the val loss is not finite
+        total.fill_(math.nan)
+    finally:
+        model.train()
     return all_reduce_mean(total / len(mine), info).item()
+
+
+def _step_closure(model, data: PreparedData, offsets: torch.Tensor, cfg: TrainConfig, info: DistInfo, step: int,
+                  autocast) -> Callable[[], torch.Tensor]:
+    """Forward + backward of one step on this rank's windows; returns the rank's mean loss.
+
+    Reseeds the RNG first, so a re-run (to locate a fault, or the bf16 recompute) sees the same dropout
+    masks and stochastic-rounding seeds as the step itself.
+    """
+    def run() -> torch.Tensor:
+        _seed_step(cfg.seed, step, info.rank)
+        loss_sum = torch.zeros((), device=info.device)
+        for micro, chunk in enumerate(offsets.split(cfg.batch_size)):
+            x, y = gather_batch(data.train, chunk, cfg.seq_len, info.device)
+            set_grad_sync(model, micro == cfg.grad_accum - 1)
+            with autocast():
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        return loss_sum / cfg.grad_accum
+    return run
+
+
+def _clip_grads(model, cfg: TrainConfig) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _forward_backward(model, run_step: Callable, cfg: TrainConfig, info: DistInfo) -> tuple[float, float, str | None]:
+    """(loss, clipped grad norm, fault): an INT8 operator refusing NaN/Inf (``NonFiniteError``) ends the step
+    with loss and grad norm NaN and its message as ``fault``; the caller applies the non-finite policy."""
+    try:
+        loss = run_step()
+    except NonFiniteError as err:
+        return all_reduce_mean(torch.full((), math.nan, device=info.device), info).item(), math.nan, str(err)
+    return all_reduce_mean(loss, info).item(), _clip_grads(model, cfg), None
+
+
+def _recompute_high_precision(model, run_step: Callable, cfg: TrainConfig, info: DistInfo) -> tuple[float, float]:
+    """The bf16 policy: the same step (same seed) with INT8 layers in high precision; (loss, grad norm)."""
+    try:
+        loss = recompute_high_precision(unwrap(model), run_step)
+    except NonFiniteError:
+        return math.nan, math.nan
+    return all_reduce_mean(loss, info).item(), _clip_grads(model, cfg)
+
+
+def _locate(model, run_step: Callable, fault: str | None) -> str:
+    """Where a non-finite step went bad: one re-run (same seed) under NonFiniteTracker, plus parameters
+    that hold NaN/Inf. Costs a forward + backward, on bad steps only."""
+    net = unwrap(model)
+    events = locate_nonfinite(net, run_step)
+    params = nonfinite_params(net)
+    parts = [f"non-finite weights: {'; '.join(map(str, params[:3]))}"] if params else []
+    if events:
+        parts.append(f"first non-finite: {events[0]}")
+        refused = next((e for e in events if e.note), None)  # an INT8 operator's refusal, naming the tensor
+        if refused is not None and refused is not events[0]:
+            parts.append(f"refused by {refused}")
+    elif fault:
+        parts.append(f"INT8 quantization refused: {fault}; not seen again when the step was re-run")
+    else:
+        parts.append("not seen again when the step was re-run (a transient fault)")
+    return "; ".join(parts)
 
 
 def train(cfg: TrainConfig, build_fn: Callable | None = None) -> TrainResult:
@@ -185,7 +260,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     optimizer = _build_optimizer(model, cfg, device)
     if ckpt is not None:
         load_optimizer_state(model, optimizer, ckpt.trainer["optimizer"])
-    guard = dict(ckpt.state["guard"]) if ckpt else {"loss_ema": None, "skips_in_a_row": 0, "skipped": 0}
+    guard = {"loss_ema": None, "skips_in_a_row": 0, "skipped": 0, "fallbacks": 0, **(ckpt.state["guard"] if ckpt else {})}
 
     n_params = sum(p.numel() for p in unwrap(model).parameters())
     per_rank = cfg.batch_size * cfg.grad_accum
@@ -222,37 +297,33 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        _seed_step(cfg.seed, step, info.rank)
         offsets = step_offsets(cfg.seed, step, per_rank * info.world_size, len(data.train), cfg.seq_len)
-        mine = offsets[info.rank * per_rank:(info.rank + 1) * per_rank]
+        run_step = _step_closure(model, data, offsets[info.rank * per_rank:(info.rank + 1) * per_rank], cfg, info,
+                                 step, autocast)
+        loss_val, grad_norm, fault = _forward_backward(model, run_step, cfg, info)
 
-        loss_sum = torch.zeros((), device=device)
-        for micro, chunk in enumerate(mine.split(cfg.batch_size)):
-            x, y = gather_batch(data.train, chunk, cfg.seq_len, device)
-            set_grad_sync(model, micro == cfg.grad_accum - 1)
-            with autocast():
-                _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float()
-        loss_val = all_reduce_mean(loss_sum / cfg.grad_accum, info).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-
-        reason = None
-        if not math.isfinite(loss_val) or not math.isfinite(grad_norm):
-            reason = "nonfinite"
+        reason, fallback = None, None
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            if cfg.nonfinite == "bf16":
+                loss_val, grad_norm = _recompute_high_precision(model, run_step, cfg, info)
+                fallback = fault or "loss or gradient norm not finite"
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                reason, fallback = "nonfinite", None
         elif cfg.spike_factor and guard["loss_ema"] is not None and loss_val > cfg.spike_factor * guard["loss_ema"]:
             reason = "spike"
+        where = _locate(model, run_step, fault) if reason == "nonfinite" else None
         if reason is None:
             optimizer.step()
             guard["loss_ema"] = loss_val if guard["loss_ema"] is None else 0.9 * guard["loss_ema"] + 0.1 * loss_val
             guard["skips_in_a_row"] = 0
+            guard["fallbacks"] += fallback is not None
         else:
             guard["skips_in_a_row"] += 1
             guard["skipped"] += 1
             if cfg.nonfinite == "raise" or guard["skips_in_a_row"] > cfg.max_skips:
                 raise NonFiniteLossError(
-                    f"step {step + 1}: loss {loss_val}, grad norm {grad_norm} ({reason}); "
+                    f"step {step + 1}: loss {loss_val}, grad norm {grad_norm} ({reason})"
+                    + (f"; {where.rstrip('.')}" if where else "") + "; "
                     + ("nonfinite=raise" if cfg.nonfinite == "raise" else f"{guard['skips_in_a_row']} steps skipped "
                        f"in a row (max_skips={cfg.max_skips})") + "; lower lr or check the data")
         optimizer.zero_grad(set_to_none=True)
@@ -262,13 +333,20 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         train_seconds += dt
 
         done = step + 1
+        kill_point(f"step:{done}")
         losses.append(loss_val if reason is None else math.nan)
         record = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step,
                   "time_s": round(time.perf_counter() - t_start, 3)}
         if reason:
             record["skipped"] = reason
-            bar.write(f"int8flow: step {done} skipped ({reason}): loss {loss_val}, grad norm {grad_norm}")
+            bar.write(f"int8flow: step {done} skipped ({reason}): loss {loss_val}, grad norm {grad_norm}"
+                      + (f"; {where}" if where else ""))
+        if where:
+            record["fault"] = where
+        if fallback:
+            record.update(fallback="bf16", fault=fallback)
+            bar.write(f"int8flow: step {done} recomputed in high precision (nonfinite=bf16): {fallback}")
         if done % cfg.eval_interval == 0 or done == end_step:
             val = evaluate(model, data, cfg, info, autocast)
             record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
@@ -288,7 +366,8 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         ran = end_step - start_step
         say(f"int8flow: {cfg.name} done: {ran} steps ({ran * tokens_per_step / 1e6:.2f}M tokens) in "
             f"{seconds / 60:.1f} min, {ran * tokens_per_step / max(train_seconds, 1e-9):,.0f} tokens/s"
-            + (f", {guard['skipped']} skipped" if guard["skipped"] else ""))
+            + (f", {guard['skipped']} skipped" if guard["skipped"] else "")
+            + (f", {guard['fallbacks']} recomputed in high precision" if guard["fallbacks"] else ""))
         if val is not None:
             say(f"int8flow: final val loss {val:.4f} (perplexity {math.exp(min(val, 50.0)):.1f}) at step {end_step}")
         say(f"int8flow: log {run_dir / 'log.jsonl'} | plot {plot} | checkpoint {last_ckpt}")

@@ -1,8 +1,9 @@
 """Run logs: one JSON object per step in ``log.jsonl`` (TensorBoard too when importable) and loss plots.
 
 Records: ``{"step", "loss", "lr", "tokens_per_s", "grad_norm", "tokens", "time_s"}`` per optimizer
-step, plus ``"val_loss"``/``"val_ppl"`` when evaluated and ``"skipped"`` (the reason) when the guard
-dropped the step. Step 0 holds the validation loss of the initial model.
+step, plus ``"val_loss"``/``"val_ppl"`` when evaluated, ``"skipped"`` (the reason) when the guard
+dropped the step, ``"fallback"`` when it was recomputed in high precision and ``"fault"`` (where the
+NaN/Inf was found) with either. Step 0 holds the validation loss of the initial model.
 """
 from __future__ import annotations
 
