@@ -1,9 +1,8 @@
 """Interrupted training, unsafe checkpoint files, determinism: the trainer as a user runs it.
 
-Kills are real SIGKILLs of a `int8flow train` subprocess: at chosen points inside a checkpoint write (a
-driver script wraps the checkpoint module's fsync / pointer functions to kill the process there) and at
-a random moment from outside. After each kill the run resumes; the final log must equal an uninterrupted
-run's, step for step, bitwise.
+Kills are real SIGKILLs of an `int8flow train` subprocess, at points named by the test-only
+INT8FLOW_TEST_KILL_AT (int8flow/training/killpoints.py): inside checkpoint writes and after a training
+step. After each kill the run resumes; the final log must equal an uninterrupted run's, step for step, bitwise.
 """
 import hashlib
 import json
@@ -12,67 +11,33 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from int8flow.data import prepare, read_embedded
-from int8flow.training import CheckpointError, load_checkpoint, make_config, read_log, train
+from _training_fixtures import TINY_INT8, prepared_tokens, tiny_int8_config
+from int8flow.training import CheckpointError, load_checkpoint, read_log, train
 from int8flow.training.checkpoint import MODEL_FILE, STATE_FILE, TRAINER_FILE, check_state_dict, load_weights
+from int8flow.training.killpoints import KILL_ENV, kill_point
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ENV.pop("TRITON_INTERPRET", None)
-
-DRIVER = r'''
-import os, signal, sys
-from int8flow.training import checkpoint as ck
-mode, n = sys.argv[1], int(sys.argv[2])
-calls = [0]
-def wrap(name):
-    orig = getattr(ck, name)
-    def f(*a, **k):
-        calls[0] += 1
-        if calls[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return orig(*a, **k)
-    setattr(ck, name, f)
-if mode != "none":
-    wrap(mode)
-from int8flow.cli import main
-main(["train", *sys.argv[3:]])
-'''
+ENV.pop(KILL_ENV, None)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rel-data")
-    texts = folder / "texts"
-    texts.mkdir()
-    for doc in read_embedded()[:2]:
-        (texts / f"{doc.name}.txt").write_text(doc.text[:40_000])
-    prepare([str(texts)], folder / "tokens", tokenizer="bpe", vocab_size=320)
-    return folder / "tokens"
+    return prepared_tokens(tmp_path_factory, docs=2, chars=40_000, vocab_size=320)
 
 
-def _overrides(data_dir, out, **kw):
-    base = dict(model="gpt-tiny", precision="int8", data=str(data_dir), out_dir=str(out), seq_len=32, batch_size=4,
-                max_steps=8, warmup_steps=2, eval_interval=4, eval_batches=1, ckpt_interval=2, progress="false",
-                tensorboard="false", device="cpu", threads=1, seed=7)
-    base.update(kw)
-    base["model.n_layer"] = 2
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _run(tmp_path, data_dir, out, mode="none", n=0, wait=True, **kw):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    cmd = [sys.executable, str(driver), mode, str(n), *_overrides(data_dir, out, **kw)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
-    if wait:
-        proc.communicate(timeout=300)
-    return proc
+def _run(data_dir, out, kill_at=None, **kw):
+    """`python -m int8flow.train` on the tiny INT8 settings; SIGKILLed at ``kill_at`` when given."""
+    settings = {**TINY_INT8, "data": data_dir, "out_dir": out, **kw}
+    args = [f"{k}={v}" for k, v in settings.items() if k != "model_args"]
+    args += [f"model.{k}={v}" for k, v in settings["model_args"].items()]
+    env = {**ENV, KILL_ENV: kill_at} if kill_at else ENV
+    return subprocess.run([sys.executable, "-m", "int8flow.train", *args], capture_output=True, text=True,
+                          env=env, cwd=out.parent, timeout=300)
 
 
 def _losses(run_dir):
@@ -81,48 +46,45 @@ def _losses(run_dir):
 
 def test_sigkill_during_training_and_checkpoint_writes_loses_nothing(data_dir, tmp_path):
     reference = tmp_path / "ref"
-    _run(tmp_path, data_dir, reference)
+    assert _run(data_dir, reference).returncode == 0
     want = _losses(reference)
     assert sorted(want) == list(range(1, 9))
 
     run = tmp_path / "victim"
-    kills = 0
-    # 1: killed inside the 2nd checkpoint write, after model.safetensors (each write fsyncs 3 files)
-    p = _run(tmp_path, data_dir, run, mode="_fsync_file", n=5)
-    assert p.returncode == -signal.SIGKILL
-    kills += 1
+    # 1: killed inside the 2nd checkpoint write (step 4), after model.safetensors, before trainer.pt
+    p = _run(data_dir, run, kill_at="ckpt:step_000004/trainer.pt")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert load_checkpoint(run).step == 2, "the finished checkpoint survives a kill inside the next write"
     # 2: resumed, then killed after a checkpoint folder was renamed into place but before `latest` moved
-    p = _run(tmp_path, data_dir, run, mode="write_text_atomic", n=1, resume="true")
-    assert p.returncode == -signal.SIGKILL
-    kills += 1
-    assert load_checkpoint(run).step == 2
-    # 3: resumed, then killed from outside at a random moment once step 5 is logged
-    p = _run(tmp_path, data_dir, run, wait=False, resume="true")
-    deadline = time.time() + 120
-    while time.time() < deadline and max(_losses(run) if (run / "log.jsonl").exists() else {0: 0}) < 5:
-        time.sleep(0.01)
-    time.sleep(torch.rand(()).item() * 0.2)
-    p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
-    if p.returncode == -signal.SIGKILL:
-        kills += 1
+    p = _run(data_dir, run, kill_at="ckpt:latest", resume="true")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert (run / "checkpoints" / "step_000004").is_dir() and load_checkpoint(run).step == 2
+    # 3: resumed, then killed in training: step 5 updated the weights but was neither logged nor saved
+    p = _run(data_dir, run, kill_at="step:5", resume="true")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert load_checkpoint(run).step == 4 and max(_losses(run)) == 4
     # 4: resumed to the end
-    p = _run(tmp_path, data_dir, run, resume="true")
+    p = _run(data_dir, run, resume="true")
     assert p.returncode == 0, p.stderr[-2000:]
     assert _losses(run) == want, "resumed losses equal the uninterrupted run's, bitwise"
     final, ref_final = load_checkpoint(run), load_checkpoint(reference)
     assert final.step == 8
     for name, value in ref_final.model.items():
         assert torch.equal(final.model[name], value), name
-    assert kills >= 2
+
+
+def test_kill_point_ignores_other_points_and_refuses_a_malformed_one(monkeypatch):
+    monkeypatch.setenv(KILL_ENV, "step:5")
+    kill_point("step:4", "ckpt:latest")  # not this point: returns, the process lives on
+    monkeypatch.setenv(KILL_ENV, "after-step-3")
+    with pytest.raises(ValueError, match=f"{KILL_ENV}='after-step-3': expected step:N or ckpt:FILE"):
+        kill_point("step:3")
 
 
 def test_two_runs_same_seed_are_identical_and_seed_matters(data_dir, tmp_path):
     """CPU determinism with stochastic rounding in the INT8 data flow: same seed, same losses bitwise."""
     def run(name, seed):
-        cfg = make_config(None, None, _overrides(data_dir, tmp_path / name, max_steps=3, ckpt_interval=0, seed=seed))
-        return train(cfg).losses
+        return train(tiny_int8_config(data_dir, tmp_path / name, max_steps=3, ckpt_interval=0, seed=seed)).losses
     a, b, c = run("a", 7), run("b", 7), run("c", 8)
     assert a == b
     assert a != c
@@ -137,8 +99,7 @@ class _Boom:
 
 
 def _checkpoint(tmp_path, data_dir):
-    cfg = make_config(None, None, _overrides(data_dir, tmp_path / "src", max_steps=1, ckpt_interval=0))
-    return train(cfg).checkpoint
+    return train(tiny_int8_config(data_dir, tmp_path / "src", max_steps=1, ckpt_interval=0)).checkpoint
 
 
 def test_unsafe_and_damaged_checkpoints(data_dir, tmp_path):

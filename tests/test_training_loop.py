@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from int8flow.data import prepare, read_embedded
+from _training_fixtures import prepared_tokens
 from int8flow.training import (CheckpointError, NonFiniteLossError, TrainConfig, latest_checkpoint, load_checkpoint,
                                lr_at, plot_runs, read_log, save_checkpoint, train)
 from int8flow.training.checkpoint import MODEL_FILE, TRAINER_FILE, check_state_dict, load_weights, save_weights
@@ -47,13 +47,7 @@ def build_toy(name, precision="bf16", vocab_size=256, **kwargs):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prep")
-    texts = folder / "texts"
-    texts.mkdir()
-    for doc in read_embedded()[:3]:
-        (texts / f"{doc.name}.txt").write_text(doc.text[:60_000])
-    prepare([str(texts)], folder / "tokens", tokenizer="bpe", vocab_size=384)
-    return folder / "tokens"
+    return prepared_tokens(tmp_path_factory, docs=3, chars=60_000, vocab_size=384)
 
 
 def config(data_dir, out, **kw):
