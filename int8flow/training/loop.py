@@ -309,7 +309,8 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
                 fallback = fault or "loss or gradient norm not finite"
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 reason, fallback = "nonfinite", None
-        elif cfg.spike_factor and guard["loss_ema"] is not None and loss_val > cfg.spike_factor * guard["loss_ema"]:
+        if reason is None and cfg.spike_factor and guard["loss_ema"] is not None \
+                and loss_val > cfg.spike_factor * guard["loss_ema"]:
             reason = "spike"
         where = _locate(model, run_step, fault) if reason == "nonfinite" else None
         if reason is None:
