@@ -67,7 +67,7 @@ def main(args) -> int:
         raise SystemExit("--modes must start with bf16: the other modes are compared with it")
     out, runs = Path(args.out), Path(args.runs)
     records = _load(out)
-    info = device_info() if device == "cuda" else {"device": "cpu (smoke)"}
+    info = device_info()
     for name in names:
         preset, extra = table[name]
         extra = [*extra, *args.set, f"device={device}", "progress=false"]

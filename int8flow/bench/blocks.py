@@ -162,6 +162,5 @@ def main(args) -> int:
                   + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""), flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    info = device_info() if device == "cuda" else {"device": "cpu (smoke)", "torch": torch.__version__}
-    write_json(args.out, records, info)
+    write_json(args.out, records, device_info())
     return 0

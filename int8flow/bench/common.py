@@ -40,17 +40,21 @@ def copy_gbps(nbytes: int = 1 << 30, time_fn: Callable = time_ms) -> float:
 
 
 def device_info() -> dict:
-    import triton
+    """Device name, versions and date for a result file; on a machine without CUDA, the CPU."""
+    import platform
 
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {"torch": torch.__version__, "triton": triton_version,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if not torch.cuda.is_available():
+        return {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)", **info}
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {
-        "device": props.name,
-        "sms": props.multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {"device": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda, **info}
 
 
 def write_json(path: str, records: list[dict], info: dict) -> None:
