@@ -25,6 +25,6 @@ def sample(shape, dist: str = "gaussian", seed: int = 0, dtype=torch.float32) ->
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB, computed in float64."""
-    ref, approx = ref.double(), approx.double()
+    ref, approx = ref.detach().double(), approx.detach().double()
     noise = (ref - approx).pow(2).sum()
     return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))
