@@ -23,8 +23,9 @@ import torch
 pytest.importorskip("triton")
 
 from int8flow.format import QTensor, expand_scale, quantize  # noqa: E402
+from int8flow.format.blocks import _SCALE_MAX  # noqa: E402
 from int8flow.reference import nonlinear as ref  # noqa: E402
-from int8flow.kernels import _blockquant, activations, dropout, norms, residual  # noqa: E402
+from int8flow.kernels import _launch, activations, dropout, norms, residual  # noqa: E402
 
 from _inputs import sample  # noqa: E402
 
@@ -90,7 +91,7 @@ def poisoned(monkeypatch):
     def alloc(shape, dtype, device):
         t = torch.empty(shape, dtype=dtype, device=device)
         return t.fill_(99 if dtype == torch.int8 else float("nan"))
-    monkeypatch.setattr(_blockquant, "alloc", alloc)
+    monkeypatch.setattr(_launch, "alloc", alloc)
 
 
 # --- LayerNorm / RMSNorm -------------------------------------------------------------------------
@@ -303,6 +304,52 @@ def test_convert_equals_format_quantize(block, shape):
     assert torch.equal(got.data, want.data) and torch.equal(got.scale, want.scale)
     # and back: INT8 in (any block) -> float out is exact dequantization
     torch.testing.assert_close(residual.convert(got), want.dequantize(), rtol=0, atol=0)
+
+
+def _extreme_blocks(seed: int) -> torch.Tensor:
+    """(64, 96) input: 32x32 block (0, 0) holds FLT_MAX-adjacent values (the scale clamp), block (1, 1) only
+    subnormals (a subnormal scale), the rest Gaussian."""
+    x = sample((64, 96), "gaussian", seed)
+    big = torch.finfo(torch.float32).max
+    x[:32, :32] = torch.rand(32, 32, generator=torch.Generator().manual_seed(seed)) * big
+    x[0, 0], x[1, 1] = big, -torch.nextafter(torch.tensor(big), torch.tensor(0.0))
+    x[32:, 32:64] = sample((32, 32), "gaussian", seed + 1) * 1e-39
+    return x.to(DEVICE)
+
+
+def _nonlinear_ops(x: torch.Tensor) -> dict:
+    """Each non-linear kernel as fn(**out) -> its main output, arranged to carry x's extreme blocks to the output."""
+    zeros, ones = torch.zeros_like(x), torch.ones_like(x)
+    n = x.shape[1]
+    weight = torch.ones(n, device=x.device)
+    weight[32:64] = 0.0  # y = bias there: subnormal
+    bias = torch.zeros(n, device=x.device)
+    bias[:32], bias[32:64] = torch.finfo(torch.float32).max, 1e-39
+    x_norm = sample(tuple(x.shape), "gaussian", 80).to(x.device)
+    return {
+        "gelu": lambda **o: activations.gelu_forward(x, **o),
+        "swiglu": lambda **o: activations.swiglu_forward(x, ones, **o),
+        "dropout_p0": lambda **o: dropout.dropout_forward(x, 0.0, **o)[0],
+        "residual_add": lambda **o: (residual.residual_add_forward(x, zeros, out_block=o["out_block"]).h_q
+                                     if "out_block" in o else residual.residual_add_forward(x, zeros).h),
+        "layer_norm": lambda **o: norms.layer_norm_forward(x_norm, weight, bias, **o)[0],
+        "convert": lambda **o: residual.convert(x, **o),
+    }
+
+
+@pytest.mark.parametrize("block", ["32x32", "1x32"])
+@pytest.mark.parametrize("op", ["gelu", "swiglu", "dropout_p0", "residual_add", "layer_norm", "convert"])
+def test_int8_outputs_equal_format_quantize_at_extremes(op, block):
+    """INT8 out of every non-linear kernel == int8flow.format.quantize of the same kernel's float32 out, bit for bit,
+    with a FLT_MAX-adjacent block (scale clamped) and a subnormal block (scale subnormal) in the output."""
+    fn = _nonlinear_ops(_extreme_blocks(90))[op]
+    y = fn(out_dtype=torch.float32)
+    got, want = fn(out_block=block), quantize(y, block)
+    assert torch.equal(got.data, want.data) and torch.equal(got.scale, want.scale)
+    # the cases are exercised: one block at the clamped scale, one with a subnormal nonzero scale
+    assert float(want.scale.max()) == _SCALE_MAX
+    tiny = want.scale[(want.scale > 0) & (want.scale < torch.finfo(torch.float32).tiny)]
+    assert tiny.numel() > 0
 
 
 def test_stochastic_rounding_unbiased_and_reproducible():

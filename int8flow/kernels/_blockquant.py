@@ -1,94 +1,110 @@
-"""Shared pieces of the non-linear INT8 kernels: dequantize-on-load and quantize-on-store.
+"""Device-side building blocks of every INT8 kernel: quantize-on-store, dequantize-on-load, bf16 casts.
 
-Device side (``@triton.jit``): ``load_operand`` reads a tile of a float or per-block INT8 operand as
-float32; ``emit_tile`` writes a float32 tile either cast to the output's float dtype or quantized per
-block (absmax -> scale -> round -> int8, plus the block scales). A tile must cover whole output blocks
-(its origin and sizes are multiples of the block), so every block's absmax is computed in registers
-and the output is written once.
+Numerics equal ``int8flow.format.quantize`` bit for bit under nearest rounding: the absmax is exact,
+``scale = absmax / 127`` and ``x / scale`` are IEEE round-to-nearest divisions (``tl.div_rn``, the
+correctly rounded float32 division torch does), finite scales are clamped to the format's largest
+(absmax = FLT_MAX would otherwise dequantize to Inf), zero-scale blocks give 0, and round half to even
+is written with exact float32 operations (the Triton interpreter, the CPU test path, has no libdevice).
+Stochastic rounding is ``floor(v + u)``, ``u ~ U[0, 1)`` from ``tl.rand(seed, element_index)``: a
+counter-based RNG keyed by position, so a seed gives the same bits on any launch geometry.
 
-Host side: ``Operand`` (kernel arguments of one input), ``Output`` (allocation, kernel arguments and
-result of one output), ``check_*`` validators shared by the wrappers in this package.
-
-Numerics match ``int8flow.format.quantize``: scale = absmax / 127 (float32, correctly rounded, clamped to
-the format's largest finite scale), value /
-scale correctly rounded, nearest = round half to even, stochastic = floor(v + u) with u ~ U[0, 1) drawn
-by ``tl.rand(seed, element_index)`` (a counter-based RNG: the same seed gives the same bits on any
-launch geometry), clamp to [-127, 127], zero-scale blocks give 0.
+The host side (validation, allocation, seeds, launch geometry) lives in ``_launch``.
 """
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional
-
-import torch
 import triton
 import triton.language as tl
 
-from ..format import QTensor
-from ..format.blocks import _SCALE_MAX, QMAX, ROUNDING_MODES, BlockShape
+from ..format.blocks import _SCALE_MAX, QMAX
+from ._launch import interpreting
 
-# Block sides the kernels accept: powers of two (the in-register absmax reshapes the tile by them).
-MAX_BLOCK_SIDE = 128
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# 1.5 * 2**23. Adding and subtracting it leaves v rounded to an integer by the FPU's own
-# round-half-to-even (exact for |v| < 2**22; quantized values are within [-127, 127]). libdevice's
-# rint would do the same but the Triton interpreter (the CPU test path) has no libdevice.
-_RNE_MAGIC = tl.constexpr(12582912.0)
 _QMAX_F = tl.constexpr(float(QMAX))
-# The format's largest finite scale (absmax = FLT_MAX would round absmax / 127 up and dequantize to Inf).
 _SCALE_MAX_F = tl.constexpr(_SCALE_MAX)
+# Triton itself picks the interpreter when a kernel is decorated, so reading the switch at import agrees with it.
+_INTERPRETING = tl.constexpr(interpreting())
 
 
 @triton.jit
 def round_half_even(v):
-    return (v + _RNE_MAGIC) - _RNE_MAGIC
+    """Round float32 to the nearest integer, ties to even, for |v| < 2**22 (v + 0.5 is exact there).
+
+    (The 1.5 * 2**23 add/subtract trick is shorter but costs the GEMM epilogue extra spills on sm_90.)
+    """
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def scale_from_absmax(absmax):
+    """absmax / 127 correctly rounded, finite scales clamped like ``int8flow.format`` (NaN/Inf stay visible)."""
+    scale = tl.div_rn(absmax, _QMAX_F)
+    return tl.where((scale > _SCALE_MAX_F) & (scale < float("inf")), _SCALE_MAX_F, scale)
+
+
+@triton.jit
+def quantize_values(x, scale, seed, offsets, STOCHASTIC: tl.constexpr):
+    """int8 codes of float32 ``x`` under a broadcastable per-block ``scale`` (0 where the scale is 0)."""
+    nonzero = scale > 0.0
+    v = tl.where(nonzero, tl.div_rn(x, tl.where(nonzero, scale, 1.0)), 0.0)
+    if STOCHASTIC:
+        q = tl.floor(v + tl.rand(seed, offsets))
+    else:
+        q = round_half_even(v)
+    return tl.minimum(tl.maximum(q, -_QMAX_F), _QMAX_F).to(tl.int8)
+
+
+@triton.jit
+def quantize_tile(y, offsets, seed, BM: tl.constexpr, BN: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr,
+                  STOCHASTIC: tl.constexpr):
+    """Quantize a float32 [BM, BN] tile of whole QR x QC blocks; returns (int8 [BM, BN], scales [BM//QR, BN//QC]).
+
+    Elements outside the tensor must be 0 in ``y`` (they take part in their block's absmax).
+    """
+    y4 = tl.reshape(y, (BM // QR, QR, BN // QC, QC))
+    scale4 = scale_from_absmax(tl.max(tl.max(tl.abs(y4), axis=3, keep_dims=True), axis=1, keep_dims=True))
+    offs4 = tl.reshape(offsets, (BM // QR, QR, BN // QC, QC))
+    q4 = quantize_values(y4, scale4, seed, offs4, STOCHASTIC)
+    return tl.reshape(q4, (BM, BN)), tl.reshape(scale4, (BM // QR, BN // QC))
 
 
 @triton.jit
 def cast_rne(y, dtype: tl.constexpr):
-    """float32 -> dtype, round half to even (the GPU's default; the interpreter would truncate to bfloat16)."""
-    if dtype == tl.bfloat16:
+    """float32 -> dtype, round half to even: the GPU's conversion; the interpreter would truncate to bfloat16."""
+    if _INTERPRETING and dtype == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        y = bits.to(tl.float32, bitcast=True)
+        y = tl.where(y == y, bits.to(tl.float32, bitcast=True), y)  # NaN stays NaN
     return y.to(dtype)
 
 
 @triton.jit
-def load_operand(ptr, scale_ptr, rows, cols, M, N, IS_Q: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr):
-    """Tile [len(rows), len(cols)] of a row-major (M, N) operand as float32; zeros outside the tensor.
+def tile_coords(BM: tl.constexpr, BN: tl.constexpr):
+    """(row0, col0, rows, cols) of this program's [BM, BN] tile on a 2-D grid of tiles."""
+    row0 = tl.program_id(0) * BM
+    col0 = tl.program_id(1) * BN
+    return row0, col0, row0 + tl.arange(0, BM), col0 + tl.arange(0, BN)
 
-    INT8 operands (IS_Q) are multiplied by their block scale (scale grid row-major, cdiv(N, QC) wide).
-    """
+
+@triton.jit
+def load_tile(ptr, scale_ptr, rows, cols, M, N, stride_r, stride_c, stride_sr, stride_sc,
+              IS_Q: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr):
+    """Tile [len(rows), len(cols)] of an (M, N) operand as float32, zeros outside; INT8 (IS_Q) times its block scale."""
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     rows64 = rows.to(tl.int64)
-    x = tl.load(ptr + rows64[:, None] * N + cols[None, :], mask=mask, other=0).to(tl.float32)
+    x = tl.load(ptr + rows64[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0).to(tl.float32)
     if IS_Q:
-        n_scale_cols = tl.cdiv(N, QC)
-        s = tl.load(scale_ptr + (rows64[:, None] // QR) * n_scale_cols + (cols[None, :] // QC), mask=mask, other=0.0)
+        s = tl.load(scale_ptr + (rows64[:, None] // QR) * stride_sr + (cols[None, :] // QC) * stride_sc,
+                    mask=mask, other=0.0)
         x = x * s
     return x
 
 
 @triton.jit
-def quantize_tile(y, offs, seed, BM: tl.constexpr, BN: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr,
-                  STOCHASTIC: tl.constexpr):
-    """Quantize a float32 [BM, BN] tile made of whole QR x QC blocks; returns (int8 tile, scales [BM//QR, BN//QC])."""
-    y4 = tl.reshape(y, (BM // QR, QR, BN // QC, QC))
-    absmax = tl.max(tl.max(tl.abs(y4), axis=3), axis=1)
-    scale = tl.div_rn(absmax, _QMAX_F)
-    scale = tl.where((scale > _SCALE_MAX_F) & (scale < float("inf")), _SCALE_MAX_F, scale)
-    s4 = scale[:, None, :, None]
-    nonzero = s4 > 0
-    v4 = tl.where(nonzero, tl.div_rn(y4, tl.where(nonzero, s4, 1.0)), 0.0)
-    v = tl.reshape(v4, (BM, BN))
-    if STOCHASTIC:
-        q = tl.floor(v + tl.rand(seed, offs))
-    else:
-        q = round_half_even(v)
-    q = tl.minimum(tl.maximum(q, -_QMAX_F), _QMAX_F)
-    return q.to(tl.int8), scale
+def load_operand(ptr, scale_ptr, rows, cols, M, N, IS_Q: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr):
+    """``load_tile`` of a row-major (M, N) operand with a row-major scale grid (``_launch.Operand``)."""
+    return load_tile(ptr, scale_ptr, rows, cols, M, N, N, 1, tl.cdiv(N, QC), 1, IS_Q, QR, QC)
 
 
 @triton.jit
@@ -96,9 +112,8 @@ def emit_tile(y, out_ptr, out_scale_ptr, row0, col0, M, N, seed, BM: tl.constexp
               OUT_Q: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Write the float32 tile y = out[row0:row0+BM, col0:col0+BN] (tails masked) as float or per-block INT8.
 
-    For INT8 output, row0/col0/BM/BN must be multiples of QR/QC; masked-out elements must be 0 in y
-    (``load_operand`` guarantees it for values computed elementwise from loaded zeros, callers that
-    produce non-zero values there pass them through ``tl.where`` first).
+    For INT8 output (``_launch.Output``), row0/col0/BM/BN must be multiples of QR/QC; the tile's
+    out-of-range elements are zeroed before the block absmax.
     """
     rows = row0 + tl.arange(0, BM)
     cols = col0 + tl.arange(0, BN)
@@ -137,171 +152,5 @@ def row_stats_update(mean, m2, x, c0, N, BLOCK_D: tl.constexpr, RMS: tl.constexp
     return mean, m2
 
 
-# --- host side ---------------------------------------------------------------------------------
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialized output buffer; every kernel output goes through here (the tests poison it)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"{name} is on {t.device}; the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the "
-            "CPU interpreter). Use int8flow.reference for CPU tensors."
-        )
-
-
-class Operand(NamedTuple):
-    """Kernel arguments of one (M, N) input: ``ptr, scale_ptr, IS_Q, QR, QC`` (see ``load_operand``)."""
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    is_q: bool
-    qr: int
-    qc: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.data.shape)
-
-    @property
-    def args(self) -> tuple:
-        return (self.data, self.scale, self.is_q, self.qr, self.qc)
-
-
-def operand(x, name: str) -> Operand:
-    """Validate a float tensor or QTensor input (2-D, row-major contiguous, on the kernel device)."""
-    if isinstance(x, QTensor):
-        data = x.data
-        if not (data.is_contiguous() and x.scale.is_contiguous()):
-            raise ValueError(
-                f"{name} is a QTensor whose data or scale is not row-major contiguous (a .t() view?); the kernels "
-                f"read (rows, features) row-major: pass QTensor(q.data.contiguous(), q.scale.contiguous(), q.block)"
-            )
-        check_device(data, name)
-        return Operand(data, x.scale, True, x.block.rows, x.block.cols)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a float tensor or a QTensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32/bfloat16/float16 or a QTensor, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(x.shape)}; use x.reshape(-1, x.shape[-1])")
-    if not x.is_contiguous():
-        raise ValueError(f"{name} must be row-major contiguous; call {name}.contiguous() first")
-    check_device(x, name)
-    return Operand(x, x, False, 1, 1)
-
-
-def check_same_shape(*ops: tuple[str, Operand]) -> tuple[int, int]:
-    shapes = {name: op.shape for name, op in ops}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"shape mismatch: {shapes}; these operands must have the same (rows, features) shape")
-    devices = {str(op.data.device) for _, op in ops}
-    if len(devices) != 1:
-        raise ValueError(f"operands are on different devices {devices}; move them to one device")
-    return ops[0][1].shape
-
-
-def check_vector(v: Optional[torch.Tensor], name: str, d: int, device: torch.device) -> None:
-    if v is None:
-        return
-    if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float32/bfloat16/float16 tensor, got {getattr(v, 'dtype', type(v).__name__)}")
-    if tuple(v.shape) != (d,):
-        raise ValueError(f"{name} must have shape ({d},) to match the feature dimension, got {tuple(v.shape)}")
-    if not v.is_contiguous() or v.device != device:
-        raise ValueError(f"{name} must be contiguous and on {device}, got device {v.device}")
-
-
-def check_stats(v: torch.Tensor, name: str, m: int, device: torch.device) -> None:
-    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or tuple(v.shape) != (m,):
-        raise ValueError(f"{name} must be a float32 tensor of shape ({m},) (the forward pass's row statistic), "
-                         f"got {getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}")
-    if not v.is_contiguous() or v.device != device:
-        raise ValueError(f"{name} must be contiguous and on {device}, got device {v.device}")
-
-
-def stream_seed(seed: int, stream: int) -> int:
-    """Independent 31-bit Philox seed for random stream ``stream`` of a call seeded with ``seed``.
-
-    One call may draw several streams (a dropout mask and the rounding noise of each output); a
-    multiplicative hash keeps ``stream_seed(s, 1)`` from colliding with ``stream_seed(s + 1, 0)``.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return ((seed * 0x9E3779B1) ^ (stream * 0x85EBCA77 + 0x165667B1)) % (2**31 - 1)
-
-
-class Output:
-    """One kernel output: a float tensor of ``out_dtype`` or INT8 data + block scales (``out_block``).
-
-    ``args`` are the kernel arguments ``out_ptr, out_scale_ptr, OUT_Q, QR, QC, STOCHASTIC``;
-    ``result()`` is what the wrapper returns (a Tensor or a QTensor).
-    """
-
-    def __init__(self, shape: tuple[int, int], device: torch.device, out_dtype: torch.dtype = torch.float32,
-                 out_block=None, rounding: str = "nearest"):
-        if rounding not in ROUNDING_MODES:
-            raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-        self.block = None if out_block is None else BlockShape.parse(out_block)
-        if self.block is None:
-            if out_dtype not in FLOAT_DTYPES:
-                raise TypeError(f"out_dtype must be one of {FLOAT_DTYPES} (or pass out_block for INT8), got {out_dtype}")
-            self.data = alloc(shape, out_dtype, device)
-            self.scale = self.data
-        else:
-            check_block(self.block, "out_block")
-            self.data = alloc(shape, torch.int8, device)
-            self.scale = alloc(self.block.grid(shape), torch.float32, device)
-        self.stochastic = rounding == "stochastic"
-
-    @property
-    def qr(self) -> int:
-        return 1 if self.block is None else self.block.rows
-
-    @property
-    def qc(self) -> int:
-        return 1 if self.block is None else self.block.cols
-
-    @property
-    def args(self) -> tuple:
-        return (self.data, self.scale, self.block is not None, self.qr, self.qc, self.stochastic)
-
-    def result(self):
-        return self.data if self.block is None else QTensor(self.data, self.scale, self.block)
-
-
-def check_block(block: BlockShape, name: str) -> None:
-    for side in (block.rows, block.cols):
-        if side & (side - 1) or side > MAX_BLOCK_SIDE:
-            raise ValueError(
-                f"{name} {block} is not supported by the Triton kernels: block sides must be powers of two up to "
-                f"{MAX_BLOCK_SIDE} (e.g. 32x32, 1x32, 1x128); use int8flow.reference for other shapes"
-            )
-
-
-def tile_shape(qr: int, qc: int, elements: int = 4096) -> tuple[int, int]:
-    """(BM, BN) of an elementwise tile: whole blocks of qr x qc, about ``elements`` values."""
-    bn = max(qc, 128)
-    bm = max(qr, elements // bn)
-    return bm, bn
-
-
-def elementwise_launch(shape: tuple[int, int], out: Output) -> tuple[tuple[int, int], dict]:
-    """Grid and tile constexprs (BM, BN) of an elementwise kernel writing ``out``."""
-    bm, bn = tile_shape(out.qr, out.qc)
-    grid = (triton.cdiv(shape[0], bm), triton.cdiv(shape[1], bn))
-    return grid, dict(BM=bm, BN=bn, num_warps=4 if bm * bn <= 4096 else 8)
-
-
-__all__ = [
-    "Operand", "Output", "alloc", "cast_rne", "check_block", "check_device", "check_same_shape", "check_stats", "check_vector",
-    "elementwise_launch", "emit_tile", "interpreting", "load_operand", "operand", "quantize_tile", "round_half_even", "row_stats_update", "stream_seed",
-    "tile_shape",
-]
+__all__ = ["cast_rne", "emit_tile", "load_operand", "load_tile", "quantize_tile", "quantize_values",
+           "round_half_even", "row_stats_update", "scale_from_absmax", "tile_coords"]

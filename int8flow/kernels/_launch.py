@@ -1,15 +1,23 @@
-"""Launch-side helpers shared by the Triton wrappers: device checks, interpreter detection, SM count.
+"""Host side shared by every Triton wrapper: input validation, output allocation, seeds, launch geometry.
 
-Nothing here touches the GPU at import time.
+Every check raises naming the argument, what was expected and the fix. Nothing here touches the GPU at
+import time. The device side (``@triton.jit`` helpers) lives in ``_blockquant``.
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
+import triton
+
+from ..format import QTensor
+from ..format.blocks import ROUNDING_MODES, BlockShape
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Block sides the in-register quantizers accept: powers of two (the tile is reshaped by them).
+MAX_BLOCK_SIDE = 128
 
 
 def interpreting() -> bool:
@@ -17,40 +25,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_device(t: torch.Tensor, name: str) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; anything else is a caller bug."""
-    if interpreting():
-        if t.device.type != "cpu":
-            raise ValueError(f"{name} is on {t.device}, but TRITON_INTERPRET=1 runs kernels on CPU tensors")
-    elif t.device.type != "cuda":
-        raise ValueError(
-            f"{name} is on {t.device}; the Triton kernels need CUDA tensors. "
-            "Use int8flow.reference (or int8flow.format) on CPU."
-        )
-
-
-def check_float(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(
-            f"{name} must be 2-D (rows, cols), got shape {tuple(x.shape)}; flatten leading dims first, "
-            "e.g. x.reshape(-1, x.shape[-1])"
-        )
-
-
-def check_int32_addressable(t: torch.Tensor, name: str) -> None:
-    """Kernels index with int32 offsets (cheaper registers); refuse tensors whose furthest element needs more."""
-    if t.numel() == 0:
-        return
-    span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-    if span >= 2**31:
-        raise ValueError(
-            f"{name} spans {span} elements in memory; the kernels address with int32 offsets (< 2**31). "
-            "Split the tensor along its rows."
-        )
+def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialized output buffer; every kernel output goes through here (the tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,3 +38,224 @@ def num_sms(device_index: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; anything else is a caller bug."""
+    if interpreting():
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}, but TRITON_INTERPRET=1 runs kernels on CPU tensors; "
+                             f"move it with {name}.cpu() or unset TRITON_INTERPRET")
+    elif t.device.type != "cuda":
+        raise ValueError(f"{name} is on {t.device}; the Triton kernels need CUDA tensors. "
+                         "Use int8flow.reference (or int8flow.format) on CPU.")
+
+
+def check_int32_addressable(t: torch.Tensor, name: str) -> None:
+    """Kernels that index with int32 offsets (cheaper registers) refuse tensors whose furthest element needs more."""
+    span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+    if span >= 2**31:
+        raise ValueError(f"{name} spans {span} elements in memory; the kernels address with int32 offsets "
+                         "(< 2**31). Split the tensor along its rows.")
+
+
+def check_float(x, name: str) -> None:
+    """A 2-D float32/bfloat16/float16 tensor (any strides) on the kernel device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 (or a QTensor where accepted), got {x.dtype}; "
+                        f"convert with {name}.float()")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, cols), got shape {tuple(x.shape)}; flatten leading dims first, "
+                         f"e.g. {name}.reshape(-1, {name}.shape[-1])")
+    check_device(x, name)
+
+
+def check_qtensor(q, name: str) -> None:
+    if not isinstance(q, QTensor):
+        raise TypeError(f"{name} must be a QTensor, got {type(q).__name__}; quantize it first with "
+                        "int8flow.kernels.quantize.quantize")
+    check_device(q.data, f"{name}.data")
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+
+
+def check_out_dtype(out_dtype: torch.dtype, name: str = "out_dtype") -> None:
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of {FLOAT_DTYPES} (pass out_block for an INT8 output), got {out_dtype}")
+
+
+def check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}; the default is a safe choice")
+
+
+def check_block(block: BlockShape, name: str) -> None:
+    """Block sides the in-register quantizers take: powers of two up to ``MAX_BLOCK_SIDE``."""
+    for side in (block.rows, block.cols):
+        if not is_pow2(side) or side > MAX_BLOCK_SIDE:
+            raise ValueError(
+                f"{name} {block} is not supported by the Triton kernels: block sides must be powers of two up to "
+                f"{MAX_BLOCK_SIDE} (e.g. 32x32, 1x32, 1x128); use int8flow.reference for other shapes"
+            )
+
+
+def check_vector(v: Optional[torch.Tensor], name: str, d: int, device: torch.device) -> None:
+    if v is None:
+        return
+    if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32/bfloat16/float16 tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+    if tuple(v.shape) != (d,):
+        raise ValueError(f"{name} must have shape ({d},) to match the feature dimension, got {tuple(v.shape)}")
+    if not v.is_contiguous() or v.device != device:
+        raise ValueError(f"{name} must be contiguous and on {device}, got device {v.device}; "
+                         f"pass {name}.contiguous().to({str(device)!r})")
+
+
+def check_stats(v: torch.Tensor, name: str, m: int, device: torch.device) -> None:
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or tuple(v.shape) != (m,):
+        raise ValueError(f"{name} must be a float32 tensor of shape ({m},) (the forward pass's row statistic), "
+                         f"got {getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}")
+    if not v.is_contiguous() or v.device != device:
+        raise ValueError(f"{name} must be contiguous and on {device}, got device {v.device}")
+
+
+# --- seeds -----------------------------------------------------------------------------------------
+
+
+def stream_seed(seed: int, stream: int = 0) -> int:
+    """31-bit Philox seed (what ``tl.rand`` takes) for random stream ``stream`` of a call seeded with ``seed``.
+
+    ``seed`` may be any non-negative int (the ops layer draws 62-bit ones). One call may draw several
+    streams (a dropout mask and the rounding noise of each output); a multiplicative hash keeps
+    ``stream_seed(s, 1)`` from colliding with ``stream_seed(s + 1, 0)``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}; pass int(seed)")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}")
+    return ((seed * 0x9E3779B1) ^ (stream * 0x85EBCA77 + 0x165667B1)) % (2**31 - 1)
+
+
+# --- operands and outputs of the row-major kernels ---------------------------------------------------
+
+
+class Operand(NamedTuple):
+    """Kernel arguments of one (M, N) input: ``ptr, scale_ptr, IS_Q, QR, QC`` (see ``_blockquant.load_operand``)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    is_q: bool
+    qr: int
+    qc: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def args(self) -> tuple:
+        return (self.data, self.scale, self.is_q, self.qr, self.qc)
+
+
+def operand(x, name: str) -> Operand:
+    """Validate a float tensor or QTensor input (2-D, row-major contiguous, on the kernel device)."""
+    if isinstance(x, QTensor):
+        check_device(x.data, name)
+        if not (x.data.is_contiguous() and x.scale.is_contiguous()):
+            raise ValueError(
+                f"{name} is a QTensor whose data or scale is not row-major contiguous (a .t() view?); the kernels "
+                f"read (rows, features) row-major: pass QTensor(q.data.contiguous(), q.scale.contiguous(), q.block)"
+            )
+        return Operand(x.data, x.scale, True, x.block.rows, x.block.cols)
+    check_float(x, name)
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be row-major contiguous; call {name}.contiguous() first")
+    return Operand(x, x, False, 1, 1)
+
+
+def check_same_shape(*ops: tuple[str, Operand]) -> tuple[int, int]:
+    shapes = {name: op.shape for name, op in ops}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shape mismatch: {shapes}; these operands must have the same (rows, features) shape")
+    devices = {str(op.data.device) for _, op in ops}
+    if len(devices) != 1:
+        raise ValueError(f"operands are on different devices {devices}; move them to one device")
+    return ops[0][1].shape
+
+
+class Output:
+    """One kernel output: a float tensor of ``out_dtype`` or INT8 data + block scales (``out_block``).
+
+    ``args`` are the kernel arguments ``out_ptr, out_scale_ptr, OUT_Q, QR, QC, STOCHASTIC``;
+    ``result()`` is what the wrapper returns (a Tensor or a QTensor).
+    """
+
+    def __init__(self, shape: tuple[int, int], device: torch.device, out_dtype: torch.dtype = torch.float32,
+                 out_block=None, rounding: str = "nearest"):
+        check_rounding(rounding)
+        self.block = None if out_block is None else BlockShape.parse(out_block)
+        if self.block is None:
+            check_out_dtype(out_dtype)
+            self.data = alloc(shape, out_dtype, device)
+            self.scale = self.data
+        else:
+            check_block(self.block, "out_block")
+            self.data = alloc(shape, torch.int8, device)
+            self.scale = alloc(self.block.grid(shape), torch.float32, device)
+        self.stochastic = rounding == "stochastic"
+
+    @property
+    def qr(self) -> int:
+        return 1 if self.block is None else self.block.rows
+
+    @property
+    def qc(self) -> int:
+        return 1 if self.block is None else self.block.cols
+
+    @property
+    def args(self) -> tuple:
+        return (self.data, self.scale, self.block is not None, self.qr, self.qc, self.stochastic)
+
+    def result(self):
+        return self.data if self.block is None else QTensor(self.data, self.scale, self.block)
+
+
+# --- launch geometry -------------------------------------------------------------------------------
+
+
+def tile_shape(qr: int, qc: int, elements: int = 4096) -> tuple[int, int]:
+    """(BM, BN) of an elementwise tile: whole blocks of qr x qc, about ``elements`` values."""
+    bn = max(qc, 128)
+    bm = max(qr, elements // bn)
+    return bm, bn
+
+
+def warps_for(elements: int) -> int:
+    """4 warps up to 4096 values per program (~32 fp32 values a thread), 8 above."""
+    return 4 if elements <= 4096 else 8
+
+
+def elementwise_launch(shape: tuple[int, int], out: Output) -> tuple[tuple[int, int], dict]:
+    """Grid and tile constexprs (BM, BN) of an elementwise kernel writing ``out``."""
+    bm, bn = tile_shape(out.qr, out.qc)
+    grid = (triton.cdiv(shape[0], bm), triton.cdiv(shape[1], bn))
+    return grid, dict(BM=bm, BN=bn, num_warps=warps_for(bm * bn))
+
+
+def band_launch(n: int, qr: int, qc: int, elements: int = 8192) -> dict:
+    """ROWS x BLOCK_D chunk of a row-wise kernel: whole (qr, qc) blocks, about ``elements`` values, no wider than the row."""
+    rows = max(qr, 4)
+    block_d = max(qc, min(triton.next_power_of_2(n), elements // rows))
+    return dict(ROWS=rows, BLOCK_D=block_d, num_warps=8 if rows * block_d >= 4096 else 4)

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blockquant import Output, check_same_shape, elementwise_launch, emit_tile, load_operand, operand, stream_seed
+from ._blockquant import emit_tile, load_operand, tile_coords
+from ._launch import Output, check_same_shape, elementwise_launch, operand, stream_seed
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
@@ -40,10 +41,7 @@ def _gelu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_Q
                  STOCHASTIC: tl.constexpr,
                  M, N, seed, BACKWARD: tl.constexpr, TANH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """out = gelu(x) (forward) or dy * gelu'(x) (BACKWARD); all tensors (M, N) row-major."""
-    row0 = tl.program_id(0) * BM
-    col0 = tl.program_id(1) * BN
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
+    row0, col0, rows, cols = tile_coords(BM, BN)
     x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
     if TANH:
         t, sech2 = _tanh_parts(_SQRT_2_OVER_PI * (x + _TANH_C * x * x * x))
@@ -71,10 +69,7 @@ def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY
                    out2_ptr, out2_scale,
                    M, N, seed, seed2, BACKWARD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """out = silu(g) * u (forward) or (out, out2) = (dgate, dup) (BACKWARD); out2 has out's format."""
-    row0 = tl.program_id(0) * BM
-    col0 = tl.program_id(1) * BN
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
+    row0, col0, rows, cols = tile_coords(BM, BN)
     g = load_operand(g_ptr, g_scale, rows, cols, M, N, G_Q, G_QR, G_QC)
     u = load_operand(u_ptr, u_scale, rows, cols, M, N, U_Q, U_QR, U_QC)
     sig = tl.sigmoid(g)

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blockquant import (
-    Output, alloc, elementwise_launch, emit_tile, load_operand, operand, stream_seed, tile_shape,
-)
+from . import _launch
+from ._blockquant import emit_tile, load_operand, tile_coords
+from ._launch import Output, elementwise_launch, operand, stream_seed, tile_shape
 
 
 @triton.jit
@@ -33,10 +33,7 @@ def _dropout_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC:
                     STOCHASTIC: tl.constexpr, M, N, p, keep_prob, mask_seed, seed,
                     KEEP_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """out = x * keep / (1 - p); keep loaded from keep_ptr (bool, (M, N)) or regenerated from mask_seed."""
-    row0 = tl.program_id(0) * BM
-    col0 = tl.program_id(1) * BN
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
+    row0, col0, rows, cols = tile_coords(BM, BN)
     x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     if KEEP_GIVEN:
@@ -50,8 +47,7 @@ def _dropout_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC:
 
 @triton.jit
 def _keep_mask_kernel(keep_ptr, M, N, p, mask_seed, BM: tl.constexpr, BN: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    _, _, rows, cols = tile_coords(BM, BN)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(keep_ptr + offs, _keep(mask_seed, offs, p), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -65,7 +61,7 @@ class DropoutMask(NamedTuple):
 
     def materialize(self, device: Union[str, torch.device]) -> torch.Tensor:
         """The keep mask as a bool tensor (the reference's form), from the same random stream."""
-        keep = alloc(self.shape, torch.bool, torch.device(device))
+        keep = _launch.alloc(self.shape, torch.bool, torch.device(device))
         bm, bn = tile_shape(1, 1)
         grid = (triton.cdiv(self.shape[0], bm), triton.cdiv(self.shape[1], bn))
         _keep_mask_kernel[grid](keep, *self.shape, float(self.p), stream_seed(self.seed, 0), BM=bm, BN=bn)
@@ -77,7 +73,7 @@ def _check_p(p: float) -> None:
         raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
 
 
-def _launch(x_op, shape, keep, mask_seed, p, out_dtype, out_block, rounding, seed):
+def _run(x_op, shape, keep, mask_seed, p, out_dtype, out_block, rounding, seed):
     out = Output(shape, x_op.data.device, out_dtype, out_block, rounding)
     grid, meta = elementwise_launch(shape, out)
     _dropout_kernel[grid](*x_op.args, keep, *out.args, shape[0], shape[1], float(p), float(1.0 - p), mask_seed,
@@ -91,7 +87,7 @@ def dropout_forward(x, p: float, seed: int = 0, out_dtype: torch.dtype = torch.f
     _check_p(p)
     x_op = operand(x, "x")
     mask = DropoutMask(seed, float(p), x_op.shape)
-    y = _launch(x_op, x_op.shape, None, stream_seed(seed, 0), p, out_dtype, out_block, rounding, seed)
+    y = _run(x_op, x_op.shape, None, stream_seed(seed, 0), p, out_dtype, out_block, rounding, seed)
     return y, mask
 
 
@@ -104,13 +100,13 @@ def dropout_backward(dy, mask: Union[DropoutMask, torch.Tensor], p: float, out_d
         if tuple(mask.shape) != dy_op.shape or mask.p != float(p):
             raise ValueError(f"mask is for shape {tuple(mask.shape)} and p={mask.p}, but dy has shape {dy_op.shape} "
                              f"and p={p}; pass the DropoutMask of the matching forward call")
-        return _launch(dy_op, dy_op.shape, None, stream_seed(mask.seed, 0), p, out_dtype, out_block, rounding, seed)
+        return _run(dy_op, dy_op.shape, None, stream_seed(mask.seed, 0), p, out_dtype, out_block, rounding, seed)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a DropoutMask or a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
     if tuple(mask.shape) != dy_op.shape or mask.device != dy_op.data.device or not mask.is_contiguous():
         raise ValueError(f"mask must be a contiguous bool tensor of dy's shape {dy_op.shape} on {dy_op.data.device}, "
                          f"got shape {tuple(mask.shape)} on {mask.device}")
-    return _launch(dy_op, dy_op.shape, mask, 0, p, out_dtype, out_block, rounding, seed)
+    return _run(dy_op, dy_op.shape, mask, 0, p, out_dtype, out_block, rounding, seed)
 
 
 __all__ = ["DropoutMask", "dropout_backward", "dropout_forward"]

@@ -43,11 +43,15 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from ..format import ROUNDING_MODES, BlockShape, QTensor
+from ..format import BlockShape, QTensor
 from ..format.blocks import BlockLike
-from ._launch import FLOAT_DTYPES, check_device, check_int32_addressable, interpreting, num_sms
+from ._blockquant import cast_rne, quantize_tile
+from . import _launch
+from ._launch import (
+    check_int32_addressable, check_out_dtype, check_qtensor, check_rounding, check_vector, interpreting, is_pow2,
+    num_sms, stream_seed,
+)
 from .quantize import quantize as _quantize_kernel_wrapper
-from .quantize import quantize_values, scale_from_absmax
 
 IMPLS = ("auto", "int8", "dequant")
 # Operand layouts (compile-time). TMA (the Hopper bulk tensor copy engine, via tl.make_tensor_descriptor)
@@ -167,20 +171,15 @@ def _block_gemm_kernel(
         c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         if OUT_QUANT:
             # Zero the out-of-range rows/cols (they hold wrapped-around rows) before each block's absmax.
-            acc = tl.where(in_c, acc, 0.0)
-            acc4 = tl.reshape(acc, (BM // OBR, OBR, BN // OBC, OBC))
-            amax = tl.max(tl.max(tl.abs(acc4), axis=3, keep_dims=True), axis=1, keep_dims=True)
-            scale = scale_from_absmax(amax)
-            rand_offs = tl.reshape(offs_m[:, None] * N + offs_n[None, :], (BM // OBR, OBR, BN // OBC, OBC))
-            q = tl.reshape(quantize_values(acc4, scale, seed, rand_offs, STOCHASTIC), (BM, BN))
+            q, scale = quantize_tile(tl.where(in_c, acc, 0.0), offs_m[:, None] * N + offs_n[None, :], seed,
+                                     BM, BN, OBR, OBC, STOCHASTIC)
             tl.store(c_ptr + c_offs, q, mask=in_c)
             blk_m = pid_m * (BM // OBR) + tl.arange(0, BM // OBR)
             blk_n = pid_n * (BN // OBC) + tl.arange(0, BN // OBC)
             blk_in = (blk_m < tl.cdiv(M, OBR))[:, None] & (blk_n < tl.cdiv(N, OBC))[None, :]
-            tl.store(sc_ptr + blk_m[:, None] * stride_scm + blk_n[None, :] * stride_scn,
-                     tl.reshape(scale, (BM // OBR, BN // OBC)), mask=blk_in)
+            tl.store(sc_ptr + blk_m[:, None] * stride_scm + blk_n[None, :] * stride_scn, scale, mask=blk_in)
         else:
-            tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=in_c)
+            tl.store(c_ptr + c_offs, cast_rne(acc, c_ptr.dtype.element_ty), mask=in_c)
 
 
 # --- configurations --------------------------------------------------------------------------------
@@ -250,15 +249,11 @@ def _tma_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def promotion_group(a: QTensor, b: QTensor) -> int:
     """K elements between two promotions: the operands' K block sizes must nest, and be a power of two >= 32."""
     ka, kb = a.block.cols, b.block.cols
     g, big = min(ka, kb), max(ka, kb)
-    if big % g or not _is_pow2(g) or g < 32:
+    if big % g or not is_pow2(g) or g < 32:
         raise ValueError(
             f"block_gemm needs operand blocks along K that are powers of two >= 32 and nest; got a {a.block} "
             f"(K block {ka}) and b {b.block} (K block {kb}). Re-quantize the operand, e.g. with "
@@ -278,33 +273,22 @@ def resolve_impl(impl: str, group: int) -> str:
 
 def _check_gemm_args(a, b, bias, out_dtype, rounding, seed):
     for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, QTensor):
-            raise TypeError(f"block_gemm: {name} must be a QTensor (use int8flow.kernels.quantize.quantize), "
-                            f"got {type(t).__name__}")
-        check_device(t.data, f"{name}.data")
+        check_qtensor(t, name)
         check_int32_addressable(t.data, f"{name}.data")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"block_gemm computes a @ b.T and needs a (M, K), b (N, K) with the same K; "
-                         f"got a {tuple(a.shape)}, b {tuple(b.shape)}")
+                         f"got a {tuple(a.shape)}, b {tuple(b.shape)}; pass b.t() if b is (K, N)")
     if a.device != b.device:
         raise ValueError(f"block_gemm: a is on {a.device}, b on {b.device}; move both to one device")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (b.shape[0],) or bias.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"bias must be a float tensor of shape ({b.shape[0]},), got "
-                             f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
-        if bias.device != a.device:
-            raise ValueError(f"bias is on {bias.device}, operands on {a.device}")
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    check_vector(bias, "bias", b.shape[0], a.device)
+    check_out_dtype(out_dtype)
+    check_rounding(rounding)
+    stream_seed(seed)
 
 
 def out_block_fits(out_block: BlockShape, max_tile: tuple[int, int] = (128, 256)) -> bool:
     """Whether the epilogue can quantize ``out_block`` in-tile (power-of-two dims within the largest tile)."""
-    return (_is_pow2(out_block.rows) and _is_pow2(out_block.cols)
+    return (is_pow2(out_block.rows) and is_pow2(out_block.cols)
             and out_block.rows <= max_tile[0] and out_block.cols <= max_tile[1])
 
 
@@ -336,8 +320,8 @@ def block_gemm(
     M, K = a.shape
     N = b.shape[0]
     out_quant = out_block is not None
-    c = torch.empty((M, N), dtype=torch.int8 if out_quant else out_dtype, device=a.device)
-    sc = torch.empty(out_block.grid((M, N)) if out_quant else (0, 0), dtype=torch.float32, device=a.device)
+    c = _launch.alloc((M, N), torch.int8 if out_quant else out_dtype, a.device)
+    sc = _launch.alloc(out_block.grid((M, N)) if out_quant else (0, 0), torch.float32, a.device)
     if M == 0 or N == 0:
         return QTensor(c, sc.zero_(), out_block) if out_quant else c
 
@@ -345,7 +329,8 @@ def block_gemm(
     args = (a.data, b.data, a.scale, b.scale, bias if bias is not None else c, c, sc, M, N, K,
             a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1),
             a.scale.stride(0), a.scale.stride(1), b.scale.stride(0), b.scale.stride(1),
-            c.stride(0), c.stride(1), sc.stride(0) if out_quant else 0, sc.stride(1) if out_quant else 0, seed)
+            c.stride(0), c.stride(1), sc.stride(0) if out_quant else 0, sc.stride(1) if out_quant else 0,
+            stream_seed(seed))
     meta = dict(A_LAYOUT=_layout(a.data, tma), B_LAYOUT=_layout(b.data, tma),
                 A_BR=a.block.rows, A_BK=a.block.cols, B_BR=b.block.rows, B_BK=b.block.cols,
                 G=group, BK=min(group, 128), HAS_BIAS=bias is not None, OUT_QUANT=out_quant, OBR=obr, OBC=obc,

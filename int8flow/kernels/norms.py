@@ -23,14 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _blockquant
-from ._blockquant import (
-    Output, check_same_shape, check_stats, check_vector, emit_tile, interpreting, load_operand, operand,
-    row_stats_update, stream_seed,
+from . import _launch
+from ._blockquant import emit_tile, load_operand, row_stats_update
+from ._launch import (
+    Output, band_launch, check_eps, check_same_shape, check_stats, check_vector, interpreting, num_sms, operand,
+    stream_seed,
 )
-
-TILE_ELEMENTS = 8192  # values per (ROWS x BLOCK_D) chunk held in registers
-
 
 @triton.jit
 def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
@@ -72,6 +70,20 @@ def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC
 
 
 @triton.jit
+def _bwd_chunk(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, cols, M, N,
+               DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
+               X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr, HAS_W: tl.constexpr):
+    """(dy, xhat, g = dy * w) of one chunk; both backward passes recompute them instead of keeping the band."""
+    dy = load_operand(dy_ptr, dy_scale, rows, cols, M, N, DY_Q, DY_QR, DY_QC)
+    x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return dy, xhat, g
+
+
+@triton.jit
 def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                      x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                      w_ptr, mean_ptr, rstd_ptr,
@@ -95,12 +107,8 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
         sum_gx = tl.zeros((ROWS,), tl.float32)
         for c0 in range(0, N, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
-            dy = load_operand(dy_ptr, dy_scale, rows, cols, M, N, DY_Q, DY_QR, DY_QC)
-            x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            g = dy
-            if HAS_W:
-                g = dy * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            dy, xhat, g = _bwd_chunk(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, cols, M, N,
+                                     DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W)
             sum_g += tl.sum(g, axis=1)
             sum_gx += tl.sum(g * xhat, axis=1)
         mean_g = sum_g / N
@@ -108,12 +116,9 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
         for c0 in range(0, N, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_ok = cols < N
-            dy = load_operand(dy_ptr, dy_scale, rows, cols, M, N, DY_Q, DY_QR, DY_QC)
-            x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            g = dy
+            dy, xhat, g = _bwd_chunk(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, cols, M, N,
+                                     DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W)
             if HAS_W:
-                g = dy * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 dw = tl.load(dw_part_ptr + part_row + cols, mask=col_ok, other=0.0)
                 tl.store(dw_part_ptr + part_row + cols, dw + tl.sum(dy * xhat, axis=0), mask=col_ok)
             if RMS:
@@ -125,17 +130,10 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
             emit_tile(dx, dx_ptr, dx_scale, row0, c0, M, N, seed, ROWS, BLOCK_D, DX_Q, DX_QR, DX_QC, STOCHASTIC)
 
 
-def _band(out: Output, n: int) -> dict:
-    """ROWS x BLOCK_D chunk: whole output blocks, about TILE_ELEMENTS values, no wider than the row."""
-    rows = max(out.qr, 4)
-    block_d = max(out.qc, min(triton.next_power_of_2(n), TILE_ELEMENTS // rows))
-    return dict(ROWS=rows, BLOCK_D=block_d, num_warps=8 if rows * block_d >= 4096 else 4)
-
-
 def _persistent_programs(n_bands: int, device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return min(n_bands, 4)  # small, so the CPU tests walk the multi-band loop
-    return min(n_bands, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(n_bands, 4 * num_sms(device.index if device.index is not None else torch.cuda.current_device()))
 
 
 def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, rounding, seed):
@@ -143,8 +141,7 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
     (m, n), device = x_op.shape, x_op.data.device
     check_vector(weight, "weight", n, device)
     check_vector(bias, "bias", n, device)
-    if not isinstance(eps, (int, float)) or eps <= 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    check_eps(eps)
     stats_given = rstd is not None
     if stats_given:
         check_stats(rstd, "rstd", m, device)
@@ -155,10 +152,10 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
     else:
         if mean is not None:
             raise ValueError("mean= was given without rstd=; pass both (from residual_add_forward) or neither")
-        rstd = _blockquant.alloc(m, torch.float32, device)
-        mean = None if rms else _blockquant.alloc(m, torch.float32, device)
+        rstd = _launch.alloc(m, torch.float32, device)
+        mean = None if rms else _launch.alloc(m, torch.float32, device)
     out = Output((m, n), device, out_dtype, out_block, rounding)
-    meta = _band(out, n)
+    meta = band_launch(n, out.qr, out.qc)
     _norm_fwd_kernel[(triton.cdiv(m, meta["ROWS"]),)](
         *x_op.args, weight, bias, mean, rstd, *out.args, m, n, float(eps), stream_seed(seed, 0),
         RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, STATS_GIVEN=stats_given, **meta)
@@ -174,7 +171,7 @@ def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, roundin
     if not rms:
         check_stats(mean, "mean", m, device)
     out = Output((m, n), device, out_dtype, out_block, rounding)
-    meta = _band(out, n)
+    meta = band_launch(n, out.qr, out.qc)
     programs = _persistent_programs(triton.cdiv(m, meta["ROWS"]), device)
     dw_part = torch.zeros((programs, n), dtype=torch.float32, device=device) if weight is not None else None
     db_part = torch.zeros((programs, n), dtype=torch.float32, device=device) if not rms else None

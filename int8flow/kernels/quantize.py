@@ -1,11 +1,8 @@
 """Triton per-block quantize / dequantize, with the fused quantize+transpose of the backward pass.
 
-Numerics equal `int8flow.format.quantize` bit for bit under nearest rounding: the absmax is exact,
-``scale = absmax / 127`` and ``x / scale`` use IEEE round-to-nearest division (`tl.math.div_rn`,
-the same correctly rounded float32 division torch does), and rounding half to even is written with
-exact float32 operations (`round_half_even`) so that it also runs in the Triton interpreter, which
-has no libdevice. Stochastic rounding draws ``u ~ U[0, 1)`` from Philox (`tl.rand(seed, offset)`),
-keyed by the element's position, so a given seed reproduces the same result on any launch geometry.
+Numerics are those of `int8flow.format.quantize` (bit for bit under nearest rounding): see
+``_blockquant``, whose ``scale_from_absmax`` / ``quantize_values`` this kernel applies to a 4-D tile of
+whole blocks. Block sides need not be powers of two here (blocks are padded in registers).
 """
 from __future__ import annotations
 
@@ -13,43 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..format import ROUNDING_MODES, BlockShape, QTensor
-from ..format.blocks import _SCALE_MAX, BlockLike, PAPER_BLOCK, _check_input
-from ._launch import check_device, check_float, check_int32_addressable, next_pow2
+from ..format import BlockShape, QTensor
+from ..format.blocks import PAPER_BLOCK, BlockLike, _check_input
+from ._blockquant import cast_rne, load_tile, quantize_values, scale_from_absmax
+from . import _launch
+from ._launch import (
+    check_float, check_int32_addressable, check_qtensor, check_out_dtype, check_rounding, next_pow2, stream_seed,
+)
 
-# Largest finite scale whose 127 multiple stays finite (the format clamps to it; absmax = FLT_MAX needs it).
-SCALE_MAX = tl.constexpr(_SCALE_MAX)
 # Elements one quantize program handles: 4096 keeps ~32 fp32 values per thread at 4 warps.
 _TILE_ELEMS = 4096
-
-
-@triton.jit
-def round_half_even(v):
-    """Round float32 to the nearest integer, ties to even, for |v| < 2**22 (exact: v + 0.5 is exact there)."""
-    r = tl.floor(v + 0.5)
-    tie = (r - v) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
-
-
-@triton.jit
-def scale_from_absmax(amax):
-    """absmax / 127 correctly rounded, clamped like `int8flow.format` (finite scales only; NaN/Inf stay)."""
-    scale = tl.math.div_rn(amax, 127.0)
-    return tl.where((scale > SCALE_MAX) & (scale < float("inf")), SCALE_MAX, scale)
-
-
-@triton.jit
-def quantize_values(x, scale, seed, offsets, STOCHASTIC: tl.constexpr):
-    """int8 values of float32 ``x`` under a broadcastable per-block ``scale`` (0 where scale is 0)."""
-    safe = tl.where(scale > 0.0, scale, 1.0)
-    v = tl.where(scale > 0.0, tl.math.div_rn(x, safe), 0.0)
-    if STOCHASTIC:
-        q = tl.floor(v + tl.rand(seed, offsets))
-    else:
-        q = round_half_even(v)
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    return q.to(tl.int8)
 
 
 @triton.jit
@@ -93,12 +63,11 @@ def _dequantize_kernel(
     R, C, stride_qr, stride_qc, stride_sr, stride_sc,
     BR: tl.constexpr, BC: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * TILE_R + tl.arange(0, TILE_R)[:, None]
-    cols = tl.program_id(1) * TILE_C + tl.arange(0, TILE_C)[None, :]
-    mask = (rows < R) & (cols < C)
-    q = tl.load(q_ptr + rows * stride_qr + cols * stride_qc, mask=mask, other=0)
-    s = tl.load(scale_ptr + (rows // BR) * stride_sr + (cols // BC) * stride_sc, mask=mask, other=0.0)
-    tl.store(out_ptr + rows * C + cols, (q.to(tl.float32) * s).to(out_ptr.dtype.element_ty), mask=mask)
+    rows = tl.program_id(0) * TILE_R + tl.arange(0, TILE_R)
+    cols = tl.program_id(1) * TILE_C + tl.arange(0, TILE_C)
+    x = load_tile(q_ptr, scale_ptr, rows, cols, R, C, stride_qr, stride_qc, stride_sr, stride_sc, True, BR, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], cast_rne(x, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _tiling(block: BlockShape) -> tuple[int, int, int, int, int]:
@@ -115,8 +84,8 @@ def _launch_quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: in
     R, C = x.shape
     out_shape = (C, R) if transpose else (R, C)
     out_block = block.t() if transpose else block
-    q = torch.empty(out_shape, dtype=torch.int8, device=x.device)
-    scale = torch.empty(out_block.grid(out_shape), dtype=torch.float32, device=x.device)
+    q = _launch.alloc(out_shape, torch.int8, x.device)
+    scale = _launch.alloc(out_block.grid(out_shape), torch.float32, x.device)
     if x.numel() == 0:
         scale.zero_()
         return QTensor(q, scale, out_block)
@@ -124,7 +93,7 @@ def _launch_quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: in
     nbr, nbc = block.grid((R, C))
     grid = (triton.cdiv(nbr, rb), triton.cdiv(nbc, cb))
     _quantize_kernel[grid](
-        x, q, scale, R, C, x.stride(0), x.stride(1), q.stride(0), scale.stride(0), seed,
+        x, q, scale, R, C, x.stride(0), x.stride(1), q.stride(0), scale.stride(0), stream_seed(seed),
         BR=block.rows, BC=block.cols, BR_P=br_p, BC_P=bc_p, RB=rb, CB=cb,
         TRANSPOSE=transpose, STOCHASTIC=rounding == "stochastic", num_warps=warps,
     )
@@ -133,12 +102,9 @@ def _launch_quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: in
 
 def _check_args(x: torch.Tensor, rounding: str, seed: int, check_finite: bool) -> None:
     check_float(x, "x")
-    check_device(x, "x")
     check_int32_addressable(x, "x")
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    check_rounding(rounding)
+    stream_seed(seed)
     _check_input(x, "x", check_finite)
 
 
@@ -176,14 +142,11 @@ def quantize_transposed(
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Kernel twin of `int8flow.format.dequantize`: int8 * scale in float32, written contiguous in ``dtype``."""
-    if not isinstance(q, QTensor):
-        raise TypeError(f"dequantize expects a QTensor, got {type(q).__name__}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    check_device(q.data, "q.data")
+    check_qtensor(q, "q")
+    check_out_dtype(dtype, "dtype")
     check_int32_addressable(q.data, "q.data")
     R, C = q.shape
-    out = torch.empty((R, C), dtype=dtype, device=q.device)
+    out = _launch.alloc((R, C), dtype, q.device)
     if out.numel() == 0:
         return out
     tile_r, tile_c = 32, 128
@@ -195,4 +158,4 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return out
 
 
-__all__ = ["quantize", "quantize_transposed", "dequantize", "quantize_values", "round_half_even", "scale_from_absmax"]
+__all__ = ["quantize", "quantize_transposed", "dequantize"]

@@ -13,14 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..format import QTensor
 from ..reference.nonlinear import ResidualAdd
-from . import _blockquant
-from ._blockquant import (
-    Output, cast_rne, check_same_shape, elementwise_launch, emit_tile, load_operand, operand, row_stats_update, stream_seed,
-)
+from . import _launch
+from ._blockquant import cast_rne, emit_tile, load_operand, row_stats_update, tile_coords
+from ._launch import Output, band_launch, check_eps, check_same_shape, elementwise_launch, operand, stream_seed
 
 NORM_STATS = (None, "layernorm", "rmsnorm")
-TILE_ELEMENTS = 8192
 
 
 @triton.jit
@@ -58,9 +57,8 @@ def _convert_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC:
                     out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
                     STOCHASTIC: tl.constexpr, M, N, seed, BM: tl.constexpr, BN: tl.constexpr):
     """out = x in another format (float <-> per-block INT8, any block shapes)."""
-    row0 = tl.program_id(0) * BM
-    col0 = tl.program_id(1) * BN
-    x = load_operand(x_ptr, x_scale, row0 + tl.arange(0, BM), col0 + tl.arange(0, BN), M, N, X_Q, X_QR, X_QC)
+    row0, col0, rows, cols = tile_coords(BM, BN)
+    x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
     emit_tile(x, out_ptr, out_scale, row0, col0, M, N, seed, BM, BN, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC)
 
 
@@ -78,23 +76,22 @@ def residual_add_forward(residual: torch.Tensor, delta, stats=None, eps: float =
     """h = residual + delta (float (M, D) residual; delta float or QTensor) -> ResidualAdd(h, h_q, mean, rstd)."""
     if stats not in NORM_STATS:
         raise ValueError(f"stats must be one of {NORM_STATS}, got {stats!r}")
-    if not isinstance(residual, torch.Tensor) or not residual.is_floating_point():
-        raise TypeError(f"residual must be a float tensor (the high-precision stream), got {type(residual).__name__}")
-    if not isinstance(eps, (int, float)) or eps <= 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if isinstance(residual, QTensor):
+        raise TypeError("residual must be a float tensor (the high-precision stream), got a QTensor; "
+                        "pass the float residual and the INT8 branch output as delta")
+    check_eps(eps)
     r_op, d_op = operand(residual, "residual"), operand(delta, "delta")
     (m, n) = check_same_shape(("residual", r_op), ("delta", d_op))
     device = residual.device
-    h = _blockquant.alloc((m, n), residual.dtype, device)
+    h = _launch.alloc((m, n), residual.dtype, device)
     h_q = Output((m, n), device, out_block=out_block, rounding=rounding) if out_block is not None else None
     hq_args = h_q.args if h_q is not None else (None, None, False, 1, 1, False)
-    rstd = _blockquant.alloc(m, torch.float32, device) if stats else None
-    mean = _blockquant.alloc(m, torch.float32, device) if stats == "layernorm" else None
-    rows = max(hq_args[3], 4)
-    block_d = max(hq_args[4], min(triton.next_power_of_2(n), TILE_ELEMENTS // rows))
-    _residual_add_kernel[(triton.cdiv(m, rows),)](
+    rstd = _launch.alloc(m, torch.float32, device) if stats else None
+    mean = _launch.alloc(m, torch.float32, device) if stats == "layernorm" else None
+    meta = band_launch(n, hq_args[3], hq_args[4])
+    _residual_add_kernel[(triton.cdiv(m, meta["ROWS"]),)](
         residual, *d_op.args, h, *hq_args, mean, rstd, m, n, float(eps), stream_seed(seed, 0),
-        STATS=NORM_STATS.index(stats), ROWS=rows, BLOCK_D=block_d, num_warps=8 if rows * block_d >= 4096 else 4)
+        STATS=NORM_STATS.index(stats), **meta)
     return ResidualAdd(h, h_q.result() if h_q is not None else None, mean, rstd)
 
 
