@@ -64,7 +64,8 @@ def write_json(path: str, records: list[dict], info: dict) -> None:
         json.dump({**info, "records": [{**info, **r} for r in records]}, f, indent=1)
 
 
-def print_table(records: Iterable[dict], file=sys.stdout) -> None:
+def print_table(records: Iterable[dict], file=None) -> None:
+    file = file or sys.stdout  # looked up per call: pytest's capsys swaps sys.stdout after import
     rows = [("op", "shape", "mode", "ours ms", "base ms", "speedup", "extra")]
     for r in records:
         extra = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else (
