@@ -45,15 +45,18 @@ def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, num_warps: int
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx)))}
 
 
-def gemm_variant(dequant: bool, out_quant: bool, group: int, a_br: int, b_br: int, cfg, layout: int = 0) -> dict:
+def gemm_variant(dequant: bool, out_quant: bool, group: int, a_br: int, b_br: int, cfg, layout: int = 0,
+                 fallback: bool = False) -> dict:
     consts = dict(A_LAYOUT=layout, B_LAYOUT=layout, A_BR=a_br, A_BK=group, B_BR=b_br, B_BK=group, G=group,
+                  FALLBACK=fallback, A2_LAYOUT=layout, FLAG_ROWS=gemm.FLAG_ROWS,
                   HAS_BIAS=True, OUT_QUANT=out_quant, OBR=a_br if out_quant else 1, OBC=group if out_quant else 1,
                   STOCHASTIC=False, DEQUANT=dequant, DOT_DTYPE=tl.bfloat16, BK=min(group, 128), **cfg.kwargs)
     ptrs = {"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32",
-            "c_ptr": "*i8" if out_quant else "*bf16", "sc_ptr": "*fp32"}
+            "c_ptr": "*i8" if out_quant else "*bf16", "sc_ptr": "*fp32",
+            "a2_ptr": "*i8", "sa2_ptr": "*fp32", "flag_ptr": "*u8"}
     report = compile_for_hopper(gemm._block_gemm_kernel, ptrs, consts, cfg.num_warps, cfg.num_stages)
     return {"kernel": "block_gemm", "impl": "dequant" if dequant else "int8", "G": group, "out_quant": out_quant,
-            "layout": layout, "config": {**cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages}, **report}
+            "layout": layout, "fallback": fallback, "config": {**cfg.kwargs, "warps": cfg.num_warps, "stages": cfg.num_stages}, **report}
 
 
 def quantize_variant(block: str, transpose: bool) -> dict:
@@ -75,6 +78,9 @@ def main(quick: bool = False) -> list[dict]:
     reports += [gemm_variant(True, oq, 32, 32, 32, c) for c in deq_cfgs for oq in (False, True)
                 if gemm._fits(c.kwargs, 32, 32, oq)]
     reports += [gemm_variant(False, False, 32, 32, 32, int8_cfgs[0], layout) for layout in (1, 2)]
+    # The fallback-term switch: coarse-K int8 (with and without overlap) and 32x32 dequant, TMA operands.
+    reports += [gemm_variant(False, True, 128, 1, 128, c, fallback=True) for c in int8_cfgs[:2]]
+    reports += [gemm_variant(True, True, 32, 32, 32, deq_cfgs[0], fallback=True)]
     reports += [quantize_variant(b, t) for b in ("32x32", "1x128", "128x128") for t in (False, True)]
     for r in reports:
         print(json.dumps(r), flush=True)

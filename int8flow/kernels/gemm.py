@@ -59,6 +59,9 @@ IMPLS = ("auto", "int8", "dequant")
 # registers (a 128x128 int8 tile of pointers alone is 128 registers per thread at 8 warps) and zero-fills
 # out-of-range rows and K tails. Other views go through pointer loads.
 _TMA_K_MAJOR, _TMA_ROW_MAJOR, _POINTERS = 0, 1, 2
+# Rows per fallback flag the kernel reads (a band): every tile height (32 in the interpreter, 64/128 on
+# the GPU) is a whole number of bands, so a tile's "any flagged?" is a max over BM / FLAG_ROWS bytes.
+FLAG_ROWS = 32
 
 
 @triton.jit
@@ -96,14 +99,43 @@ def _scaled(q, scale, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _fallback_group(acc, a2_desc, a2_ptr, b_desc, b_ptr, sa2_rows, sb, pid_m, pid_n, rows_a, rows_b, offs_k,
+                    k_group, K, stride_a2m, stride_a2k, stride_sa2k, stride_bn, stride_bk,
+                    A2_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr, A_BK: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, G: tl.constexpr, BK: tl.constexpr, DEQUANT: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr):
+    """acc + (a2 @ b.T over one K group), promoted with the residual's own scales (s2_a * s_b).
+
+    b is reloaded (an L2 hit: the main product just read it) rather than kept live, so the
+    unflagged path holds no extra tile.
+    """
+    sa2 = tl.load(sa2_rows + (k_group // A_BK) * stride_sa2k)
+    p2 = tl.zeros((BM, BN), dtype=tl.int32)
+    for s in tl.static_range(G // BK):
+        k0 = k_group + s * BK
+        a2 = _load_tile(a2_desc, a2_ptr, pid_m * BM, rows_a, offs_k, k0, K, stride_a2m, stride_a2k, A2_LAYOUT)
+        b = _load_tile(b_desc, b_ptr, pid_n * BN, rows_b, offs_k, k0, K, stride_bn, stride_bk, B_LAYOUT)
+        if DEQUANT:
+            acc = tl.dot(_scaled(a2, sa2, DOT_DTYPE), tl.trans(_scaled(b, sb, DOT_DTYPE)), acc)
+        else:
+            p2 = tl.dot(a2, tl.trans(b), p2, out_dtype=tl.int32)
+    if not DEQUANT:
+        acc = _promote(acc, p2, sa2, sb)
+    return acc
+
+
+@triton.jit
 def _block_gemm_kernel(
     a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, sc_ptr,
+    a2_ptr, sa2_ptr, flag_ptr,  # fallback term of a (int8 + scales) and its band flags (uint8)
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk,  # a: (M, K) int8, b: (N, K) int8
     stride_sam, stride_sak, stride_sbn, stride_sbk,  # per-block float32 scales of a and b
+    stride_a2m, stride_a2k, stride_sa2m, stride_sa2k, stride_fm, stride_fk,
     stride_cm, stride_cn, stride_scm, stride_scn,  # c: (M, N) float or int8; sc: output scales
     seed,
     A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr,
+    FALLBACK: tl.constexpr, A2_LAYOUT: tl.constexpr, FLAG_ROWS: tl.constexpr,
     A_BR: tl.constexpr, A_BK: tl.constexpr, B_BR: tl.constexpr, B_BK: tl.constexpr,  # operand blocks
     G: tl.constexpr,  # promotion group along K
     HAS_BIAS: tl.constexpr, OUT_QUANT: tl.constexpr, OBR: tl.constexpr, OBC: tl.constexpr,
@@ -121,6 +153,9 @@ def _block_gemm_kernel(
         a_desc = _operand_desc(a_ptr, M, K, stride_am, stride_ak, BM, BK, A_LAYOUT)
     if B_LAYOUT != 2:
         b_desc = _operand_desc(b_ptr, N, K, stride_bn, stride_bk, BN, BK, B_LAYOUT)
+    a2_desc = a2_ptr
+    if FALLBACK and A2_LAYOUT != 2:
+        a2_desc = _operand_desc(a2_ptr, M, K, stride_a2m, stride_a2k, BM, BK, A2_LAYOUT)
     # Persistent grid: each program walks tiles in GROUP_M-row bands so neighbours share L2 lines.
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         band = tile // (GROUP_M * num_pid_n)
@@ -137,6 +172,10 @@ def _block_gemm_kernel(
         offs_k = tl.arange(0, BK)
         sa_rows = sa_ptr + (rows_a // A_BR) * stride_sam
         sb_rows = sb_ptr + (rows_b // B_BR) * stride_sbn
+        sa2_rows = sa2_ptr + (rows_a // A_BR) * stride_sa2m
+        bands = pid_m * (BM // FLAG_ROWS) + tl.arange(0, BM // FLAG_ROWS)
+        band_flags = flag_ptr + bands * stride_fm
+        bands_in = bands < tl.cdiv(M, FLAG_ROWS)
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         p_prev = tl.zeros((BM, BN), dtype=tl.int32)
@@ -161,6 +200,15 @@ def _block_gemm_kernel(
                     p_prev, sa_prev, sb_prev = p, sa, sb
                 else:
                     acc = _promote(acc, p, sa, sb)
+            if FALLBACK:
+                # Second term only where a row band of this tile is flagged at this K block: one tiny load
+                # per group on the unflagged path. Placed after the promotion so no extra product is live.
+                flagged = tl.load(band_flags + (k_group // A_BK) * stride_fk, mask=bands_in, other=0)
+                if tl.max(flagged, 0) != 0:
+                    acc = _fallback_group(acc, a2_desc, a2_ptr, b_desc, b_ptr, sa2_rows, sb, pid_m, pid_n, rows_a,
+                                          rows_b, offs_k, k_group, K, stride_a2m, stride_a2k, stride_sa2k,
+                                          stride_bn, stride_bk, A2_LAYOUT, B_LAYOUT, A_BK, BM, BN, G, BK,
+                                          DEQUANT, DOT_DTYPE)
         if not DEQUANT:
             if OVERLAP:
                 acc = _promote(acc, p_prev, sa_prev, sb_prev)
@@ -222,7 +270,7 @@ def _prune(configs, named_args, **kwargs):
 _tuned_kernel = triton.autotune(
     configs=_INT8_CONFIGS + _DEQUANT_CONFIGS,
     key=["M", "N", "K", "A_LAYOUT", "B_LAYOUT", "A_BR", "B_BR", "G", "HAS_BIAS", "OUT_QUANT", "OBR", "OBC",
-         "STOCHASTIC", "DEQUANT"],
+         "STOCHASTIC", "DEQUANT", "FALLBACK", "A2_LAYOUT"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench_config,
 )(_block_gemm_kernel)
@@ -286,6 +334,42 @@ def _check_gemm_args(a, b, bias, out_dtype, rounding, seed):
     stream_seed(seed)
 
 
+def _check_fallback(a: QTensor, a_fallback: Optional[QTensor], flags: Optional[torch.Tensor]) -> None:
+    if a_fallback is None:
+        if flags is not None:
+            raise ValueError("block_gemm: a_fallback_flags given without a_fallback; pass the fallback term too "
+                             "or drop the flags")
+        return
+    check_qtensor(a_fallback, "a_fallback")
+    check_int32_addressable(a_fallback.data, "a_fallback.data")
+    if tuple(a_fallback.shape) != tuple(a.shape) or a_fallback.block != a.block or a_fallback.device != a.device:
+        raise ValueError(
+            f"block_gemm: a_fallback must have a's shape, block and device (it is a's second INT8 term); got "
+            f"a {tuple(a.shape)} {a.block} on {a.device}, a_fallback {tuple(a_fallback.shape)} {a_fallback.block} "
+            f"on {a_fallback.device}; quantize the residual with a's block (zeros outside the flagged blocks)")
+    if flags is None:
+        return
+    grid = a.block.grid(tuple(a.shape))
+    if not isinstance(flags, torch.Tensor) or flags.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"a_fallback_flags must be a bool or uint8 tensor, got {getattr(flags, 'dtype', type(flags))}")
+    if tuple(flags.shape) != grid or flags.device != a.device:
+        raise ValueError(f"a_fallback_flags must have shape {grid} (one flag per block of a) on {a.device}, got "
+                         f"{tuple(flags.shape)} on {flags.device}; for a transposed operand pass the flags' .t()")
+
+
+def fallback_band_flags(flags: torch.Tensor, block: BlockShape, rows: int) -> torch.Tensor:
+    """Per-block flags (GR, GK) -> uint8 (ceil(rows / FLAG_ROWS), GK): 1 where any block of that band of
+    ``FLAG_ROWS`` rows is flagged. The kernel reads one band per ``FLAG_ROWS`` rows of its tile."""
+    f = flags.to(torch.uint8)
+    br = block.rows
+    if FLAG_ROWS % br:  # blocks taller than a band, or not dividing it: go through per-row flags
+        f, br = f.repeat_interleave(br, dim=0)[:rows], 1
+    per_band = FLAG_ROWS // br
+    bands = triton.cdiv(rows, FLAG_ROWS)
+    f = torch.nn.functional.pad(f, (0, 0, 0, bands * per_band - f.shape[0]))
+    return f.view(bands, per_band, f.shape[1]).amax(dim=1)
+
+
 def out_block_fits(out_block: BlockShape, max_tile: tuple[int, int] = (128, 256)) -> bool:
     """Whether the epilogue can quantize ``out_block`` in-tile (power-of-two dims within the largest tile)."""
     return (is_pow2(out_block.rows) and is_pow2(out_block.cols)
@@ -302,19 +386,28 @@ def block_gemm(
     seed: int = 0,
     impl: str = "auto",
     tma: bool = True,
+    a_fallback: Optional[QTensor] = None,
+    a_fallback_flags: Optional[torch.Tensor] = None,
 ):
     """``a @ b.T (+ bias)`` on per-block INT8 operands; float ``out_dtype`` or, with ``out_block``, a QTensor.
 
     Kernel twin of `int8flow.reference.block_gemm` (``seed`` in place of ``generator``; ``rounding`` applies
     only to a quantized output). ``impl``: "auto" | "int8" | "dequant" (module docstring). ``tma=False``
     forces pointer loads (for comparison; views TMA cannot read use them anyway).
+
+    Fallback quantization: ``a_fallback`` is a's second INT8 term (same shape and block; zero outside the
+    flagged blocks), so the result is ``(a + a_fallback) @ b.T`` in one pass; its product is computed only
+    for (tile rows, K block) pairs where some block is flagged. ``a_fallback_flags`` (bool/uint8, a's block
+    grid) says which blocks; default ``a_fallback.scale != 0``, exact since a zero-scale block holds zeros.
+    Given flags must cover every non-zero block of ``a_fallback`` (unflagged blocks are skipped unread).
     """
     _check_gemm_args(a, b, bias, out_dtype, rounding, seed)
+    _check_fallback(a, a_fallback, a_fallback_flags)
     group = promotion_group(a, b)
     dequant = resolve_impl(impl, group) == "dequant"
     out_block = None if out_block is None else BlockShape.parse(out_block)
     if out_block is not None and not out_block_fits(out_block):
-        y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl, tma)
+        y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl, tma, a_fallback, a_fallback_flags)
         return _quantize_kernel_wrapper(y, out_block, rounding, seed, check_finite=False)
 
     M, K = a.shape
@@ -326,12 +419,23 @@ def block_gemm(
         return QTensor(c, sc.zero_(), out_block) if out_quant else c
 
     obr, obc = (out_block.rows, out_block.cols) if out_quant else (1, 1)
-    args = (a.data, b.data, a.scale, b.scale, bias if bias is not None else c, c, sc, M, N, K,
+    fallback = a_fallback is not None
+    a2 = a_fallback if fallback else a  # unused placeholders without fallback (compiled out)
+    if fallback:
+        flags = a_fallback_flags if a_fallback_flags is not None else a_fallback.scale != 0
+        band_flags = fallback_band_flags(flags, a.block, M)
+    else:
+        band_flags = a.scale
+    args = (a.data, b.data, a.scale, b.scale, bias if bias is not None else c, c, sc,
+            a2.data, a2.scale, band_flags, M, N, K,
             a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1),
             a.scale.stride(0), a.scale.stride(1), b.scale.stride(0), b.scale.stride(1),
+            a2.data.stride(0), a2.data.stride(1), a2.scale.stride(0), a2.scale.stride(1),
+            band_flags.stride(0), band_flags.stride(1),
             c.stride(0), c.stride(1), sc.stride(0) if out_quant else 0, sc.stride(1) if out_quant else 0,
             stream_seed(seed))
     meta = dict(A_LAYOUT=_layout(a.data, tma), B_LAYOUT=_layout(b.data, tma),
+                FALLBACK=fallback, A2_LAYOUT=_layout(a2.data, tma) if fallback else _POINTERS, FLAG_ROWS=FLAG_ROWS,
                 A_BR=a.block.rows, A_BK=a.block.cols, B_BR=b.block.rows, B_BK=b.block.cols,
                 G=group, BK=min(group, 128), HAS_BIAS=bias is not None, OUT_QUANT=out_quant, OBR=obr, OBC=obc,
                 STOCHASTIC=rounding == "stochastic", DEQUANT=dequant,
@@ -342,7 +446,7 @@ def block_gemm(
         tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
         _block_gemm_kernel[(tiles,)](*args, **meta, **cfg)
     else:
-        if meta["A_LAYOUT"] != _POINTERS or meta["B_LAYOUT"] != _POINTERS:
+        if any(meta[k] != _POINTERS for k in ("A_LAYOUT", "B_LAYOUT", "A2_LAYOUT")):
             triton.set_allocator(_tma_allocator)
         sms = num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
         grid = lambda cfg: (min(sms, triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])),)  # noqa: E731
