@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from .format.blocks import PAPER_BLOCK, ROUNDING_MODES, BlockShape
 
 PRECISIONS = ("bf16", "int8-linear", "int8", "int8+fallback")
-NONFINITE_POLICIES = ("raise",)
+NONFINITE_POLICIES = ("raise", "propagate")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class Int8TrainingConfig:
     median block absmax of the tensor (see docs/models.md for the sweep that chose 8).
     fallback_budget: at most this fraction of a tensor's blocks fall back (the largest ratios win),
     which bounds the extra GEMM work.
+    nonfinite: what an INT8 operator does with a NaN/Inf input. ``raise``: refuse it with a
+    ``NonFiniteError`` naming the operator and tensor (checking costs a device sync per quantization).
+    ``propagate``: no check; a block holding NaN/Inf gets a non-finite scale, so the fault flows on as
+    NaN/Inf to the loss, where the trainer's (rank-symmetric) check sees it. The trainer uses
+    ``propagate`` under ``parallel=ddp|fsdp2``: an exception on one rank would leave the others waiting
+    in the gradient collectives.
     min_features: ``convert_to_int8_training`` leaves linear layers with in or out features below this
     in high precision (too small to gain, and their blocks would be mostly tail).
     """

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from _training_fixtures import prepared_tokens, tiny_int8_config
+from int8flow.config import Int8TrainingConfig
+from int8flow.format import NonFiniteError
 from int8flow.models import build_model
 from int8flow.training import NonFiniteLossError, load_checkpoint, read_log, train
 
@@ -115,3 +117,46 @@ def test_skip_drops_only_the_transient_fault_step(data_dir, tmp_path):
     assert math.isnan(result.losses[1]) and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 1)
     fault = read_log(tmp_path / "s")[2]["fault"]
     assert fault.startswith("INT8 quantization refused: x holds") and "not seen again" in fault, fault
+
+
+@pytest.mark.parametrize("model_name, weight", [("gpt-tiny", "transformer.h.1.mlp.c_fc.weight"),
+                                                ("llama-tiny", "model.layers.1.mlp.up_proj.weight")])
+@pytest.mark.parametrize("precision", ["int8", "int8+fallback", "int8-linear"])
+def test_propagate_turns_an_inf_weight_into_a_nan_loss(model_name, weight, precision):
+    """nonfinite='propagate': no exception anywhere; the loss and the poisoned weight's gradient are not finite,
+    while the same model under 'raise' refuses the weight."""
+    depth = {"n_layer": 2} if model_name == "gpt-tiny" else {"n_layers": 2}
+    idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    for policy in ("propagate", "raise"):
+        torch.manual_seed(0)
+        model = build_model(model_name, Int8TrainingConfig(precision=precision, nonfinite=policy), **depth)
+        with torch.no_grad():
+            model.get_parameter(weight)[3, 5] = math.inf
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="holds 0 NaN and 1 Inf"):
+                model(idx, idx)[1].backward()
+            continue
+        _, loss = model(idx, idx)
+        loss.backward()
+        assert math.isnan(loss.item())
+        assert not bool(torch.isfinite(model.get_parameter(weight).grad).all())
+
+
+def test_data_parallel_run_propagates_faults_to_the_skip_policy(data_dir, tmp_path):
+    """parallel=ddp (a process group of one): the model is built with nonfinite='propagate', so the Inf weight
+    gives a NaN loss instead of an operator's exception, and skip drops the bad steps exactly as in one process."""
+    seen = []
+
+    def build(name, precision, **kw):
+        seen.append(precision)
+        return _inf_weight_at(3)(name, precision, **kw)
+
+    result = train(_config(data_dir, tmp_path / "ddp", stop_at=4, parallel="ddp"), build)
+    assert [p.nonfinite for p in seen] == ["propagate"] and seen[0].precision == "int8"
+    assert [math.isnan(x) for x in result.losses] == [False, False, True, True]
+    records = [r for r in read_log(tmp_path / "ddp") if "loss" in r]
+    assert [r.get("skipped") for r in records] == [None, None, "nonfinite", "nonfinite"]
+    assert all(f"parameter {POISONED}: value holds 1 Inf" in r["fault"] for r in records[2:])
+    # propagated, not refused: the tracker sees the NaN the weight caused downstream
+    assert "first non-finite: layer transformer.h.1" in records[2]["fault"] and "refused" not in records[2]["fault"]
+    assert all(torch.isfinite(v).all() or k == POISONED for k, v in load_checkpoint(tmp_path / "ddp").model.items())

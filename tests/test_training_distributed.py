@@ -64,3 +64,44 @@ def test_two_processes_match_one(data, single, parallel, stop_at):
         for key in ("loss", "val_loss"):
             if key in a:
                 assert abs(a[key] - b[key]) <= ATOL, (parallel, a["step"], key, a[key], b[key])
+
+
+# A run script whose rank 1 alone gets an Inf weight at its 2nd training forward (persistent on that rank).
+FAULTY_RUN = '''
+import math, os, sys
+import torch
+from int8flow.models import build_model
+from int8flow.training import make_config, train
+
+def build(name, precision, **kw):
+    model, calls = build_model(name, precision, **kw), [0]
+    def poison(module, args):
+        calls[0] += module.training
+        if calls[0] == 2 and module.training and os.environ["RANK"] == "1":
+            weight = module.get_parameter("transformer.h.1.mlp.c_fc.weight")
+            with torch.no_grad():  # FSDP2: into this rank's shard, not through the (collective) DTensor
+                (weight.to_local() if hasattr(weight, "to_local") else weight)[3, 5] = math.inf
+    model.register_forward_pre_hook(poison)
+    return model
+
+train(make_config(overrides=sys.argv[1:]), build)
+'''
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_fault_on_one_rank_is_skipped_by_all_without_a_hang(data, tmp_path, parallel):
+    """An Inf weight on rank 1 only, INT8 data flow: the operators propagate it (no exception on rank 1 while
+    rank 0 waits in a collective), both ranks see the NaN loss and skip; the fault is located on rank 1."""
+    script = tmp_path / "faulty_run.py"
+    script.write_text(FAULTY_RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *COMMON, f"data={data / 'tok'}", f"out_dir={tmp_path / 'out'}", f"parallel={parallel}",
+           "precision=int8", "max_steps=3", "eval_interval=100", "ckpt_interval=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = [r for r in read_log(tmp_path / "out") if "loss" in r]
+    assert [r.get("skipped") for r in records] == [None, "nonfinite", "nonfinite"]
+    fault = records[1]["fault"]
+    assert "rank 1: non-finite weights: parameter transformer.h.1.mlp.c_fc.weight: value holds 1 Inf" in fault, fault
+    assert proc.stdout.count("step 2 skipped (nonfinite)") == 1, proc.stdout  # reported once, by rank 0

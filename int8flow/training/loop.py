@@ -12,6 +12,8 @@
   that if it is finite (else skips). Skipped and stopped steps are located first: one re-run with the same
   seed under ``guards.NonFiniteTracker`` names the layer and tensor, in the log and the error. A loss spike
   (``spike_factor``) is skipped too.
+  Under ``parallel=ddp|fsdp2`` the INT8 operators let NaN/Inf propagate instead of raising (`model_precision`),
+  so a fault on one rank reaches the rank-symmetric loss / gradient-norm check rather than hanging the others.
 - Test-only kill points (``killpoints``): ``INT8FLOW_TEST_KILL_AT=step:N`` SIGKILLs the run after step N.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..config import Int8TrainingConfig
 from ..data import PreparedData, ensure_prepared, eval_offsets, gather_batch, load_prepared, step_offsets
 from ..format import NonFiniteError
 from ..guards import locate_nonfinite, nonfinite_params, recompute_high_precision
@@ -41,7 +44,7 @@ from .metrics import MetricsLog, plot_runs
 from .parallelize import (DistInfo, all_reduce_mean, full_state_dicts, load_optimizer_state, parallelize,
                           set_grad_sync, setup_distributed, teardown_distributed, unwrap)
 
-__all__ = ["TrainResult", "train", "lr_at", "model_kwargs", "NonFiniteLossError"]
+__all__ = ["TrainResult", "train", "lr_at", "model_kwargs", "model_precision", "NonFiniteLossError"]
 
 # settings a resumed run must share with its checkpoint (others, e.g. max_steps or lr, may change)
 RESUME_MUST_MATCH = ("model", "model_args", "precision", "tokenizer", "vocab_size", "seq_len", "seed")
@@ -104,6 +107,17 @@ def model_kwargs(cfg: TrainConfig, vocab_size: int, presets: dict) -> dict:
                 kwargs[context] = cfg.seq_len
     kwargs.update(cfg.model_args)
     return kwargs
+
+
+def model_precision(cfg: TrainConfig) -> str | Int8TrainingConfig:
+    """What ``build_fn`` gets as ``precision``: the name; under ``parallel=ddp|fsdp2`` its config with
+    ``nonfinite='propagate'``. An INT8 operator raising on one rank would leave the other ranks waiting in the
+    gradient collectives (a hang); propagated, the fault reaches the loss and gradient norm, which are the
+    same on every rank (loss all-reduced; gradients all-reduced by DDP, the norm of FSDP2's shards all-reduced
+    by ``full_tensor``), so every rank takes the same skip/raise/bf16 decision."""
+    if cfg.parallel == "none":
+        return cfg.precision
+    return Int8TrainingConfig.from_recipe_name(cfg.precision).with_(nonfinite="propagate")
 
 
 def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -187,9 +201,11 @@ def _recompute_high_precision(model, run_step: Callable, cfg: TrainConfig, info:
     return all_reduce_mean(loss, info).item(), _clip_grads(model, cfg)
 
 
-def _locate(model, run_step: Callable, fault: str | None) -> str:
+def _locate(model, run_step: Callable, fault: str | None, info: DistInfo) -> str:
     """Where a non-finite step went bad: one re-run (same seed) under NonFiniteTracker, plus parameters
-    that hold NaN/Inf. Costs a forward + backward, on bad steps only."""
+    that hold NaN/Inf. Costs a forward + backward, on bad steps only. In a distributed run every rank
+    locates its own part and the reports are gathered, labelled by rank, so the rank that caused the fault is
+    named even though all of them see its NaN."""
     net = unwrap(model)
     events = locate_nonfinite(net, run_step)
     params = nonfinite_params(net)
@@ -201,9 +217,12 @@ def _locate(model, run_step: Callable, fault: str | None) -> str:
             parts.append(f"refused by {refused}")
     elif fault:
         parts.append(f"INT8 quantization refused: {fault}; not seen again when the step was re-run")
-    else:
-        parts.append("not seen again when the step was re-run (a transient fault)")
-    return "; ".join(parts)
+    found = ["; ".join(parts)]
+    if info.distributed:
+        reports = [None] * info.world_size
+        dist.all_gather_object(reports, found[0])
+        found = [f"rank {rank}: {report}" for rank, report in enumerate(reports) if report]
+    return "; ".join(p for p in found if p) or "not seen again when the step was re-run (a transient fault)"
 
 
 def train(cfg: TrainConfig, build_fn: Callable | None = None) -> TrainResult:
@@ -240,7 +259,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     # model: same seed -> same initial weights in every precision mode
     torch.manual_seed(cfg.seed)
     kwargs = model_kwargs(cfg, data.vocab_size, presets)
-    model = build_fn(cfg.model, precision=cfg.precision, **kwargs)
+    model = build_fn(cfg.model, precision=model_precision(cfg), **kwargs)
 
     # resume: weights before wrapping, optimizer state after
     ckpt = None
@@ -290,6 +309,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and info.is_main),
                unit="step", dynamic_ncols=True)
+    note = bar.write if info.is_main else (lambda *a, **k: None)
     losses, val, last_ckpt = [], None, None
     train_seconds = 0.0
     for step in range(start_step, end_step):
@@ -312,7 +332,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         if reason is None and cfg.spike_factor and guard["loss_ema"] is not None \
                 and loss_val > cfg.spike_factor * guard["loss_ema"]:
             reason = "spike"
-        where = _locate(model, run_step, fault) if reason == "nonfinite" else None
+        where = _locate(model, run_step, fault, info) if reason == "nonfinite" else None
         if reason is None:
             optimizer.step()
             guard["loss_ema"] = loss_val if guard["loss_ema"] is None else 0.9 * guard["loss_ema"] + 0.1 * loss_val
@@ -341,13 +361,13 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
                   "time_s": round(time.perf_counter() - t_start, 3)}
         if reason:
             record["skipped"] = reason
-            bar.write(f"int8flow: step {done} skipped ({reason}): loss {loss_val}, grad norm {grad_norm}"
+            note(f"int8flow: step {done} skipped ({reason}): loss {loss_val}, grad norm {grad_norm}"
                       + (f"; {where}" if where else ""))
         if where:
             record["fault"] = where
         if fallback:
             record.update(fallback="bf16", fault=fallback)
-            bar.write(f"int8flow: step {done} recomputed in high precision (nonfinite=bf16): {fallback}")
+            note(f"int8flow: step {done} recomputed in high precision (nonfinite=bf16): {fallback}")
         if done % cfg.eval_interval == 0 or done == end_step:
             val = evaluate(model, data, cfg, info, autocast)
             record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
