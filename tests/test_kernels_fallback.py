@@ -95,8 +95,13 @@ def test_transposed_operand_for_the_weight_gradient(poisoned):
     M, N, K = 96, 40, 70  # tokens, out features, in features
     _, x_q, flags, x2_q = fallback_operands(M, K, "32x32", 0.3, seed=9)
     dy_q = fmt.quantize(sample((M, N), "heavy_tailed", 10).to(DEVICE), "32x32")
+    want = ref.block_gemm(x_q.t(), dy_q.t()) + ref.block_gemm(x2_q.t(), dy_q.t())
     dw_t = kg.block_gemm(x_q.t(), dy_q.t(), impl="int8", a_fallback=x2_q.t(), a_fallback_flags=flags.t())
-    assert_close_to(dw_t, ref.block_gemm(x_q.t(), dy_q.t()) + ref.block_gemm(x2_q.t(), dy_q.t()))
+    assert_close_to(dw_t, want)
+    # The term in another layout than a (row-major copies of data and scales): its own loads, a's scale strides.
+    x2_t = x2_q.t()
+    x2_rows = fmt.QTensor(x2_t.data.contiguous(), x2_t.scale.contiguous(), x2_t.block)
+    assert_close_to(kg.block_gemm(x_q.t(), dy_q.t(), impl="int8", a_fallback=x2_rows), want)
 
 
 def test_second_term_recovers_16_bit_precision():

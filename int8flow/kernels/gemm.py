@@ -100,7 +100,7 @@ def _scaled(q, scale, DOT_DTYPE: tl.constexpr):
 
 @triton.jit
 def _fallback_group(acc, a2_desc, a2_ptr, b_desc, b_ptr, sa2_rows, sb, pid_m, pid_n, rows_a, rows_b, offs_k,
-                    k_group, K, stride_a2m, stride_a2k, stride_sa2k, stride_bn, stride_bk,
+                    k_group, K, stride_a2m, stride_a2k, stride_sak, stride_bn, stride_bk,
                     A2_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr, A_BK: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, G: tl.constexpr, BK: tl.constexpr, DEQUANT: tl.constexpr,
                     DOT_DTYPE: tl.constexpr):
@@ -109,7 +109,7 @@ def _fallback_group(acc, a2_desc, a2_ptr, b_desc, b_ptr, sa2_rows, sb, pid_m, pi
     b is reloaded (an L2 hit: the main product just read it) rather than kept live, so the
     unflagged path holds no extra tile.
     """
-    sa2 = tl.load(sa2_rows + (k_group // A_BK) * stride_sa2k)
+    sa2 = tl.load(sa2_rows + (k_group // A_BK) * stride_sak)
     p2 = tl.zeros((BM, BN), dtype=tl.int32)
     for s in tl.static_range(G // BK):
         k0 = k_group + s * BK
@@ -131,7 +131,7 @@ def _block_gemm_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk,  # a: (M, K) int8, b: (N, K) int8
     stride_sam, stride_sak, stride_sbn, stride_sbk,  # per-block float32 scales of a and b
-    stride_a2m, stride_a2k, stride_sa2m, stride_sa2k, stride_fm, stride_fk,
+    stride_a2m, stride_a2k, stride_fm, stride_fk,  # a2's scales have a's strides (the wrapper makes sure)
     stride_cm, stride_cn, stride_scm, stride_scn,  # c: (M, N) float or int8; sc: output scales
     seed,
     A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr,
@@ -170,9 +170,10 @@ def _block_gemm_kernel(
         rows_a = offs_m % M
         rows_b = offs_n % N
         offs_k = tl.arange(0, BK)
-        sa_rows = sa_ptr + (rows_a // A_BR) * stride_sam
+        sa_offs = (rows_a // A_BR) * stride_sam  # a's scales and the fallback term's share strides
+        sa_rows = sa_ptr + sa_offs
         sb_rows = sb_ptr + (rows_b // B_BR) * stride_sbn
-        sa2_rows = sa2_ptr + (rows_a // A_BR) * stride_sa2m
+        sa2_rows = sa2_ptr + sa_offs
         bands = pid_m * (BM // FLAG_ROWS) + tl.arange(0, BM // FLAG_ROWS)
         band_flags = flag_ptr + bands * stride_fm
         bands_in = bands < tl.cdiv(M, FLAG_ROWS)
@@ -206,7 +207,7 @@ def _block_gemm_kernel(
                 flagged = tl.load(band_flags + (k_group // A_BK) * stride_fk, mask=bands_in, other=0)
                 if tl.max(flagged, 0) != 0:
                     acc = _fallback_group(acc, a2_desc, a2_ptr, b_desc, b_ptr, sa2_rows, sb, pid_m, pid_n, rows_a,
-                                          rows_b, offs_k, k_group, K, stride_a2m, stride_a2k, stride_sa2k,
+                                          rows_b, offs_k, k_group, K, stride_a2m, stride_a2k, stride_sak,
                                           stride_bn, stride_bk, A2_LAYOUT, B_LAYOUT, A_BK, BM, BN, G, BK,
                                           DEQUANT, DOT_DTYPE)
         if not DEQUANT:
@@ -420,22 +421,26 @@ def block_gemm(
 
     obr, obc = (out_block.rows, out_block.cols) if out_quant else (1, 1)
     fallback = a_fallback is not None
-    a2 = a_fallback if fallback else a  # unused placeholders without fallback (compiled out)
+    a2_data, a2_scale = a.data, a.scale  # unused placeholders without fallback (compiled out)
     if fallback:
+        a2_data, a2_scale = a_fallback.data, a_fallback.scale
+        if a2_scale.stride() != a.scale.stride():  # the kernel indexes both scale grids with one offset vector
+            a2_scale = torch.empty_strided(a.scale.shape, a.scale.stride(), dtype=torch.float32,
+                                           device=a.device).copy_(a2_scale)
         flags = a_fallback_flags if a_fallback_flags is not None else a_fallback.scale != 0
         band_flags = fallback_band_flags(flags, a.block, M)
     else:
         band_flags = a.scale
     args = (a.data, b.data, a.scale, b.scale, bias if bias is not None else c, c, sc,
-            a2.data, a2.scale, band_flags, M, N, K,
+            a2_data, a2_scale, band_flags, M, N, K,
             a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1),
             a.scale.stride(0), a.scale.stride(1), b.scale.stride(0), b.scale.stride(1),
-            a2.data.stride(0), a2.data.stride(1), a2.scale.stride(0), a2.scale.stride(1),
+            a2_data.stride(0), a2_data.stride(1),
             band_flags.stride(0), band_flags.stride(1),
             c.stride(0), c.stride(1), sc.stride(0) if out_quant else 0, sc.stride(1) if out_quant else 0,
             stream_seed(seed))
     meta = dict(A_LAYOUT=_layout(a.data, tma), B_LAYOUT=_layout(b.data, tma),
-                FALLBACK=fallback, A2_LAYOUT=_layout(a2.data, tma) if fallback else _POINTERS, FLAG_ROWS=FLAG_ROWS,
+                FALLBACK=fallback, A2_LAYOUT=_layout(a2_data, tma) if fallback else _POINTERS, FLAG_ROWS=FLAG_ROWS,
                 A_BR=a.block.rows, A_BK=a.block.cols, B_BR=b.block.rows, B_BK=b.block.cols,
                 G=group, BK=min(group, 128), HAS_BIAS=bias is not None, OUT_QUANT=out_quant, OBR=obr, OBC=obc,
                 STOCHASTIC=rounding == "stochastic", DEQUANT=dequant,
