@@ -142,3 +142,15 @@ def test_bad_fallback_arguments():
         kg.block_gemm(a, b, a_fallback=a2, a_fallback_flags=flags.float())
     with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
         kg.block_gemm(a, b, a_fallback=a2, a_fallback_flags=flags[:1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test of the benchmark records (interpreter)")
+def test_bench_records_on_tiny_shapes(monkeypatch):
+    from int8flow.bench import kernels
+
+    monkeypatch.setattr(kernels, "DEVICE", "cpu")
+    monkeypatch.setattr(kernels, "M_TOKENS", 64)
+    torch.manual_seed(0)
+    records = kernels.fallback_records([(64, 256)], timer=lambda fn: (fn(), 1.0)[1], fractions=(0.25,))
+    assert len({r["mode"] for r in records}) == 4 and {r["op"] for r in records} == {"gemm_fwd_fallback"}
+    assert all(0 <= r["flagged"] <= 1 and r["shape"] == [64, 64, 256] and r["speedup"] == 1.0 for r in records)

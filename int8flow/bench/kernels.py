@@ -75,6 +75,41 @@ def gemm_records(shapes, timer=time_ms) -> list[dict]:
     return records
 
 
+def fallback_records(shapes, timer=time_ms, fractions=(0.05, 0.25)) -> list[dict]:
+    """Forward GEMM with a fallback term on ``fraction`` of the activation blocks, in one kernel.
+
+    Baseline: the plain INT8 GEMM of the same mode (so speedup < 1 is the overhead); ``two_gemm_est_ms``
+    (twice the plain GEMM) is a lower bound of the unfused alternative, a second full GEMM for the term. Flags either mark whole K blocks
+    (``channels``: outlier channels, the cheap pattern) or blocks at random (``scattered``: with
+    1x128 blocks nearly every 128-row tile then has a flagged row, so the extra work approaches 100%).
+    """
+    from ..format import QTensor
+    from ..kernels import gemm, quantize as kq
+
+    records = []
+    for n, k in shapes:
+        x = torch.randn(M_TOKENS, k, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
+        for mode in ("coarse128", "exact32-int8"):
+            act, wgt, impl = MODES[mode]
+            x_q, w_q = kq.quantize(x, act), kq.quantize(w, wgt)
+            plain = timer(lambda: gemm.block_gemm(x_q, w_q, out_block=act, impl=impl))  # tuned by gemm_records
+            for frac in fractions:
+                for pattern in ("channels", "scattered"):
+                    rows = 1 if pattern == "channels" else x_q.scale.shape[0]
+                    flags = (torch.rand((rows, x_q.scale.shape[1]), device=DEVICE) < frac).expand_as(x_q.scale)
+                    x2_q = QTensor(x_q.data, x_q.scale * flags, x_q.block)  # timing only needs the flagged layout
+                    fn = lambda: gemm.block_gemm(x_q, w_q, out_block=act, impl=impl,  # noqa: E731
+                                                 a_fallback=x2_q, a_fallback_flags=flags)
+                    fn()  # autotune + compile outside the timed region
+                    ms = timer(fn)
+                    records.append({"op": "gemm_fwd_fallback", "shape": [M_TOKENS, n, k],
+                                    "mode": f"{mode} {pattern} {frac:.0%}", "ours_ms": ms, "baseline_ms": plain,
+                                    "speedup": plain / ms, "two_gemm_est_ms": 2 * plain,
+                                    "flagged": float(flags.float().mean())})
+    return records
+
+
 def quantize_records(copy: float, timer=time_ms) -> list[dict]:
     """Quantize a BF16 (16384, 4096) tensor (and its fused transpose) vs a BF16 device copy of it."""
     from ..kernels import quantize as kq
@@ -108,7 +143,7 @@ def main(args) -> int:
     shapes = LINEAR_SHAPES[:2] if args.quick else LINEAR_SHAPES
     copy = copy_gbps()
     print(f"  device-to-device copy: {copy:.0f} GB/s", flush=True)
-    records = quantize_records(copy) + gemm_records(shapes) + membound(copy)
+    records = quantize_records(copy) + gemm_records(shapes) + fallback_records(shapes) + membound(copy)
     write_json(args.out, records, info)
     print(f"wrote {len(records)} records to {args.out}")
     print_table(records)
