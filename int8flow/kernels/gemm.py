@@ -31,6 +31,10 @@ directly. An output block must lie inside one tile: its dims must be powers of t
 the tile (32x32, 1x128, 32x128, 128x128, ...); other output blocks go through a float32 result
 and the quantize kernel (two passes, documented fallback).
 
+Fallback quantization: an optional second INT8 term of ``A`` (``a_fallback``, zero outside the flagged
+blocks) is multiplied in the same K loop, only for (tile rows, K block) pairs whose per-band flag is set
+(a constexpr switch plus one runtime branch per K group; docs/kernels.md has the cost model).
+
 Operands may be any strided views (``w_q.t()``, ``x_q.t()``): each operand's layout (K-contiguous,
 row-contiguous, general) is a compile-time switch so the contiguous dimension is known to the compiler.
 """
