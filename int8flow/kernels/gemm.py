@@ -478,5 +478,5 @@ def linear_weight_grad(dy_q: QTensor, x_q: QTensor, **out):
     return block_gemm(dy_q.t(), x_q.t(), **out)
 
 
-__all__ = ["IMPLS", "block_gemm", "linear_forward", "linear_input_grad", "linear_weight_grad",
-           "promotion_group", "resolve_impl", "out_block_fits"]
+__all__ = ["FLAG_ROWS", "IMPLS", "block_gemm", "fallback_band_flags", "linear_forward", "linear_input_grad",
+           "linear_weight_grad", "promotion_group", "resolve_impl", "out_block_fits"]
