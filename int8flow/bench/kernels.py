@@ -80,8 +80,9 @@ def fallback_records(shapes, timer=time_ms, fractions=(0.05, 0.25)) -> list[dict
 
     Baseline: the plain INT8 GEMM of the same mode (so speedup < 1 is the overhead); ``two_gemm_est_ms``
     (twice the plain GEMM) is a lower bound of the unfused alternative, a second full GEMM for the term.
-    Flags either mark whole K blocks (``channels``: outlier channels, the cheap pattern) or blocks at random (``scattered``: with
-    1x128 blocks nearly every 128-row tile then has a flagged row, so the extra work approaches 100%).
+    Flags either mark whole K blocks (``channels``: outlier channels, the cheap pattern) or blocks at
+    random (``scattered``: with 1x128 blocks nearly every 128-row tile then has a flagged row, so the
+    extra work approaches 100%).
     """
     from ..format import QTensor
     from ..kernels import gemm, quantize as kq
