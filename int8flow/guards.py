@@ -111,7 +111,7 @@ class NonFiniteTracker:
     caught with tensor hooks on the module's inputs and outputs, so the first backward event names the
     layer where the gradient first went bad (backward runs from the last layer to the first).
     A ``NonFiniteError`` raised inside (INT8 quantization refuses NaN/Inf under the ``raise`` policy, with a
-    message naming only the operand) is re-raised prefixed with the layer that was running: the innermost
+    message naming the op and the tensor, not the layer) is re-raised prefixed with the layer that was running: the innermost
     module in the forward pass, the last module whose output gradient was seen in the backward pass.
     """
 

@@ -109,7 +109,7 @@ def test_int8_linear_stores_fallback_blocks_compactly_and_uses_them_exactly():
         y.backward(dy)
     assert 0.04 < float(fb_rate) <= rate + 1e-9, (float(fb_rate), rate)
     assert saved["int8+fallback"] <= 1.1 * saved["int8-linear"], saved
-    x_q, x2_q, _ = quantize_activation(x, cfg)
+    x_q, x2_q, _ = quantize_activation(x, cfg, "x")
     expected = quantize(dy, BLOCK).dequantize(torch.float64).t() @ (x_q.dequantize(torch.float64)
                                                                     + x2_q.dequantize(torch.float64))
     torch.testing.assert_close(w.grad.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int8flow.config import Int8TrainingConfig
-from int8flow.format import BlockShape
+from int8flow.format import BlockShape, NonFiniteError
 from int8flow.ops import NormSpec, linear_residual, mlp_residual, norm_linear
 
 from _inputs import sample, sqnr_db
@@ -261,7 +261,7 @@ def test_backward_recomputes_norm_output_and_fc2_input_exactly(precision):
         if not cfg.uses_fallback:
             return R.layer_norm_forward(x_q, p["norm_w"].detach(), p["norm_b"].detach(), 1e-5, out_block=blk)[0], None
         n_q, n2_q, rate = quantize_activation(R.layer_norm_forward(x_q, p["norm_w"].detach(), p["norm_b"].detach(),
-                                                                   1e-5)[0], cfg)
+                                                                   1e-5)[0], cfg, "n")
         assert float(rate) > 0  # the outlier channel does flag blocks
         return n_q, n2_q
 
@@ -280,7 +280,7 @@ def test_backward_recomputes_norm_output_and_fc2_input_exactly(precision):
     out.backward(dout)
     w_in_q, w_gate = quantize(p["w_in"].detach(), cfg.weight_block), None
     f_q = gemm([n_q, n2_q], w_in_q, p["b_in"].detach(), out_block=blk, cfg=cfg)
-    a_q, a2_q, rate = quantize_activation(R.gelu_forward(f_q, "tanh"), cfg) if cfg.uses_fallback else (
+    a_q, a2_q, rate = quantize_activation(R.gelu_forward(f_q, "tanh"), cfg, "a") if cfg.uses_fallback else (
         R.gelu_forward(f_q, "tanh", out_block=blk), None, 0.0)
     assert not cfg.uses_fallback or float(rate) > 0
     dout_hat = quantize(dout.reshape(-1, D), gblk).dequantize(torch.float64)
@@ -323,3 +323,55 @@ def test_norm_linear_takes_stacked_weights_without_a_float_copy(rows):
             assert sqnr_db(dy_w.reshape(-1, dy_w.shape[-1]).t() @ n.reshape(-1, D), w.grad) >= FLOORS["w"]
     with pytest.raises(ValueError, match="each weight"):
         norm_linear(x, spec, [ws[0], torch.randn(4, D + 1)], None, cfg)
+
+
+def _poison(t, index, value):
+    with torch.no_grad():
+        t.view(-1)[index] = value
+    return t
+
+
+# (case, how the fault is injected, expected message): one Inf/NaN in a named tensor of each op
+_NAMED_FAULTS = {
+    "mlp fc1 weight": ("layernorm", "w_in", float("inf"), rf"^mlp_residual: fc1 weight holds 0 NaN and 1 Inf values of {FF * D}"),
+    "mlp gate weight": ("rmsnorm", "w_gate", float("nan"), rf"^mlp_residual: gate weight holds 1 NaN and 0 Inf values of {FF * D}"),
+    "mlp fc2 weight": ("layernorm", "w_out", -float("inf"), rf"^mlp_residual: fc2 weight holds 0 NaN and 1 Inf values of {D * FF}"),
+    "mlp input": ("rmsnorm", "x", float("inf"), rf"^mlp_residual: input holds 0 NaN and 1 Inf values of {66 * D}"),
+    "mlp output gradient": ("layernorm", "dy", float("nan"), rf"^mlp_residual: output gradient holds 1 NaN and 0 Inf values of {66 * D}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NAMED_FAULTS))
+def test_nonfinite_error_names_the_op_and_the_tensor(case):
+    """Under nonfinite='raise' the refusal says which op and which of its tensors, and the op-level fix."""
+    kind, target, value, message = _NAMED_FAULTS[case]
+    cfg = Int8TrainingConfig(precision="int8")
+    p = _params(kind)
+    x = sample(SHAPE, "gaussian", 3).requires_grad_()
+    dy = sample(SHAPE, "gaussian", 4)
+    if target == "x":
+        _poison(x, 7, value)
+    elif target == "dy":
+        _poison(dy, 7, value)
+    else:
+        _poison(p[target], 7, value)
+    with pytest.raises(NonFiniteError, match=message) as err:
+        _mlp_int8(kind, x, p, cfg).backward(dy)
+    assert "nonfinite='propagate'" in str(err.value) and "check_finite" not in str(err.value)
+
+
+def test_nonfinite_error_names_the_stacked_weight_and_norm_linear():
+    """q|k|v stacked by rows: the refused weight is named by its position; the input by its role."""
+    cfg = Int8TrainingConfig(precision="int8")
+    p = _params("rmsnorm")
+    ws = [p["w"][:32].detach().clone(), p["w"][32:64].detach().clone(), p["w"][64:].detach().clone()]
+    x = sample(SHAPE, "gaussian", 3)
+    with pytest.raises(NonFiniteError, match=r"^norm_linear: weight 1 of 3 \(stacked by rows\) holds 0 NaN and 1 Inf"):
+        norm_linear(x, _spec("rmsnorm", p), [ws[0], _poison(ws[1], 3, float("inf")), ws[2]], None, cfg)
+    with pytest.raises(NonFiniteError, match=rf"^norm_linear: input holds 1 NaN and 0 Inf values of {66 * D}"):
+        norm_linear(_poison(x.clone(), 0, float("nan")), _spec("rmsnorm", p), ws, None, cfg)
+    with pytest.raises(NonFiniteError, match=r"^int8_linear: weight holds 0 NaN and 1 Inf"):
+        linear_residual(x, _poison(torch.randn(D, D), 5, float("inf")), None, x, cfg)
+    # propagate: no refusal; the fault (ws[1] still holds the Inf) flows on to the output
+    y = norm_linear(x, _spec("rmsnorm", p), ws, None, cfg.with_(nonfinite="propagate"))
+    assert not bool(torch.isfinite(y).all())

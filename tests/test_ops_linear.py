@@ -108,8 +108,12 @@ def test_function_apply_and_errors():
         int8_linear(torch.randn(4, 31), w, None, cfg)
     with pytest.raises(ValueError, match="bias"):
         int8_linear(x, w, torch.randn(7), cfg)
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError, match=r"^int8_linear: input holds 128 NaN and 0 Inf values of 128"):
         int8_linear(torch.full((4, 32), float("nan")), w, None, cfg)
+    x.requires_grad_()
+    with pytest.raises(NonFiniteError, match=r"^int8_linear: output gradient holds 0 NaN and 1 Inf values of 32"):
+        int8_linear(x, w, None, cfg).backward(torch.zeros(4, 8).index_put_((torch.tensor(1), torch.tensor(2)),
+                                                                           torch.tensor(float("inf"))))
 
 
 def test_config_validation_and_recipes():

@@ -69,8 +69,9 @@ def test_raise_names_the_layer_and_the_weight(data_dir, tmp_path):
     assert msg.startswith("step 2: loss nan, grad norm nan (nonfinite)"), msg
     assert f"parameter {POISONED}: value holds 1 Inf" in msg, msg
     # the data flow runs each block as fused ops, so the block is the finest layer the tracker can name;
-    # the operator's own message names the refused tensor (the weight, by its size: 4*96 x 96)
-    assert "first non-finite: layer transformer.h.1: forward pass: x holds 0 NaN and 1 Inf values of 36864" in msg
+    # the operator's own message names the op and the refused tensor
+    assert ("first non-finite: layer transformer.h.1: forward pass: mlp_residual: fc1 weight holds 0 NaN and 1 Inf "
+            "values of 36864") in msg, msg
     assert msg.endswith("nonfinite=raise; lower lr or check the data"), msg
 
 
@@ -101,7 +102,7 @@ def test_bf16_recomputes_a_transient_int8_fault_and_training_goes_on(data_dir, t
     records = [r for r in read_log(run) if "loss" in r]
     assert [r.get("fallback") for r in records] == [None, None, "bf16", None, None, None]
     assert not any("skipped" in r for r in records)
-    assert "x holds 0 NaN" in records[2]["fault"] and "Inf" in records[2]["fault"]
+    assert "norm_linear: input holds 0 NaN and 1 Inf" in records[2]["fault"], records[2]["fault"]
     assert "step 3 recomputed in high precision (nonfinite=bf16)" in capsys.readouterr().out
     # the recomputed step 3 moved the weights and AdamW state, to finite values
     before, after = (load_checkpoint(run / "checkpoints" / f"step_00000{n}") for n in (2, 3))
@@ -116,7 +117,7 @@ def test_skip_drops_only_the_transient_fault_step(data_dir, tmp_path):
     result = train(_config(data_dir, tmp_path / "s", max_steps=5), _inf_activation_at(2))
     assert math.isnan(result.losses[1]) and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 1)
     fault = read_log(tmp_path / "s")[2]["fault"]
-    assert fault.startswith("INT8 quantization refused: x holds") and "not seen again" in fault, fault
+    assert fault.startswith("INT8 quantization refused: norm_linear: input holds") and "not seen again" in fault, fault
 
 
 @pytest.mark.parametrize("model_name, weight", [("gpt-tiny", "transformer.h.1.mlp.c_fc.weight"),

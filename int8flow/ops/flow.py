@@ -89,7 +89,7 @@ def _norm_output(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig
     d = x_q.device
     if c.uses_fallback:
         n, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, d, mean, rstd, out_dtype=torch.float32)
-        n_q, n2_q, rate = P.quantize_activation(n, c)
+        n_q, n2_q, rate = P.quantize_activation(n, c, "norm output")
         return n_q, n2_q, mean, rstd, rate
     n_q, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, d, mean, rstd, out_block=c.activation_block)
     return n_q, None, mean, rstd, _no_fallback(d)
@@ -105,12 +105,12 @@ def _activate(f_q, g_q, activation: str, c: Int8TrainingConfig):
     else:
         a = backend.call("gelu_forward", f_q, ACTIVATIONS[activation], device=d, **out)
     if c.uses_fallback:
-        return P.quantize_activation(a, c)
+        return P.quantize_activation(a, c, "activation output")
     return a, None, _no_fallback(d)
 
 
 def _grad_q(dy: Tensor, seed: int, c: Int8TrainingConfig):
-    return P.quantize(dy, c.grad_block, c.grad_rounding, seed, c)
+    return P.quantize(dy, c.grad_block, c.grad_rounding, seed, c, "output gradient")
 
 
 def _stats(t: Optional[Tensor], device) -> Tensor:
@@ -127,6 +127,11 @@ def _param_grads(device, dtype, grads: Sequence[tuple[Optional[Tensor], bool]]) 
 
 
 # --- norm -> QKV GEMM ---------------------------------------------------------------------------
+
+
+def _weight_names(ws: Sequence[Tensor]) -> list[str]:
+    """How a NonFiniteError names each of the stacked weights."""
+    return ["weight"] if len(ws) == 1 else [f"weight {i} of {len(ws)} (stacked by rows)" for i in range(len(ws))]
 
 
 def _segments(ws: Sequence[Tensor], c: Int8TrainingConfig) -> list[tuple[int, int]]:
@@ -153,10 +158,10 @@ def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tenso
                      out_dtype: torch.dtype) -> list[Tensor]:
     c = P.decode_config(cfg)
     d = x.device
-    with P.no_autocast(d):
-        x_q = P.quantize(x, c.activation_block, "nearest", 0, c)
+    with P.running("norm_linear", d):
+        x_q = P.quantize(x, c.activation_block, "nearest", 0, c, "input")
         n_q, n2_q, mean, rstd, _ = _norm_output(x_q, norm, norm_w, norm_b, eps, c)
-        w_qs = [P.quantize(w, c.weight_block, "nearest", 0, c) for w in ws]
+        w_qs = [P.quantize(w, c.weight_block, "nearest", 0, c, what) for w, what in zip(ws, _weight_names(ws))]
         segments = _segments(ws, c)
         y = torch.cat([P.gemm([n_q, n2_q], w_q, None if b is None else b[lo:hi], out_dtype=out_dtype, cfg=c)
                        for (w_q, _), (lo, hi) in zip(_segment_weights(w_qs, ws, segments), segments)], dim=1)
@@ -179,21 +184,23 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
     c = P.decode_config(cfg)
     s, d, wd, gb = int(seed.item()), dy.device, ws[0].dtype, c.grad_block
     x_i8, x_s, mean, rstd, *w_saved = saved
-    with P.no_autocast(d):
+    with P.running("norm_linear", d):
         x_q = P.unpack(x_i8, x_s, c.activation_block)
         w_qs = [P.unpack(w_saved[2 * i], w_saved[2 * i + 1], c.weight_block) for i in range(len(ws))]
         n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, _opt(mean), rstd)
         segments = _segments(ws, c)
         dn, dws = [], []
+        names = _weight_names(ws)
         for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(_segment_weights(w_qs, ws, segments), segments)):
             dy_j = dy[:, lo:hi]
             dy_q = _grad_q(dy_j, backend.subseed(s, 0 if j == 0 else 3 + 2 * j), c)
-            dn.append(P.gemm([dy_q], P.weight_t(w_q, w_hp, c), cfg=c) if len(segments) > 1 else
-                      P.gemm([dy_q], P.weight_t(w_q, w_hp, c), out_block=gb, rounding=c.grad_rounding,
-                             seed=backend.subseed(s, 1), cfg=c))
+            w_t = P.weight_t(w_q, w_hp, c, names[j] if len(segments) > 1 else "weight")
+            dn.append(P.gemm([dy_q], w_t, cfg=c) if len(segments) > 1 else
+                      P.gemm([dy_q], w_t, out_block=gb, rounding=c.grad_rounding, seed=backend.subseed(s, 1), cfg=c))
             dws.append(P.weight_grad(dy_q, dy_j, [n_q, n2_q], backend.subseed(s, 2 if j == 0 else 4 + 2 * j), c,
-                                     torch.float32))
-        dn_q = dn[0] if len(dn) == 1 else P.emit(sum(dn), torch.float32, gb, c.grad_rounding, backend.subseed(s, 1), c)
+                                     torch.float32, "output gradient"))
+        dn_q = dn[0] if len(dn) == 1 else P.emit(sum(dn), torch.float32, gb, c.grad_rounding, backend.subseed(s, 1), c,
+                                                 "norm output gradient")
         dx, dnw, dnb = _norm_backward(norm, dn_q, x_q, norm_w, _opt(mean), rstd, d, out_dtype=x_dtype)
         db = dy.float().sum(0) if has_bias else None
         grads = _param_grads(d, wd, [(dnw, norm_w is not None), (dnb, norm_b is not None), (db, has_bias)])
@@ -274,15 +281,16 @@ def _mlp_fwd(h: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w_in
              eps: float, activation: str) -> list[Tensor]:
     c = P.decode_config(cfg)
     d, blk = h.device, c.activation_block
-    with P.no_autocast(d):
-        h_q = P.quantize(h, blk, "nearest", 0, c)
+    with P.running("mlp_residual", d):
+        h_q = P.quantize(h, blk, "nearest", 0, c, "input")
         n_q, n2_q, mean, rstd, _ = _norm_output(h_q, norm, norm_w, norm_b, eps, c)
-        w_in_q, w_out_q = (P.quantize(w, c.weight_block, "nearest", 0, c) for w in (w_in, w_out))
-        f_q = P.gemm([n_q, n2_q], w_in_q, b_in, out_block=blk, cfg=c)
+        w_in_q = P.quantize(w_in, c.weight_block, "nearest", 0, c, "fc1 weight")
+        w_out_q = P.quantize(w_out, c.weight_block, "nearest", 0, c, "fc2 weight")
+        f_q = P.gemm([n_q, n2_q], w_in_q, b_in, out_block=blk, cfg=c, what="fc1 output")
         w_gate_q = g_q = None
         if activation == "swiglu":
-            w_gate_q = P.quantize(w_gate, c.weight_block, "nearest", 0, c)
-            g_q = P.gemm([n_q, n2_q], w_gate_q, None, out_block=blk, cfg=c)
+            w_gate_q = P.quantize(w_gate, c.weight_block, "nearest", 0, c, "gate weight")
+            g_q = P.gemm([n_q, n2_q], w_gate_q, None, out_block=blk, cfg=c, what="gate output")
         a_q, a2_q, rate = _activate(f_q, g_q, activation, c)
         y = P.gemm([a_q, a2_q], w_out_q, b_out, out_dtype=torch.float32, cfg=c)
         out = (h.float() + y).to(h.dtype)
@@ -310,7 +318,7 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
     s, d, blk, gb, wd = int(seed.item()), dout.device, c.activation_block, c.grad_block, w_in.dtype
     h_i8, h_s, mean, rstd, f_i8, f_s, g_i8, g_s, wi_i8, wi_s, wg_i8, wg_s, wo_i8, wo_s = saved
     grad_out = dict(out_block=gb, rounding=c.grad_rounding)
-    with P.no_autocast(d):
+    with P.running("mlp_residual", d):
         h_q, f_q, g_q = P.unpack(h_i8, h_s, blk), P.unpack(f_i8, f_s, blk), P.unpack(g_i8, g_s, blk)
         wi_q, wo_q = P.unpack(wi_i8, wi_s, c.weight_block), P.unpack(wo_i8, wo_s, c.weight_block)
         # recompute what the forward did not save: the norm output and the fc2 input (memory-bound)
@@ -318,22 +326,24 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
         a_q, a2_q, _ = _activate(f_q, g_q, activation, c)
         # fc2
         dy_q = _grad_q(dout, backend.subseed(s, 0), c)
-        da_q = P.gemm([dy_q], P.weight_t(wo_q, [w_out], c), seed=backend.subseed(s, 1), cfg=c, **grad_out)
-        dw_out = P.weight_grad(dy_q, dout, [a_q, a2_q], backend.subseed(s, 2), c, wd)
+        da_q = P.gemm([dy_q], P.weight_t(wo_q, [w_out], c, "fc2 weight"), seed=backend.subseed(s, 1), cfg=c,
+                      **grad_out)
+        dw_out = P.weight_grad(dy_q, dout, [a_q, a2_q], backend.subseed(s, 2), c, wd, "output gradient")
         # activation, then fc1 (and gate)
         if activation == "swiglu":
             dg_q, df_q = backend.call("swiglu_backward", da_q, g_q, f_q, device=d, seed=backend.subseed(s, 3), **grad_out)
             wg_q = P.unpack(wg_i8, wg_s, c.weight_block)
-            dn = (P.gemm([df_q], P.weight_t(wi_q, [w_in], c), cfg=c)
-                  + P.gemm([dg_q], P.weight_t(wg_q, [w_gate], c), cfg=c))
-            dn_q = P.quantize(dn, gb, c.grad_rounding, backend.subseed(s, 4), c)
-            dw_gate = P.weight_grad(dg_q, None, [n_q, n2_q], backend.subseed(s, 5), c, wd)
+            dn = (P.gemm([df_q], P.weight_t(wi_q, [w_in], c, "fc1 weight"), cfg=c)
+                  + P.gemm([dg_q], P.weight_t(wg_q, [w_gate], c, "gate weight"), cfg=c))
+            dn_q = P.quantize(dn, gb, c.grad_rounding, backend.subseed(s, 4), c, "norm output gradient")
+            dw_gate = P.weight_grad(dg_q, None, [n_q, n2_q], backend.subseed(s, 5), c, wd, "gate output gradient")
         else:
             df_q = backend.call("gelu_backward", da_q, f_q, ACTIVATIONS[activation], device=d,
                                 seed=backend.subseed(s, 3), **grad_out)
-            dn_q = P.gemm([df_q], P.weight_t(wi_q, [w_in], c), seed=backend.subseed(s, 4), cfg=c, **grad_out)
+            dn_q = P.gemm([df_q], P.weight_t(wi_q, [w_in], c, "fc1 weight"), seed=backend.subseed(s, 4), cfg=c,
+                          **grad_out)
             dw_gate = P.empty(d, wd)
-        dw_in = P.weight_grad(df_q, None, [n_q, n2_q], backend.subseed(s, 6), c, wd)
+        dw_in = P.weight_grad(df_q, None, [n_q, n2_q], backend.subseed(s, 6), c, wd, "fc1 output gradient")
         # norm, then the residual branch
         dh, dnw, dnb = _norm_backward(norm, dn_q, h_q, norm_w, _opt(mean), rstd, d, out_dtype=torch.float32)
         dh = (dh + dout.float()).to(dout.dtype)

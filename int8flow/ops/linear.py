@@ -26,9 +26,9 @@ from . import primitives as P
 def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: str, out_dtype: torch.dtype,
                 save_input: bool, static_storage: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
-    with P.no_autocast(x.device):
-        x_q, x2_q, rate = P.quantize_activation(x, c)
-        w_q = P.quantize(w, c.weight_block, "nearest", 0, c)
+    with P.running("int8_linear", x.device):
+        x_q, x2_q, rate = P.quantize_activation(x, c, "input")
+        w_q = P.quantize(w, c.weight_block, "nearest", 0, c, "weight")
         if c.quantize_fprop:
             y = P.gemm([x_q, x2_q], w_q, b, out_dtype=out_dtype, cfg=c)
         else:
@@ -65,23 +65,24 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
                 w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     c = P.decode_config(cfg)
     s = int(seed.item())
-    with P.no_autocast(dy.device):
+    with P.running("int8_linear", dy.device):
         if x_saved.dtype == torch.int8:
             x_q = P.unpack(x_saved, x_scale, c.activation_block)
             x2_q = P.unpack_compact(x2_index, x2_blocks, x2_scale, x_saved.shape, c.activation_block)
         elif c.quantize_wgrad:  # x itself was kept (held anyway): the forward's INT8 operands, recomputed
-            x_q, x2_q, _ = P.quantize_activation(x_saved, c)
+            x_q, x2_q, _ = P.quantize_activation(x_saved, c, "saved input")
         w_q = P.unpack(w_saved, w_scale, c.weight_block) if w_saved.dtype == torch.int8 else None
         dy_q = None
         if c.quantize_dgrad or c.quantize_wgrad:
-            dy_q = P.quantize(dy, c.grad_block, c.grad_rounding, backend.subseed(s, 0), c)
+            dy_q = P.quantize(dy, c.grad_block, c.grad_rounding, backend.subseed(s, 0), c, "output gradient")
         if c.quantize_dgrad:
-            w_t = w_q.t() if w_q is not None else P.quantize(w_saved.t(), c.weight_block, "nearest", 0, c)
+            w_t = w_q.t() if w_q is not None else P.quantize(w_saved.t(), c.weight_block, "nearest", 0, c,
+                                                             "weight (transposed)")
             dx = P.gemm([dy_q], w_t, out_dtype=x_dtype, cfg=c)
         else:
             dx = (dy.float() @ w_saved.float()).to(x_dtype)
         if c.quantize_wgrad:
-            dw = P.weight_grad(dy_q, dy, [x_q, x2_q], backend.subseed(s, 1), c, w_dtype)
+            dw = P.weight_grad(dy_q, dy, [x_q, x2_q], backend.subseed(s, 1), c, w_dtype, "output gradient")
         else:
             dw = (dy.float().t() @ x_saved.float()).to(w_dtype)
         db = dy.float().sum(0).to(w_dtype) if has_bias else P.empty(dy.device, w_dtype)

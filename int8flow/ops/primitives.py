@@ -6,14 +6,15 @@ decoded once and cached, because custom-op schemas only carry primitive types.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-
-from typing import Optional, Sequence
+import re
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from ..config import Int8TrainingConfig
-from ..format import QTensor
+from ..format import NonFiniteError, QTensor
 from ..format.blocks import BlockShape
 from . import backend
 from .fallback import compact_term, expand_term, fallback_mask, residual_term
@@ -34,22 +35,47 @@ def unpack(data: torch.Tensor, scale: torch.Tensor, block: BlockShape) -> Option
     return None if data.numel() == 0 and data.dim() == 1 else QTensor(data, scale, block)
 
 
-def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig) -> QTensor:
-    return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed,
-                        check_finite=cfg.nonfinite == "raise")
+def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
+             what: str) -> QTensor:
+    """Quantize on the dispatched backend; under ``nonfinite='raise'`` a NaN/Inf is refused with a
+    ``NonFiniteError`` naming x as ``what`` ("fc1 weight", "output gradient"), the op added by `running`."""
+    try:
+        return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed,
+                            check_finite=cfg.nonfinite == "raise")
+    except NonFiniteError as err:
+        raise NonFiniteError(_renamed(str(err), what)) from err
 
 
-def quantize_activation(x: torch.Tensor, cfg: Int8TrainingConfig) -> tuple[QTensor, Optional[QTensor], torch.Tensor]:
+def _renamed(message: str, what: str) -> str:
+    """The format's message about its argument ``x``, about ``what`` instead, with the op-level fix."""
+    message = re.sub(r"\bx\b", what, message)
+    return message.replace("pass check_finite=False to quantize anyway",
+                           "set Int8TrainingConfig(nonfinite='propagate') to let it reach the loss check")
+
+
+@contextlib.contextmanager
+def running(op: str, device: torch.device) -> Iterator[None]:
+    """The body of custom op ``op``: autocast off (the ops control precision themselves and the reference's
+    float32 math must not be recast), and a ``NonFiniteError`` prefixed with ``op``."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        try:
+            yield
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{op}: {err}") from err
+
+
+def quantize_activation(x: torch.Tensor, cfg: Int8TrainingConfig,
+                        what: str) -> tuple[QTensor, Optional[QTensor], torch.Tensor]:
     """Forward-pass activation: nearest rounding; with fallback also the second INT8 term of flagged blocks.
 
     Returns (x_q, x2_q or None, fraction of blocks that fell back as a float32 scalar tensor).
     """
     block = cfg.activation_block
-    x_q = quantize(x, block, "nearest", 0, cfg)
+    x_q = quantize(x, block, "nearest", 0, cfg, what)
     if not cfg.uses_fallback:
         return x_q, None, torch.zeros((), dtype=torch.float32, device=x.device)
     mask = fallback_mask(x, block, cfg.fallback_threshold, cfg.fallback_budget)
-    x2_q = quantize(residual_term(x, x_q, mask), block, "nearest", 0, cfg)
+    x2_q = quantize(residual_term(x, x_q, mask), block, "nearest", 0, cfg, f"{what} (fallback term)")
     return x_q, x2_q, mask.float().mean()
 
 
@@ -69,15 +95,16 @@ def stack_rows(qs: Sequence[QTensor]) -> QTensor:
 
 
 def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape], rounding: str, seed: int,
-         cfg: Int8TrainingConfig):
+         cfg: Int8TrainingConfig, what: str):
     if out_block is None:
         return y.to(out_dtype)
-    return quantize(y, out_block, rounding, seed, cfg)
+    return quantize(y, out_block, rounding, seed, cfg, what)
 
 
 def gemm(terms: Sequence[Optional[QTensor]], b_q: QTensor, bias=None, out_dtype=torch.float32, out_block=None,
-         rounding="nearest", seed: int = 0, cfg: Int8TrainingConfig = None):
-    """``sum(a @ b.T for a in terms) + bias``; ``None`` terms are skipped (absent fallback terms)."""
+         rounding="nearest", seed: int = 0, cfg: Int8TrainingConfig = None, what: str = "GEMM output"):
+    """``sum(a @ b.T for a in terms) + bias``; ``None`` terms are skipped (absent fallback terms).
+    what: names the output where it is re-quantized here (several terms with ``out_block``)."""
     terms = [t for t in terms if t is not None]
     device = b_q.device
     if len(terms) == 1:
@@ -86,16 +113,17 @@ def gemm(terms: Sequence[Optional[QTensor]], b_q: QTensor, bias=None, out_dtype=
     y = sum(backend.call("block_gemm", a, b_q, None, out_dtype=torch.float32, device=device) for a in terms)
     if bias is not None:
         y = y + bias.float()
-    return emit(y, out_dtype, out_block, rounding, seed, cfg)
+    return emit(y, out_dtype, out_block, rounding, seed, cfg, what)
 
 
-def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: int, cfg: Int8TrainingConfig) -> QTensor:
+def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: int, cfg: Int8TrainingConfig,
+               what: str) -> QTensor:
     """``q`` transposed: a free view for square blocks, else re-quantized with the transposed block grid
     from ``hp`` (or from ``q`` dequantized when the high-precision tensor was not kept)."""
     if q.block.is_square:
         return q.t()
     src = hp if hp is not None else q.dequantize(torch.float32)
-    return quantize(src.t(), q.block, rounding, seed, cfg)
+    return quantize(src.t(), q.block, rounding, seed, cfg, f"{what} (transposed)")
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -104,11 +132,6 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
-
-
-def no_autocast(device: torch.device):
-    """The ops do their own precision control; autocast must not recast the reference's float32 math."""
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def pack(q: Optional[QTensor], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,18 +179,20 @@ def fake_compact(like: torch.Tensor, block: BlockShape, capacity: Optional[int])
             like.new_empty((capacity,), dtype=torch.float32))
 
 
-def weight_t(w_q: QTensor, w_hp: Sequence[torch.Tensor], cfg: Int8TrainingConfig) -> QTensor:
+def weight_t(w_q: QTensor, w_hp: Sequence[torch.Tensor], cfg: Int8TrainingConfig, what: str) -> QTensor:
     """The weight operand of dgrad (``dx = dy @ w``): ``w_q.t()``, or ``w.T`` re-quantized for non-square blocks
     (``w_hp``: the weights stacked by rows in ``w_q``)."""
     if w_q.block.is_square:
         return w_q.t()
     w = w_hp[0] if len(w_hp) == 1 else torch.cat(list(w_hp))
-    return quantize(w.t(), cfg.weight_block, "nearest", 0, cfg)
+    return quantize(w.t(), cfg.weight_block, "nearest", 0, cfg, f"{what} (transposed)")
 
 
 def weight_grad(dy_q: QTensor, dy_hp: Optional[torch.Tensor], terms: Sequence[Optional[QTensor]], seed: int,
-                cfg: Int8TrainingConfig, out_dtype: torch.dtype) -> torch.Tensor:
-    """``dw = dy.T @ x`` with x given as its INT8 term(s) (the fallback term included when present)."""
-    dy_t = transposed(dy_q, dy_hp, cfg.grad_rounding, seed, cfg)
-    dw = sum(gemm([dy_t], transposed(t, None, "nearest", 0, cfg), cfg=cfg) for t in terms if t is not None)
+                cfg: Int8TrainingConfig, out_dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``dw = dy.T @ x`` with x given as its INT8 term(s) (the fallback term included when present);
+    ``what`` names dy."""
+    dy_t = transposed(dy_q, dy_hp, cfg.grad_rounding, seed, cfg, what)
+    dw = sum(gemm([dy_t], transposed(t, None, "nearest", 0, cfg, "saved activation"), cfg=cfg)
+             for t in terms if t is not None)
     return dw.to(out_dtype)
