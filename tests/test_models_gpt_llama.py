@@ -238,3 +238,43 @@ def test_llama_qkv_gradients_match_float_model(n_kv_heads):
         g = getattr(model.model.layers[0].self_attn, name).weight.grad
         assert g is not None and g.shape == g_ref.shape
         assert sqnr_db(g_ref, g) >= 20.0, (name, sqnr_db(g_ref, g))
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_token_ids_outside_the_vocabulary_are_refused_clearly(arch):
+    """A tokenizer/model mismatch: ValueError naming the largest id, vocab_size and the fix, instead of the
+    embedding's bare IndexError; the last valid id (vocab_size - 1) still works."""
+    model = build_model(SMALL[arch], "int8")
+    x, _ = _batch(3)
+    x[1, 5] = 63
+    assert model(x)[0].shape == (2, 32, 64)
+    x[0, 7] = 70
+    with pytest.raises(ValueError, match=r"largest token id, 70, is out of range for vocab_size=64 .*tokenizer.*"
+                                         r"vocab_size > 70 \(e\.g\. vocab_size=128\)"):
+        model(x)
+    x[0, 7] = -1
+    with pytest.raises(ValueError, match=r"token id -1 is negative \(ids must be in \[0, 64\)\)"):
+        model(x)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_meta_device_forward_and_backward(arch, precision):
+    """Built on the meta device (FSDP2's deferred init), models run forward and backward through the ops' fake
+    implementations: right shapes, a gradient for every parameter; to_empty + init then gives a working model."""
+    with torch.device("meta"):
+        model = build_model(SMALL[arch], precision)
+    x, y = (t.to("meta") for t in _batch(4))
+    logits, loss = model(x, y)
+    loss.backward()
+    assert logits.shape == (2, 32, 64) and logits.device.type == "meta"
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    model.to_empty(device="cpu")
+    ref = build_model(SMALL[arch], precision)
+    model.load_state_dict(ref.state_dict())
+    for name, buf in ref.named_buffers():  # non-persistent buffers (RoPE tables) are not in the state dict
+        model.get_buffer(name).copy_(buf)
+    torch.manual_seed(1)
+    loss = model(*_batch(4))[1]
+    torch.manual_seed(1)
+    assert torch.isfinite(loss) and loss == ref(*_batch(4))[1]

@@ -111,3 +111,16 @@ def test_converted_model_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("precision", ["int8-linear", "int8+fallback"])
+def test_meta_device_input_runs_on_the_fake_implementation(precision):
+    """Shape-only tensors (FSDP2 deferred init, shape inference): forward and backward give meta results of the
+    right shapes instead of an autocast 'unknown device type' error."""
+    layer = Int8Linear(64, 33, config=precision, device="meta")
+    x = torch.empty(2, 5, 64, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 5, 33) and y.device.type == "meta"
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.weight.grad.shape == (33, 64) and layer.bias.grad.shape == (33,)
+    assert Int8Linear(64, 32)(torch.randn(8, 64, device="meta")).shape == (8, 32)

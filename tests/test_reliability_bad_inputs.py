@@ -103,6 +103,12 @@ CASES = {
     "build_model: type": (lambda: build_model(3), TypeError, r"preset name or a GPTConfig/LlamaConfig"),
     "GPT: sequence too long": (lambda: build_model("gpt-tiny")(torch.zeros(1, 500, dtype=torch.long)), ValueError,
                                r"sequence length 500 exceeds block_size 128"),
+    "GPT: token id >= vocab": (lambda: build_model("gpt-tiny", "int8")(torch.tensor([[3, 300, 7]])), ValueError,
+                               r"largest token id, 300, is out of range for vocab_size=256 .*tokenizer.*vocab_size=320"),
+    "Llama: negative token id": (lambda: build_model("llama-tiny")(torch.tensor([[3, -2]])), ValueError,
+                                 r"token id -2 is negative \(ids must be in \[0, 256\)\)"),
+    "Int8TrainingConfig: nonfinite": (lambda: Int8TrainingConfig(nonfinite="skip"), ValueError,
+                                      r"nonfinite must be one of \('raise', 'propagate'\)"),
     # guards
     "check_finite: policy": (lambda: check_finite(X, "a", "b", "ignore"), ValueError,
                              r"policy must be one of \('raise', 'skip', 'bf16'\)"),

@@ -33,6 +33,27 @@ def attention_output_is_saved(y: torch.Tensor) -> bool:
     return y.is_contiguous()
 
 
+def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside [0, vocab_size) with the likely cause and fix, where the embedding would
+    give a bare IndexError (on CUDA, a device-side assert that ends the process).
+
+    One min/max over idx and one device sync per forward. Skipped under torch.compile (the check depends on
+    the values, so it would break the graph) and for meta tensors (no values).
+    """
+    if torch.compiler.is_compiling() or idx.device.type == "meta" or idx.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+    if hi >= vocab_size:
+        padded = -(-(hi + 1) // 64) * 64
+        raise ValueError(
+            f"the largest token id, {hi}, is out of range for vocab_size={vocab_size} (ids must be < {vocab_size}): the "
+            f"tokenizer or data does not match the model; build the model with vocab_size > {hi} (e.g. "
+            f"vocab_size={padded}) or encode with the tokenizer the model was built for")
+    if lo < 0:
+        raise ValueError(f"token id {lo} is negative (ids must be in [0, {vocab_size})); -1 marks ignored "
+                         "positions in targets only, not in the input ids")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     block_size: int = 1024
@@ -146,6 +167,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        check_token_ids(idx, self.config.vocab_size)
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:

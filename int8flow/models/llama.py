@@ -19,7 +19,7 @@ from torch import nn
 from ..config import as_config
 from ..nn import convert_to_int8_training
 from ..ops.flow import linear_residual, mlp_residual, norm_linear
-from .gpt2 import attention_output_is_saved
+from .gpt2 import attention_output_is_saved, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,7 @@ class Llama(nn.Module):
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        check_token_ids(idx, self.config.vocab_size)
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.model.layers:

@@ -132,10 +132,10 @@ def int8_linear(x: Tensor, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConf
     """
     _check(x, w, b)
     x2d = x.reshape(-1, x.shape[-1])
-    # The fallback store holds exactly the flagged blocks in eager mode; a traced graph needs a static
-    # size, so under torch.compile it holds the budget's worth (the most that can be flagged).
-    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), cfg.key, P.output_dtype(x), save_input,
-                              torch.compiler.is_compiling())
+    # The fallback store holds exactly the flagged blocks in eager mode; a traced graph (and a meta tensor,
+    # which only the fake implementation sees) needs a static size: the budget's worth, the most that can be flagged.
+    static_storage = torch.compiler.is_compiling() or x.device.type == "meta"
+    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), cfg.key, P.output_dtype(x), save_input, static_storage)
     y = y.reshape(*x.shape[:-1], w.shape[0])
     return (y, rate.detach()) if return_fallback_rate else y
 

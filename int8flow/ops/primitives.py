@@ -127,9 +127,10 @@ def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: int,
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the surrounding code computes in: autocast's when enabled on x's device, else x's own."""
+    """The dtype the surrounding code computes in: autocast's when enabled on x's device, else x's own
+    (also on devices without autocast, such as ``meta``)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
