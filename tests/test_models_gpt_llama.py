@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from int8flow.models import MODEL_PRESETS, GPT, GPTConfig, Llama, LlamaConfig, build_model
-from int8flow.models.gpt2 import hf_to_nanogpt_state_dict
+from int8flow.models import hf_to_nanogpt_state_dict, nanogpt_to_hf_state_dict
 
 from _inputs import sqnr_db
 
@@ -278,3 +278,30 @@ def test_meta_device_forward_and_backward(arch, precision):
     loss = model(*_batch(4))[1]
     torch.manual_seed(1)
     assert torch.isfinite(loss) and loss == ref(*_batch(4))[1]
+
+
+def test_nanogpt_to_hf_state_dict_round_trips():
+    """Our layout -> HF GPT2LMHeadModel layout (Conv1D weights (in, out), contiguous) -> ours: bit-identical,
+    and HF -> ours -> HF too; the HF dict loads into a model computing the same logits."""
+    torch.manual_seed(0)
+    sd = build_model(SMALL["gpt"], "int8").state_dict()
+    hf = nanogpt_to_hf_state_dict(sd)
+    assert set(hf) == set(sd)
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"):
+        assert hf[name].shape == sd[name].shape[::-1] and hf[name].is_contiguous()
+        torch.testing.assert_close(hf[name], sd[name].t(), rtol=0, atol=0)
+    assert hf["transformer.h.0.ln_1.weight"] is sd["transformer.h.0.ln_1.weight"]
+    back = hf_to_nanogpt_state_dict(hf)
+    assert set(back) == set(sd)
+    for name, value in sd.items():
+        torch.testing.assert_close(back[name], value, rtol=0, atol=0)
+    again = nanogpt_to_hf_state_dict(back)
+    for name, value in hf.items():
+        torch.testing.assert_close(again[name], value, rtol=0, atol=0)
+    model = GPT.from_hf_state_dict(hf, SMALL["gpt"], "bf16")
+    ref = build_model(SMALL["gpt"], "bf16")
+    ref.load_state_dict(sd)
+    x, _ = _batch(5)
+    torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol=0)
+    with pytest.raises(KeyError, match="no transformer.wte.weight"):
+        nanogpt_to_hf_state_dict({"model.embed_tokens.weight": torch.zeros(2, 2)})

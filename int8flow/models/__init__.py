@@ -13,7 +13,7 @@ from typing import Union
 
 from torch import nn
 
-from .gpt2 import GPT, GPTConfig
+from .gpt2 import GPT, GPTConfig, hf_to_nanogpt_state_dict, nanogpt_to_hf_state_dict
 from .llama import Llama, LlamaConfig
 
 MODEL_PRESETS: dict[str, Union[GPTConfig, LlamaConfig]] = {
@@ -52,4 +52,5 @@ def build_model(name_or_config, precision="bf16", **overrides) -> nn.Module:
     return _MODEL_CLASS[type(config)](config, precision)
 
 
-__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "MODEL_PRESETS", "build_model"]
+__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "MODEL_PRESETS", "build_model", "hf_to_nanogpt_state_dict",
+           "nanogpt_to_hf_state_dict"]

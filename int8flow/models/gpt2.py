@@ -2,7 +2,7 @@
 
 Parameter names follow nanoGPT: transformer.wte/wpe/h.N.{ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj}/ln_f, lm_head (tied to wte). `from_hf_state_dict` loads Hugging Face GPT-2
-weights (their Conv1D layers store weights transposed).
+weights (their Conv1D layers store weights transposed); `nanogpt_to_hf_state_dict` converts back.
 
 Precision (constructor argument): ``bf16`` runs plain PyTorch; ``int8-linear`` swaps the block linear
 layers for Int8Linear; ``int8``/``int8+fallback`` run each block through the fused INT8 data-flow ops
@@ -202,3 +202,12 @@ def hf_to_nanogpt_state_dict(state_dict: dict) -> dict:
         raise KeyError("state dict has no wte.weight; is this a GPT-2 checkpoint?")
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
+
+
+def nanogpt_to_hf_state_dict(state_dict: dict) -> dict:
+    """Inverse of `hf_to_nanogpt_state_dict`: our (nanoGPT) names and layout to a Hugging Face
+    GPT2LMHeadModel state dict - the same ``transformer.``/``lm_head.`` names, Conv1D weights transposed to
+    (in, out) and made contiguous (safetensors stores no strides); lm_head.weight stays (HF ties it to wte)."""
+    if "transformer.wte.weight" not in state_dict:
+        raise KeyError("state dict has no transformer.wte.weight; is this a GPT (nanoGPT-layout) state dict?")
+    return {k: v.t().contiguous() if k.endswith(_CONV1D) else v for k, v in state_dict.items()}

@@ -12,8 +12,6 @@ from .checkpoint import MODEL_FILE, CheckpointError, check_state_dict, load_chec
 __all__ = ["load_model", "generate", "sample_text", "export_weights", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("nanogpt", "hf")
-# GPT-2 weights Hugging Face stores transposed (Conv1D layers): the inverse of models.gpt2's import
-_HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None):
@@ -59,10 +57,6 @@ def sample_text(path: str | Path, prompt: str = "\n", max_new_tokens: int = 200,
     return tokenizer.decode(out[0].tolist())
 
 
-def _gpt_to_hf(state_dict: dict) -> dict:
-    return {k: v.t().contiguous() if k.endswith(_HF_CONV1D) else v for k, v in state_dict.items()}
-
-
 def export_weights(path: str | Path, fmt: str, out: str | Path) -> Path:
     """Plain BF16 state dict (safetensors) with nanoGPT names (GPT) or Hugging Face names (GPT, Llama)."""
     if fmt not in EXPORT_FORMATS:
@@ -73,7 +67,9 @@ def export_weights(path: str | Path, fmt: str, out: str | Path) -> Path:
     if not is_gpt and fmt == "nanogpt":
         raise ValueError(f"{ckpt.path}: a Llama checkpoint has no nanoGPT layout; export it with --format hf")
     if is_gpt and fmt == "hf":
-        state_dict = _gpt_to_hf(state_dict)
+        from ..models import nanogpt_to_hf_state_dict
+
+        state_dict = nanogpt_to_hf_state_dict(state_dict)
     # every tensor its own copy: loaders that expect both tied names (nanoGPT, HF) find both
     plain = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).clone() for k, v in state_dict.items()}
     out = Path(out)
