@@ -216,7 +216,7 @@ def _locate(model, run_step: Callable, fault: str | None, info: DistInfo) -> str
         if refused is not None and refused is not events[0]:
             parts.append(f"refused by {refused}")
     elif fault:
-        parts.append(f"INT8 quantization refused: {fault}; not seen again when the step was re-run")
+        parts.append(f"INT8 quantization refused: {fault.rstrip('.')}; not seen again when the step was re-run")
     found = ["; ".join(parts)]
     if info.distributed:
         reports = [None] * info.world_size
