@@ -153,6 +153,7 @@ def test_int8_output_stochastic_rounding():
 
 def test_impl_rule_and_bad_arguments():
     assert kg.resolve_impl("auto", 32) == "dequant" and kg.resolve_impl("auto", 128) == "int8"
+    assert kg.resolve_impl("auto", 32, fallback=True) == "int8"
     a, b = operand(8, 64, "32x32", 14), operand(8, 64, "32x32", 15)
     with pytest.raises(ValueError, match="impl"):
         kg.block_gemm(a, b, impl="fast")

@@ -129,3 +129,34 @@ def test_int8_linear_with_fallback_compiles_without_graph_breaks():
     torch.manual_seed(0)
     fn(x).square().sum().backward()
     torch.testing.assert_close(g_compiled, w.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_gemm_uses_the_fused_kernel_term(monkeypatch):
+    """On the kernel path the fallback term goes into the GEMM kernel (one pass); it must equal the reference's
+    sum of two GEMMs. Runs the Triton kernel through the interpreter by routing block_gemm to it on CPU."""
+    pytest.importorskip("triton")
+    import torch
+    from int8flow.format import quantize
+    from int8flow.ops import backend, primitives
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 96, generator=g), torch.randn(40, 96, generator=g)
+    x[:, 5] *= 300.0  # an outlier channel: its blocks get a fallback term
+    a_q = quantize(x)
+    r_q = quantize(x - a_q.dequantize())
+    r_q.scale[:, 1:] = 0  # only the first K block column keeps its term (tests the skipping of unflagged blocks)
+    r_q.data[:, 32:] = 0
+    w_q = quantize(w)
+    want = primitives.gemm([a_q, r_q], w_q)  # reference: two GEMMs summed
+    calls = []
+    real_call = backend.call
+
+    def spy(name, *args, **kwargs):
+        calls.append(kwargs.get("a_fallback") is not None)
+        return real_call(name, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "uses_kernel", lambda name, device: name == "block_gemm")
+    monkeypatch.setattr(backend, "call", spy)
+    got = primitives.gemm([a_q, r_q], w_q)
+    assert calls == [True]  # one kernel call carrying the term
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -315,12 +315,13 @@ def promotion_group(a: QTensor, b: QTensor) -> int:
     return g
 
 
-def resolve_impl(impl: str, group: int) -> str:
-    """``auto``: int8 tensor cores from G=128 up (promotion can hide under the product), dequant-on-load below."""
+def resolve_impl(impl: str, group: int, fallback: bool = False) -> str:
+    """``auto``: int8 tensor cores from G=128 up (promotion can hide under the product), dequant-on-load below;
+    always int8 with a fallback term, whose ~16-bit precision the dequant path's bf16 operands would round away."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "int8" if group >= 128 else "dequant"
+        return "int8" if group >= 128 or fallback else "dequant"
     return impl
 
 
@@ -409,7 +410,7 @@ def block_gemm(
     _check_gemm_args(a, b, bias, out_dtype, rounding, seed)
     _check_fallback(a, a_fallback, a_fallback_flags)
     group = promotion_group(a, b)
-    dequant = resolve_impl(impl, group) == "dequant"
+    dequant = resolve_impl(impl, group, a_fallback is not None) == "dequant"
     out_block = None if out_block is None else BlockShape.parse(out_block)
     if out_block is not None and not out_block_fits(out_block):
         y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl, tma, a_fallback, a_fallback_flags)

@@ -110,6 +110,10 @@ def gemm(terms: Sequence[Optional[QTensor]], b_q: QTensor, bias=None, out_dtype=
     if len(terms) == 1:
         return backend.call("block_gemm", terms[0], b_q, bias, out_dtype=out_dtype, out_block=out_block,
                             rounding=rounding, device=device, seed=seed)
+    if len(terms) == 2 and backend.uses_kernel("block_gemm", device):
+        # the kernel adds the fallback term inside its K loop, only for flagged blocks: one pass, not two GEMMs
+        return backend.call("block_gemm", terms[0], b_q, bias, out_dtype=out_dtype, out_block=out_block,
+                            rounding=rounding, device=device, seed=seed, a_fallback=terms[1])
     y = sum(backend.call("block_gemm", a, b_q, None, out_dtype=torch.float32, device=device) for a in terms)
     if bias is not None:
         y = y + bias.float()
