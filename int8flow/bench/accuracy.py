@@ -13,7 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from .common import device_info, require_cuda, write_json
+from ..config import PRECISIONS
+from .common import device_info, parse_choices, require_cuda, write_json
 
 # name -> (run preset, overrides)
 MODELS = {"gpt2-124m": ("gpt2-124m", []), "llama-60m": ("llama-60m", [])}
@@ -58,11 +59,8 @@ def main(args) -> int:
     if not cpu:
         require_cuda()
     table = CPU_MODELS if cpu else MODELS
-    names = [m for m in args.models.split(",") if m] or list(table)
-    unknown = set(names) - set(table)
-    if unknown:
-        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {sorted(table)}")
-    modes = [m for m in args.modes.split(",") if m]
+    names = parse_choices(args.models, table, "--models") or list(table)
+    modes = parse_choices(args.modes, PRECISIONS, "--modes")
     if modes[0] != "bf16":
         raise SystemExit("--modes must start with bf16: the other modes are compared with it")
     out, runs = Path(args.out), Path(args.runs)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models.gpt2 import Block as GPTBlock, GPTConfig
 from ..models.llama import DecoderLayer, LlamaConfig, rope_tables
-from .common import device_info, require_cuda, write_json
+from .common import device_info, parse_choices, require_cuda, write_json
 
 SHAPES = {
     # name: (model config, layers, batch, tokens)
@@ -140,10 +140,7 @@ def main(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda":
         require_cuda()
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - set(OUR_MODES + TORCHAO_MODES)
-    if unknown:
-        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {OUR_MODES + TORCHAO_MODES}")
+    modes = parse_choices(args.modes, OUR_MODES + TORCHAO_MODES, "--modes")
     records = []
     for shape, (config, layers, batch, tokens) in (TINY_SHAPES if args.cpu_smoke else SHAPES).items():
         base = None

@@ -25,6 +25,15 @@ def require_cuda() -> None:
         )
 
 
+def parse_choices(text: str, allowed, flag: str) -> list[str]:
+    """A comma-separated command-line list, refused with the allowed values if any item is unknown."""
+    chosen = [x for x in text.split(",") if x]
+    unknown = set(chosen) - set(allowed)
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {sorted(unknown)}; choose from {sorted(allowed)}")
+    return chosen
+
+
 def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median time of ``fn()`` in milliseconds: CUDA events, L2 flushed before each repeat."""
     import triton.testing

@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from .common import device_info, require_cuda, write_json
+from .common import device_info, parse_choices, require_cuda, write_json
 
 MODELS = {"gpt2-124m": ["batch_size=16", "grad_accum=1"], "llama-1b": ["batch_size=4", "grad_accum=1", "parallel=none"]}
 MODES = ("bf16", "int8", "int8+fallback", "int8-linear")
@@ -26,14 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the tokens/s median")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (checks the code path only)")
-
-
-def _choices(text: str, allowed, flag: str) -> list[str]:
-    chosen = [x for x in text.split(",") if x]
-    unknown = set(chosen) - set(allowed)
-    if unknown:
-        raise SystemExit(f"{flag}: unknown {sorted(unknown)}; choose from {sorted(allowed)}")
-    return chosen
 
 
 def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, compile: bool, device: str) -> dict:
@@ -61,11 +53,11 @@ def main(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda":
         require_cuda()
-    models = {"tiny": ["max_steps=4"]} if args.cpu_smoke else {m: MODELS[m] for m in _choices(args.models, MODELS, "--models")}
+    models = {"tiny": ["max_steps=4"]} if args.cpu_smoke else {m: MODELS[m] for m in parse_choices(args.models, MODELS, "--models")}
     records = []
     for preset, extra in models.items():
         base = None
-        for mode in _choices(args.modes, MODES, "--modes"):
+        for mode in parse_choices(args.modes, MODES, "--modes"):
             r = run_one(preset, extra, mode, args.steps, args.warmup, not args.no_compile, device)
             base = r["tokens_per_s"] if mode == "bf16" else base
             r["speedup_vs_bf16"] = r["tokens_per_s"] / base if base else None
