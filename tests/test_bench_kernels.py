@@ -1,13 +1,10 @@
 """The kernel benchmark command: a clear failure without CUDA, and its record-building logic on the interpreter."""
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 

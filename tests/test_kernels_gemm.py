@@ -4,8 +4,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install int8flow[test])")
 
 from int8flow import format as fmt  # noqa: E402

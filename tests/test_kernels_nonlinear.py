@@ -1,7 +1,7 @@
 """Triton non-linear kernels (norms, activations, residual add, dropout) against the reference.
 
-Runs on CPU through the Triton interpreter (TRITON_INTERPRET=1, set here unless the caller chose);
-with TRITON_INTERPRET=0 on a CUDA machine the same tests run the compiled kernels.
+Runs on CPU through the Triton interpreter and, on a CUDA machine, the compiled kernels on CUDA tensors
+(tests/conftest.py makes that one decision).
 
 Thresholds:
 * INT8 outputs: kernel and reference quantize float32 values that differ only by summation order /
@@ -13,9 +13,7 @@ Thresholds:
   rounded once, so they agree within one bfloat16 ulp (rtol 2**-7).
 """
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -29,10 +27,8 @@ from int8flow.kernels import _launch, activations, dropout, norms, residual  # n
 
 from _inputs import sample  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRET = _launch.interpreting()
 DEVICE = "cpu" if INTERPRET else "cuda"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a CUDA GPU", allow_module_level=True)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),  # exp overflow -> inf, used on purpose
@@ -432,7 +428,7 @@ def test_membound_cases_run_and_count_bytes():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(INTERPRET, reason="compiled kernels: run with TRITON_INTERPRET=0 on a CUDA machine")
+@pytest.mark.skipif(INTERPRET, reason="compiled kernels: needs a CUDA GPU")
 @pytest.mark.parametrize("d", [4096, 11008])
 def test_gpu_llm_shapes(d):
     m = 2048

@@ -2,13 +2,10 @@
 
 Few examples: the interpreter runs a kernel ~1000x slower than the compiled one.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install int8flow[test])")
 
 from hypothesis import assume, given, settings, strategies as st  # noqa: E402

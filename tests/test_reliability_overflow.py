@@ -3,13 +3,10 @@
 Per promotion group of G elements, |sum q_a q_b| <= G * 127^2, <= 2^31 - 1 for G <= 133,144; the kernels promote
 each group to float32 (G <= 128), so K itself is unbounded (docs/reliability.md has the proof).
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
 from int8flow.format import QMAX, QTensor, BlockShape
 from int8flow import reference as ref

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "blocks": ("int8flow.bench.blocks", "transformer-block stacks, forward + backward, every precision mode"),
     "train": ("int8flow.bench.train", "end-to-end training tokens/s and peak memory, BF16 vs our modes"),
     "accuracy": ("int8flow.bench.accuracy", "pretraining from scratch per mode: final validation loss and curves"),
+    "gpu-check": ("int8flow.bench.gpu_check", "the whole test suite on a GPU machine + a quick benchmark -> JSON summary"),
 }
 
 

@@ -173,7 +173,14 @@ _SCALE_MAX = float(torch.nextafter(torch.tensor(_FLOAT32_MAX / QMAX), torch.tens
 
 
 def scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
-    scale = (absmax / QMAX).to(torch.float32)
+    """absmax / 127, correctly rounded on every device.
+
+    The divisor is a tensor on ``absmax``'s device on purpose: with a Python-scalar divisor, PyTorch's CUDA
+    division computes ``absmax * (1 / 127)``, which is off by one float32 ulp for some inputs (the CPU and the
+    kernels divide exactly); that was the GPU-only mismatch between this function and the quantize kernel.
+    """
+    qmax = torch.full((), QMAX, dtype=torch.float32, device=absmax.device)
+    scale = torch.div(absmax.to(torch.float32), qmax)
     # Clamp only finite scales: a NaN/Inf absmax (check_finite=False) must stay visible downstream.
     return torch.where(torch.isfinite(scale), scale.clamp(max=_SCALE_MAX), scale)
 

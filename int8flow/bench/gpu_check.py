@@ -1,0 +1,95 @@
+"""``python -m int8flow.bench gpu-check``: the whole test suite on a GPU machine, then a quick benchmark.
+
+Run from the repository root on a machine with a CUDA GPU (the tests live in ``tests/``, beside the package):
+
+    python3 -m int8flow.bench gpu-check
+
+With CUDA present, tests/conftest.py runs every kernel test compiled on CUDA tensors, the GPU tiers
+(``tests/test_gpu_kernels.py``: real shapes; ``tests/test_gpu_models.py``: GPT-2 / Llama in every mode against
+a float32 twin, short training runs) run too, and the CPU-only tests still run. Afterwards ``bench kernels
+--quick`` times the kernels against cuBLAS BF16 and copy bandwidth. The summary (device, versions, date,
+passed / failed / skipped / error counts, failures by name, wall time of each part) goes to
+``bench/results/<gpu>_gpu_tests.json`` (``h200_gpu_tests.json`` on an H200). Exit status 0 only when no
+test failed or errored.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+from .common import device_info, require_cuda, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tests", default="tests", help="test directory (default: tests, run from the repository root)")
+    p.add_argument("--workers", type=int, default=4, help="pytest-xdist processes sharing the GPU (default 4)")
+    p.add_argument("--out", default=None, help="summary JSON (default bench/results/<gpu>_gpu_tests.json)")
+    p.add_argument("--no-bench", action="store_true", help="skip the quick kernel benchmark")
+    p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. \"-k gemm\"")
+
+
+def parse_junit(path: str) -> dict:
+    """Counts and failing test ids from a pytest junit XML report."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {"tests": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failures = []
+    for s in suites:
+        counts["tests"] += int(s.get("tests", 0))
+        counts["failed"] += int(s.get("failures", 0))
+        counts["errors"] += int(s.get("errors", 0))
+        counts["skipped"] += int(s.get("skipped", 0))
+        for case in s.iter("testcase"):
+            bad = case.find("failure")
+            if bad is None:
+                bad = case.find("error")
+            if bad is not None:
+                msg = (bad.get("message") or "").splitlines()
+                failures.append({"test": f"{case.get('classname')}::{case.get('name')}",
+                                 "kind": bad.tag, "message": msg[0][:300] if msg else ""})
+    counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
+    return {**counts, "failures": failures}
+
+
+def _gpu_slug(name: str) -> str:
+    m = re.search(r"(H200|H100|A100|B200|L40S?|RTX ?\d+)", name, re.I)
+    return (m.group(1) if m else name).replace(" ", "").lower()
+
+
+def main(args) -> int:
+    require_cuda()
+    info = device_info()
+    out = args.out or os.path.join("bench", "results", f"{_gpu_slug(info['device'])}_gpu_tests.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = os.path.join(tmp, "junit.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", args.tests]
+        if args.workers > 1:
+            cmd += ["-n", str(args.workers)]
+        cmd += args.pytest_args.split()
+        t0 = time.time()
+        rc = subprocess.call(cmd)
+        test_s = time.time() - t0
+        if not os.path.exists(junit):
+            print(f"gpu-check: pytest wrote no report (exit {rc})", file=sys.stderr)
+            return 1
+        summary = parse_junit(junit)
+    bench = None
+    if not args.no_bench:
+        t0 = time.time()
+        brc = subprocess.call([sys.executable, "-m", "int8flow.bench", "kernels", "--quick"])
+        bench = {"command": "python -m int8flow.bench kernels --quick", "exit": brc, "seconds": round(time.time() - t0, 1)}
+    ok = summary["failed"] == 0 and summary["errors"] == 0 and rc == 0
+    record = {"command": " ".join(cmd[1:]), "pytest_exit": rc, "test_seconds": round(test_s, 1), **summary,
+              "bench": bench, "ok": ok}
+    write_json(out, [], {**info, **record})
+    print(f"gpu-check: {summary['passed']} passed, {summary['failed']} failed, {summary['errors']} errors, "
+          f"{summary['skipped']} skipped in {test_s:.0f} s on {info['device']} -> {out}")
+    for f in summary["failures"][:30]:
+        print(f"  FAILED {f['test']}: {f['message']}")
+    return 0 if ok else 1
