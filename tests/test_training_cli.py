@@ -34,7 +34,13 @@ def default_run(tmp_path_factory):
 def test_default_run_completes(default_run):
     run, proc = default_run
     lines = proc.stdout.strip().splitlines()
-    assert "gpt-tiny" in lines[0] and "bf16" in lines[0]
+    # a first run says what it prepares (not silent for seconds), then the run's header
+    assert lines[0].startswith("int8flow: preparing shakespeare (42 documents") and "tokenizing" in proc.stdout
+    header = next(line for line in lines if "gpt-tiny" in line)
+    assert "bf16" in header
+    # output to a pipe: plain progress lines per evaluation, no carriage-return progress bar
+    assert "\r" not in proc.stdout + proc.stderr
+    assert any(line.startswith("int8flow: step 4/8 loss") and " val " in line for line in lines)
     assert any(line.startswith("int8flow: final val loss") for line in lines)
     assert str(run / "loss.png") in lines[-1] and "step_000008" in lines[-1]
     records = read_log(run)

@@ -174,8 +174,11 @@ def test_corrupt_checkpoints_name_the_file(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step_999999\n")
     with pytest.raises(CheckpointError, match="step_999999"):
         load_checkpoint(tmp_path)
-    with pytest.raises(CheckpointError, match="neither a checkpoint folder"):
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
         load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder"):
+        load_checkpoint(tmp_path / "empty")
 
 
 def test_tied_weights_stored_once(tmp_path):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -53,14 +55,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def prepare(source: str | list[str], out_dir: str | Path, tokenizer: str = "bpe", vocab_size: int = 2048,
-            val_fraction: float = 0.1, docs: list[Document] | None = None) -> dict:
-    """Tokenize ``source`` (embedded corpus name or text paths) into ``out_dir``; returns meta."""
+            val_fraction: float = 0.1, docs: list[Document] | None = None,
+            say: Callable[[str], None] | None = None) -> dict:
+    """Tokenize ``source`` (embedded corpus name or text paths) into ``out_dir``; returns meta.
+
+    ``say`` (e.g. print) gets one line per stage, so a first run is not silent while it prepares."""
+    say = say or (lambda msg: None)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction}: expected a fraction in (0, 1), e.g. 0.1")
+    t0 = time.perf_counter()
     docs = read_source(source) if docs is None else docs
+    chars = sum(len(d.text) for d in docs)
+    say(f"int8flow: preparing {source if isinstance(source, str) else ', '.join(map(str, source))} "
+        f"({len(docs)} documents, {chars / 1e6:.1f}M characters) into {out_dir}; once, later runs reuse it")
+    if tokenizer == "bpe":
+        say(f"int8flow:   training a {vocab_size}-id byte-level BPE tokenizer on it")
     tok = resolve_tokenizer(tokenizer, [d.text for d in docs], vocab_size)
     if tok.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids; token files are uint16 (at most 65536)")
+    say(f"int8flow:   tokenizing with the {tok.kind} tokenizer ({tok.vocab_size} ids)")
     train_parts, val_parts = [], []
     for ids in tok.encode_batch([d.text for d in docs]):
         n_val = int(len(ids) * val_fraction)
@@ -89,6 +102,8 @@ def prepare(source: str | list[str], out_dir: str | Path, tokenizer: str = "bpe"
         "val_fraction": val_fraction,
     }
     _write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
+    say(f"int8flow:   {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens in "
+        f"{time.perf_counter() - t0:.1f} s")
     return meta
 
 
@@ -122,7 +137,8 @@ def load_prepared(folder: str | Path) -> PreparedData:
 
 
 def ensure_prepared(source: str | list[str], folder: str | Path, tokenizer: str = "bpe",
-                    vocab_size: int = 2048, val_fraction: float = 0.1) -> PreparedData:
+                    vocab_size: int = 2048, val_fraction: float = 0.1,
+                    say: Callable[[str], None] | None = None) -> PreparedData:
     """Reuse ``folder`` if it holds this exact preparation, else (re)prepare it."""
     docs = read_source(source)
     key = _content_key(docs, tokenizer, vocab_size, val_fraction)
@@ -133,5 +149,5 @@ def ensure_prepared(source: str | list[str], folder: str | Path, tokenizer: str 
                 return load_prepared(folder)
         except (ValueError, FileNotFoundError):
             pass  # unreadable cache: prepare again below
-    prepare(source, folder, tokenizer, vocab_size, val_fraction, docs=docs)
+    prepare(source, folder, tokenizer, vocab_size, val_fraction, docs=docs, say=say)
     return load_prepared(folder)

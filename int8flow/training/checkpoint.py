@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from .killpoints import kill_point
 
 __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "resolve_checkpoint", "check_state_dict", "save_weights", "load_weights"]
+           "resolve_checkpoint", "check_state_dict", "save_weights", "load_weights", "checkpoint_folders",
+           "newest_intact"]
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -163,25 +164,75 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     target = pointer.parent / pointer.read_text().strip()
     if not target.is_dir():
         raise CheckpointError(f"{pointer} names {target.name}, which does not exist; "
-                              "point it at an existing step_* folder or delete it")
+                              "point it at an existing step_* folder or delete it" + _intact_hint(run_dir, target))
     return target
+
+
+def checkpoint_folders(run_dir: str | Path) -> list[Path]:
+    """The run's step_* checkpoint folders, newest first."""
+    root = Path(run_dir) / CKPT_DIR
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+
+
+def newest_intact(run_dir: str | Path, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint of the run whose files match their recorded sizes and SHA-256 (None if none)."""
+    for folder in checkpoint_folders(run_dir):
+        if exclude is not None and folder.resolve() == Path(exclude).resolve():
+            continue
+        try:
+            _verify(folder, with_trainer=True)
+        except CheckpointError:
+            continue
+        return folder
+    return None
+
+
+def _intact_hint(run_dir: str | Path, bad: Path | None) -> str:
+    alt = newest_intact(run_dir, exclude=bad)
+    if alt is None:
+        return "; the run has no other intact checkpoint"
+    step = int(alt.name.split("_")[-1])
+    return (f"; the newest intact checkpoint is {alt} (step {step}): continue training from it with "
+            f"resume_from={step}, or pass that folder to `int8flow sample` / `int8flow export`")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (its latest checkpoint)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a run folder (e.g. runs/tiny) or one of its "
+                                f"{CKPT_DIR}/step_* folders")
     if (path / STATE_FILE).is_file():
         return path
     latest = latest_checkpoint(path)
     if latest is None:
+        found = checkpoint_folders(path)
         raise CheckpointError(f"{path}: neither a checkpoint folder (no {STATE_FILE}) nor a run folder "
-                              f"with {CKPT_DIR}/{LATEST}")
+                              f"with {CKPT_DIR}/{LATEST}" + (_intact_hint(path, None) if found else ""))
     return latest
 
 
+def _run_of(folder: Path) -> Path | None:
+    return folder.parent.parent if folder.parent.name == CKPT_DIR else None
+
+
 def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
-    """Read and verify (sizes, SHA-256) a checkpoint folder or a run folder's latest checkpoint."""
+    """Read and verify (sizes, SHA-256) a checkpoint folder or a run folder's latest checkpoint.
+
+    A damaged checkpoint raises CheckpointError naming the file and, when the folder belongs to a run, the
+    newest intact checkpoint of that run and how to use it."""
     folder = resolve_checkpoint(path)
+    try:
+        return _load(folder, with_trainer)
+    except CheckpointError as err:
+        run = _run_of(folder)
+        if run is None:
+            raise
+        raise CheckpointError(f"{err}{_intact_hint(run, folder)}") from None
+
+
+def _verify(folder: Path, with_trainer: bool) -> dict:
+    """state.json of ``folder`` after checking each file's size and SHA-256."""
     state_path = folder / STATE_FILE
     try:
         state = json.loads(state_path.read_text())
@@ -198,6 +249,11 @@ def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
                                   "the file is truncated or was replaced")
         if _sha256(fpath) != want.get("sha256"):
             raise CheckpointError(f"{fpath}: SHA-256 differs from {STATE_FILE}; the file is corrupt")
+    return state
+
+
+def _load(folder: Path, with_trainer: bool) -> Checkpoint:
+    state = _verify(folder, with_trainer)
     model_sd = load_weights(folder / MODEL_FILE)
     trainer = {}
     if with_trainer:

@@ -16,58 +16,74 @@ from typing import Any
 from ..config import PRECISIONS
 from ..guards import POLICIES as NONFINITE
 
-__all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "make_config", "parse_overrides", "load_toml"]
+__all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "make_config", "parse_overrides", "load_toml",
+           "settings_help"]
 
 PARALLEL = ("none", "ddp", "fsdp2")
+
+
+def _setting(default, help: str, **kw):
+    """A TrainConfig field with its meaning, which `int8flow train --help` prints (`settings_help`)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs; validated on construction (bad values name the key and the fix)."""
 
-    name: str = "tiny"
+    name: str = _setting("tiny", "run name: the run folder is runs/<name> unless out_dir is set")
     # model
-    model: str = "gpt-tiny"
-    model_args: dict = field(default_factory=dict)
-    precision: str = "bf16"
+    model: str = _setting("gpt-tiny", "model preset (int8flow.models.MODEL_PRESETS); model.X=... overrides a field")
+    model_args: dict = _setting(dict, "build_model overrides, set as model.X=value or a [model] TOML table")
+    precision: str = _setting("bf16", "bf16 | int8-linear | int8 | int8+fallback (see docs/models.md)")
     # data
-    data: str = "shakespeare"       # embedded corpus name, text file/folder, or a prepared folder
-    data_dir: str = ""              # where prepared tokens are cached ("" = runs/_data/<source>-<tokenizer>)
-    tokenizer: str = "bpe"          # bpe (trained at prepare time) | gpt2 | auto | folder | tokenizer.json
-    vocab_size: int = 2048          # for tokenizer=bpe
-    val_fraction: float = 0.1
-    seq_len: int = 128
-    batch_size: int = 16            # sequences per micro-batch per process
-    grad_accum: int = 1             # micro-batches per step per process
+    data: str = _setting("shakespeare", "the embedded corpus, a text file/folder (prepared and cached) or a "
+                                        "folder made by `int8flow prepare`")
+    data_dir: str = _setting("", "where prepared tokens are cached (empty: runs/_data/<source>-<tokenizer>)")
+    tokenizer: str = _setting("bpe", "bpe (trained on the corpus) | gpt2 | auto | a GPT-2 file folder | a "
+                                     "tokenizer JSON")
+    vocab_size: int = _setting(2048, "ids of a trained BPE (tokenizer=bpe), 257..65535")
+    val_fraction: float = _setting(0.1, "tail of each document held out for validation")
+    seq_len: int = _setting(128, "tokens per sequence (the model's context length)")
+    batch_size: int = _setting(16, "sequences per micro-batch per process")
+    grad_accum: int = _setting(1, "micro-batches per optimizer step per process")
     # optimization (AdamW, fp32 master weights, linear warmup then cosine to min_lr)
-    max_steps: int = 800
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0          # 0 = off
+    max_steps: int = _setting(800, "optimizer steps of the schedule (cosine decay ends here)")
+    lr: float = _setting(2e-3, "peak learning rate (AdamW)")
+    min_lr: float = _setting(2e-4, "learning rate at max_steps")
+    warmup_steps: int = _setting(30, "linear warmup steps")
+    weight_decay: float = _setting(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _setting(0.9, "AdamW beta1")
+    beta2: float = _setting(0.95, "AdamW beta2")
+    grad_clip: float = _setting(1.0, "clip the gradient norm to this (0 = off)")
     # guard against non-finite losses and spikes
-    nonfinite: str = "skip"         # skip: drop the step, keep optimizer state | raise | bf16: recompute it
-    spike_factor: float = 0.0       # also skip a step whose loss > factor * running mean (0 = off)
-    max_skips: int = 20             # raise after this many consecutive skipped steps
+    nonfinite: str = _setting("skip", "a step with NaN/Inf: skip (drop it) | raise (stop) | bf16 (recompute it in "
+                                      "high precision)")
+    spike_factor: float = _setting(0.0, "also skip a step whose loss > factor x running mean (0 = off)")
+    max_skips: int = _setting(20, "stop after this many consecutive skipped steps")
     # evaluation, logs, checkpoints
-    eval_interval: int = 100
-    eval_batches: int = 8           # val windows = eval_batches * global batch
-    ckpt_interval: int = 200        # 0 = only at the end
-    keep_checkpoints: int = 2
-    out_dir: str = ""               # "" = runs/<name>
-    resume: bool = False
-    stop_at: int = 0                # stop (with a checkpoint) after this step; the schedule still spans max_steps
-    tensorboard: bool = True        # write TensorBoard events too when tensorboard is importable
-    progress: bool = True
+    eval_interval: int = _setting(100, "steps between validation-loss evaluations")
+    eval_batches: int = _setting(8, "validation windows = eval_batches x global batch")
+    ckpt_interval: int = _setting(200, "steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = _setting(2, "newest checkpoints kept")
+    out_dir: str = _setting("", "run folder (empty: runs/<name>)")
+    resume: bool = _setting(False, "continue the run in the run folder from its latest checkpoint")
+    resume_from: str = _setting("", "continue from this checkpoint instead: a step number (e.g. 600) or a "
+                                    "checkpoint folder; implies resume=true")
+    overwrite: bool = _setting(False, "replace an existing run in the run folder (its log and checkpoints are "
+                                      "deleted once the new run's settings, data and model are valid)")
+    stop_at: int = _setting(0, "stop (with a checkpoint) after this step; the schedule still spans max_steps "
+                               "(0 = off)")
+    tensorboard: bool = _setting(True, "write TensorBoard events too when tensorboard is importable")
+    progress: bool = _setting(True, "show progress: a bar on a terminal, a plain line per evaluation otherwise")
     # system
-    seed: int = 1337
-    device: str = "auto"            # auto (cuda if present) | cpu | cuda | cuda:N
-    threads: int = 0                # CPU threads for torch ops (0 = torch's default)
-    compile: bool = False
-    parallel: str = "none"          # none | ddp | fsdp2 (launch with torchrun)
+    seed: int = _setting(1337, "seed of the initial weights, the batches, dropout and stochastic rounding")
+    device: str = _setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
+    threads: int = _setting(0, "CPU threads for torch ops (0 = torch's default; the tiny preset uses 1)")
+    compile: bool = _setting(False, "torch.compile the model")
+    parallel: str = _setting("none", "none | ddp | fsdp2 (launch with torchrun)")
 
     def __post_init__(self):
         def bad(key, value, expected):
@@ -105,6 +121,21 @@ class TrainConfig:
             bad("name", self.name, "a non-empty run name without '/'")
         if not isinstance(self.model_args, dict):
             bad("model_args", self.model_args, "a table of build_model overrides")
+        if self.resume_from:
+            object.__setattr__(self, "resume", True)
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: resume continues the run "
+                             "in the run folder, overwrite replaces it; pass one of them")
+
+    @property
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint folder ``resume_from`` names (None: the run's latest)."""
+        if not self.resume_from:
+            return None
+        text = self.resume_from.strip()
+        if text.isdigit():
+            return self.run_dir / "checkpoints" / f"step_{int(text):06d}"
+        return Path(text).expanduser()
 
     @property
     def run_dir(self) -> Path:
@@ -222,3 +253,21 @@ def make_config(preset: str | None = None, toml_path: str | Path | None = None,
         model_args.update(layer.pop("model_args", {}))
         merged.update(layer)
     return TrainConfig(**merged, model_args=model_args)
+
+
+def settings_help() -> str:
+    """Every TrainConfig key with its default and meaning (what `int8flow train --help` lists)."""
+    lines = ["settings (key=value; defaults of the tiny preset, other presets change some):"]
+    for f in fields(TrainConfig):
+        if f.name == "model_args":
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = repr(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) \
+            else default
+        preset = RUN_PRESETS["tiny"].get(f.name)
+        if preset is not None and preset != default:
+            shown = f"{shown} (tiny: {preset})"
+        lines.append(f"  {f.name} = {shown}\n      {f.metadata.get('help', '')}")
+    lines.append("  model.X = value\n      a field of the model config (e.g. model.n_layer=2), see docs/models.md")
+    lines.append("presets: " + ", ".join(RUN_PRESETS) + " (tiny is the default)")
+    return "\n".join(lines)

@@ -22,7 +22,11 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +40,16 @@ from ..config import Int8TrainingConfig
 from ..data import PreparedData, ensure_prepared, eval_offsets, gather_batch, load_prepared, step_offsets
 from ..format import NonFiniteError
 from ..guards import locate_nonfinite, nonfinite_params, recompute_high_precision
-from .checkpoint import (MODEL_FILE, CheckpointError, check_state_dict, latest_checkpoint, load_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (CKPT_DIR, MODEL_FILE, CheckpointError, check_state_dict, checkpoint_folders,
+                         latest_checkpoint, load_checkpoint, save_checkpoint)
 from .config import TrainConfig
 from .killpoints import kill_point
-from .metrics import MetricsLog, plot_runs
-from .parallelize import (DistInfo, all_reduce_mean, full_state_dicts, load_optimizer_state, parallelize,
+from .metrics import LOG_FILE, MetricsLog, plot_runs
+from .parallelize import (DistInfo, all_reduce_mean, check_device, full_state_dicts, load_optimizer_state, parallelize,
                           set_grad_sync, setup_distributed, teardown_distributed, unwrap)
 
-__all__ = ["TrainResult", "train", "lr_at", "model_kwargs", "model_precision", "NonFiniteLossError"]
+__all__ = ["TrainResult", "train", "lr_at", "model_kwargs", "model_precision", "NonFiniteLossError",
+           "TrainingStopped", "RunExistsError"]
 
 # settings a resumed run must share with its checkpoint (others, e.g. max_steps or lr, may change)
 RESUME_MUST_MATCH = ("model", "model_args", "precision", "tokenizer", "vocab_size", "seq_len", "seed")
@@ -52,6 +57,22 @@ RESUME_MUST_MATCH = ("model", "model_args", "precision", "tokenizer", "vocab_siz
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class RunExistsError(ValueError):
+    """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class TrainingStopped(Exception):
+    """SIGINT/SIGTERM stopped the run after a step; a checkpoint of that step was written."""
+
+    def __init__(self, step: int, signum: int, checkpoint: Path | None):
+        super().__init__(f"stopped at step {step}; continue with resume=true")
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 @dataclass
@@ -84,13 +105,13 @@ def _default_data_dir(cfg: TrainConfig) -> Path:
     return cfg.run_dir.parent / "_data" / f"{tag}-{Path(cfg.tokenizer).stem}{vocab}"
 
 
-def load_data(cfg: TrainConfig, info: DistInfo) -> PreparedData:
+def load_data(cfg: TrainConfig, info: DistInfo, say: Callable | None = None) -> PreparedData:
     """A prepared folder as is; otherwise prepare (rank 0, cached by content) then open everywhere."""
     if (Path(cfg.data) / "meta.json").is_file():
         return load_prepared(cfg.data)
     folder = Path(cfg.data_dir) if cfg.data_dir else _default_data_dir(cfg)
     if info.is_main:
-        ensure_prepared(cfg.data, folder, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction)
+        ensure_prepared(cfg.data, folder, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, say=say)
     if info.distributed:
         dist.barrier()
     return load_prepared(folder)
@@ -226,7 +247,12 @@ def _locate(model, run_step: Callable, fault: str | None, info: DistInfo) -> str
 
 
 def train(cfg: TrainConfig, build_fn: Callable | None = None) -> TrainResult:
-    """Run ``cfg``; ``build_fn(name, precision=..., **kwargs)`` defaults to int8flow.models.build_model."""
+    """Run ``cfg``; ``build_fn(name, precision=..., **kwargs)`` defaults to int8flow.models.build_model.
+
+    Nothing is written to the run folder until the settings, the data and the model (and the checkpoint to
+    resume from) are valid. SIGINT / SIGTERM finish the running step, write a checkpoint and raise
+    `TrainingStopped`; a second signal stops at once."""
+    check_device(cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -238,6 +264,109 @@ def train(cfg: TrainConfig, build_fn: Callable | None = None) -> TrainResult:
         torch.set_num_threads(threads)
 
 
+RUN_FILES = (LOG_FILE, "loss.png", "tokenizer.json", CKPT_DIR, "tensorboard")
+
+
+def existing_run(run_dir: Path) -> str | None:
+    """What of a previous run the folder holds (None when it holds none)."""
+    if not run_dir.is_dir():
+        return None
+    ckpts = checkpoint_folders(run_dir)
+    if ckpts:
+        return f"checkpoints up to {ckpts[0].name}"
+    log = run_dir / LOG_FILE
+    if log.is_file() and log.stat().st_size:
+        return "a training log"
+    if any((run_dir / name).exists() for name in RUN_FILES):
+        return "files of a run"
+    return None
+
+
+def _check_run_dir(cfg: TrainConfig) -> None:
+    """Refuse to start over a previous run unless resume or overwrite says what to do with it."""
+    held = existing_run(cfg.run_dir)
+    if held and not (cfg.resume or cfg.overwrite):
+        new = "out_dir=<another folder>" if cfg.out_dir else f"name=<new name> (or out_dir=)"
+        raise RunExistsError(f"{cfg.run_dir} already holds a run ({held}); continue it with resume=true, start "
+                             f"another with {new}, or replace it with overwrite=true")
+
+
+def _check_model(cfg: TrainConfig, build_fn: Callable, presets: dict) -> None:
+    """Build the model on the meta device (no memory, no values): a bad model= or model.* fails here, before
+    data preparation and before anything is written."""
+    try:
+        with torch.device("meta"):
+            build_fn(cfg.model, precision=model_precision(cfg), **model_kwargs(cfg, 64, presets))
+    except TypeError as err:
+        raise ValueError(f"model={cfg.model} with model.* settings {cfg.model_args}: {err}") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+
+
+def _check_tokenizer(cfg: TrainConfig, data: PreparedData) -> None:
+    """A run's tokenizer never changes under its checkpoints: resuming with data tokenized differently stops."""
+    mine = cfg.run_dir / "tokenizer.json"
+    if cfg.resume and mine.is_file() and checkpoint_folders(cfg.run_dir) \
+            and not _same_file(mine, data.folder / "tokenizer.json"):
+        raise ValueError(f"{mine} differs from the tokenizer of data={cfg.data} ({data.folder / 'tokenizer.json'}): "
+                         "the run's checkpoints were trained with its own tokenizer; resume with the data it was "
+                         "made with (recorded in its checkpoints' state.json) or train a new run (name=...)")
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _clear_run(run_dir: Path) -> None:
+    """overwrite=true: remove the previous run's files (only those a run writes)."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM -> a flag the loop reads after each step; a second signal raises KeyboardInterrupt at once.
+    Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, say: Callable):
+        self.signum, self.say, self.previous = 0, say, {}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.say(f"int8flow: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+                 "(send it again to stop at once and lose the steps since the last checkpoint)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def stop_requested(self, info: DistInfo) -> int:
+        """The signal to stop on (0: none); under ddp/fsdp2 every rank stops at the same step."""
+        if not info.distributed:
+            return self.signum
+        flag = torch.tensor([float(self.signum)], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
 def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> TrainResult:
     presets = {}
     if build_fn is None:
@@ -246,15 +375,14 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     say = print if info.is_main else (lambda *a, **k: None)
     t_start = time.perf_counter()
     run_dir, device = cfg.run_dir, info.device
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext
 
-    # data
-    data = load_data(cfg, info)
-    if info.is_main:
-        shutil.copyfile(data.folder / "tokenizer.json", run_dir / "tokenizer.json")
+    # validate everything before writing anything: run folder, model, data, checkpoint
+    _check_run_dir(cfg)
+    _check_model(cfg, build_fn, presets)
+    data = load_data(cfg, info, say)
+    _check_tokenizer(cfg, data)
 
     # model: same seed -> same initial weights in every precision mode
     torch.manual_seed(cfg.seed)
@@ -264,7 +392,11 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     # resume: weights before wrapping, optimizer state after
     ckpt = None
     if cfg.resume:
-        path = latest_checkpoint(run_dir)
+        path = cfg.resume_checkpoint
+        if path is not None and not (path / "state.json").is_file():
+            raise FileNotFoundError(f"resume_from={cfg.resume_from}: {path} is not a checkpoint folder; the run has "
+                                    f"{', '.join(p.name for p in checkpoint_folders(run_dir)) or 'no checkpoints'}")
+        path = path or latest_checkpoint(run_dir)
         if path is None:
             say(f"int8flow: resume=true but {run_dir} has no checkpoint yet; starting from step 0")
         else:
@@ -273,6 +405,25 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
             check_state_dict(ckpt.model, model.state_dict(), path / MODEL_FILE)
             model.load_state_dict(ckpt.model)
     start_step = ckpt.step if ckpt else 0
+    end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
+    if ckpt is not None and start_step >= end_step:
+        if start_step >= cfg.max_steps:
+            say(f"int8flow: {cfg.name}: run complete at step {start_step}; raise max_steps to continue")
+        else:
+            say(f"int8flow: {cfg.name}: already at step {start_step} (stop_at={cfg.stop_at}); raise stop_at or "
+                "drop it to continue")
+        metrics = ckpt.state.get("metrics", {})
+        return TrainResult(run_dir, start_step, [], metrics.get("val_loss"), ckpt.path, time.perf_counter() - t_start)
+
+    # all valid: now the run folder changes
+    if info.is_main:
+        if cfg.overwrite:
+            _clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not _same_file(run_dir / "tokenizer.json", data.folder / "tokenizer.json"):
+            _copy_atomic(data.folder / "tokenizer.json", run_dir / "tokenizer.json")
+    if info.distributed:
+        dist.barrier()
 
     model.to(device)
     model = parallelize(model, cfg.parallel, info, cfg.compile)
@@ -306,81 +457,99 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
             dist.barrier()
         return path
 
-    end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and info.is_main),
-               unit="step", dynamic_ncols=True)
+    # a progress bar on a terminal; otherwise (output to a file or pipe) one plain line per evaluation
+    show = cfg.progress and info.is_main
+    interactive = show and sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not interactive, unit="step", dynamic_ncols=True)
     note = bar.write if info.is_main else (lambda *a, **k: None)
     losses, val, last_ckpt = [], None, None
     train_seconds = 0.0
-    for step in range(start_step, end_step):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        offsets = step_offsets(cfg.seed, step, per_rank * info.world_size, len(data.train), cfg.seq_len)
-        run_step = _step_closure(model, data, offsets[info.rank * per_rank:(info.rank + 1) * per_rank], cfg, info,
-                                 step, autocast)
-        loss_val, grad_norm, fault = _forward_backward(model, run_step, cfg, info)
+    stopper = _StopSignals(lambda msg: print(msg, file=sys.stderr, flush=True) if info.is_main else None)
+    stopped = 0
+    with stopper:
+        for step in range(start_step, end_step):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            offsets = step_offsets(cfg.seed, step, per_rank * info.world_size, len(data.train), cfg.seq_len)
+            run_step = _step_closure(model, data, offsets[info.rank * per_rank:(info.rank + 1) * per_rank], cfg, info,
+                                     step, autocast)
+            loss_val, grad_norm, fault = _forward_backward(model, run_step, cfg, info)
 
-        reason, fallback = None, None
-        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-            if cfg.nonfinite == "bf16":
-                loss_val, grad_norm = _recompute_high_precision(model, run_step, cfg, info)
-                fallback = fault or "loss or gradient norm not finite"
+            reason, fallback = None, None
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                reason, fallback = "nonfinite", None
-        if reason is None and cfg.spike_factor and guard["loss_ema"] is not None \
-                and loss_val > cfg.spike_factor * guard["loss_ema"]:
-            reason = "spike"
-        where = _locate(model, run_step, fault, info) if reason == "nonfinite" else None
-        if reason is None:
-            optimizer.step()
-            guard["loss_ema"] = loss_val if guard["loss_ema"] is None else 0.9 * guard["loss_ema"] + 0.1 * loss_val
-            guard["skips_in_a_row"] = 0
-            guard["fallbacks"] += fallback is not None
-        else:
-            guard["skips_in_a_row"] += 1
-            guard["skipped"] += 1
-            if cfg.nonfinite == "raise" or guard["skips_in_a_row"] > cfg.max_skips:
-                raise NonFiniteLossError(
-                    f"step {step + 1}: loss {loss_val}, grad norm {grad_norm} ({reason})"
-                    + (f"; {where.rstrip('.')}" if where else "") + "; "
-                    + ("nonfinite=raise" if cfg.nonfinite == "raise" else f"{guard['skips_in_a_row']} steps skipped "
-                       f"in a row (max_skips={cfg.max_skips})") + "; lower lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        train_seconds += dt
+                if cfg.nonfinite == "bf16":
+                    loss_val, grad_norm = _recompute_high_precision(model, run_step, cfg, info)
+                    fallback = fault or "loss or gradient norm not finite"
+                if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                    reason, fallback = "nonfinite", None
+            if reason is None and cfg.spike_factor and guard["loss_ema"] is not None \
+                    and loss_val > cfg.spike_factor * guard["loss_ema"]:
+                reason = "spike"
+            where = _locate(model, run_step, fault, info) if reason == "nonfinite" else None
+            if reason is None:
+                optimizer.step()
+                guard["loss_ema"] = loss_val if guard["loss_ema"] is None else 0.9 * guard["loss_ema"] + 0.1 * loss_val
+                guard["skips_in_a_row"] = 0
+                guard["fallbacks"] += fallback is not None
+            else:
+                guard["skips_in_a_row"] += 1
+                guard["skipped"] += 1
+                if cfg.nonfinite == "raise" or guard["skips_in_a_row"] > cfg.max_skips:
+                    raise NonFiniteLossError(
+                        f"step {step + 1}: loss {loss_val}, grad norm {grad_norm} ({reason})"
+                        + (f"; {where.rstrip('.')}" if where else "") + "; "
+                        + ("nonfinite=raise" if cfg.nonfinite == "raise" else f"{guard['skips_in_a_row']} steps skipped "
+                           f"in a row (max_skips={cfg.max_skips})") + "; lower lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            train_seconds += dt
 
-        done = step + 1
-        kill_point(f"step:{done}")
-        losses.append(loss_val if reason is None else math.nan)
-        record = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step,
-                  "time_s": round(time.perf_counter() - t_start, 3)}
-        if reason:
-            record["skipped"] = reason
-            note(f"int8flow: step {done} skipped ({reason}): loss {loss_val}, grad norm {grad_norm}"
-                      + (f"; {where}" if where else ""))
-        if where:
-            record["fault"] = where
-        if fallback:
-            record.update(fallback="bf16", fault=fallback)
-            note(f"int8flow: step {done} recomputed in high precision (nonfinite=bf16): {fallback}")
-        if done % cfg.eval_interval == 0 or done == end_step:
-            val = evaluate(model, data, cfg, info, autocast)
-            record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-        if log:
-            log.log(record)
-        if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step:
-            last_ckpt = save(done, record) or last_ckpt
-        bar.set_postfix(loss=f"{loss_val:.3f}", val=f"{val:.3f}" if val is not None else "-",
-                        tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-        bar.update(1)
+            done = step + 1
+            kill_point(f"step:{done}")
+            losses.append(loss_val if reason is None else math.nan)
+            record = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step,
+                      "time_s": round(time.perf_counter() - t_start, 3)}
+            if reason:
+                record["skipped"] = reason
+                note(f"int8flow: step {done} skipped ({reason}): loss {loss_val}, grad norm {grad_norm}"
+                          + (f"; {where}" if where else ""))
+            if where:
+                record["fault"] = where
+            if fallback:
+                record.update(fallback="bf16", fault=fallback)
+                note(f"int8flow: step {done} recomputed in high precision (nonfinite=bf16): {fallback}")
+            if done % cfg.eval_interval == 0 or done == end_step:
+                val = evaluate(model, data, cfg, info, autocast)
+                record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+            if log:
+                log.log(record)
+            stopped = stopper.stop_requested(info) if done < end_step else 0
+            if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step or stopped:
+                last_ckpt = save(done, record) or last_ckpt
+            bar.set_postfix(loss=f"{loss_val:.3f}", val=f"{val:.3f}" if val is not None else "-",
+                            tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            bar.update(1)
+            if show and not interactive and ("val_loss" in record or done == end_step):
+                say(f"int8flow: step {done}/{cfg.max_steps} loss {loss_val:.4f}"
+                    + (f" val {record['val_loss']:.4f}" if "val_loss" in record else "")
+                    + f" | {tokens_per_step / dt:,.0f} tokens/s | {time.perf_counter() - t_start:.0f} s", flush=True)
+            if stopped:
+                break
     bar.close()
 
     seconds = time.perf_counter() - t_start
+    if stopped:
+        done = start_step + len(losses)
+        if log:
+            log.close()
+            plot_runs([run_dir], run_dir / "loss.png", labels=[f"{cfg.name} ({cfg.precision})"])
+        say(f"int8flow: stopped at step {done}; continue with resume=true (checkpoint {last_ckpt})")
+        raise TrainingStopped(done, stopped, last_ckpt)
     if log:
         log.close()
         plot = plot_runs([run_dir], run_dir / "loss.png", labels=[f"{cfg.name} ({cfg.precision})"])

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["MetricsLog", "read_log", "plot_runs"]
+__all__ = ["MetricsLog", "read_log", "plot_runs", "run_label"]
 
 LOG_FILE = "log.jsonl"
 
@@ -73,6 +73,19 @@ def _smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def run_label(run_dir: str | Path) -> str:
+    """``name (precision)`` of a run, the precision read from its newest checkpoint's state.json."""
+    run_dir = Path(run_dir)
+    name = run_dir.resolve().name
+    for state in sorted(run_dir.glob("checkpoints/step_*/state.json"), reverse=True):
+        try:
+            precision = json.loads(state.read_text())["config"]["precision"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return f"{name} ({precision})"
+    return name
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None,
               smooth: float = 0.9) -> Path:
     """Overlay train (EMA-smoothed) and val losses of runs against optimizer steps; writes a PNG."""
@@ -86,7 +99,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for i, run_dir in enumerate(run_dirs):
         records = read_log(run_dir)
-        label = labels[i] if labels else Path(run_dir).name
+        label = labels[i] if labels else run_label(run_dir)
         train = [r for r in records if "loss" in r]
         val = [r for r in records if "val_loss" in r]
         (line,) = ax.plot([r["step"] for r in train], _smooth([r["loss"] for r in train], smooth),

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-__all__ = ["DistInfo", "setup_distributed", "teardown_distributed", "parallelize", "set_grad_sync",
+__all__ = ["DistInfo", "check_device", "setup_distributed", "teardown_distributed", "parallelize", "set_grad_sync",
            "all_reduce_mean", "unwrap", "full_state_dicts", "load_optimizer_state"]
 
 
@@ -39,11 +39,24 @@ class DistInfo:
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(requested)
     if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={requested} but CUDA is not available here; use device=cpu or auto")
         return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
     return torch.device("cpu")
+
+
+def check_device(requested: str, option: str = "device") -> None:
+    """Refuse a device this machine does not have, naming the option and the fix (ValueError)."""
+    if requested in ("auto", "cpu"):
+        return
+    if not (requested == "cuda" or (requested.startswith("cuda:") and requested[5:].isdigit())):
+        raise ValueError(f"{option}={requested!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{option}={requested} but CUDA is not available here (torch {torch.__version__}); "
+                         f"use {option}=cpu" + (" or auto" if option == "device" else ""))
+    if ":" in requested and int(requested[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"{option}={requested} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
 
 
 def setup_distributed(parallel: str, device: str) -> DistInfo:
@@ -88,11 +101,15 @@ def parallelize(model: nn.Module, parallel: str, info: DistInfo, compile: bool) 
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if parallel == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # An explicit mesh on the run's device: fully_shard's default mesh picks CUDA whenever a GPU exists,
+        # which breaks a CPU (Gloo) run on a GPU machine ("invalid device ordinal" on rank 1).
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
         for block in _blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     return model
 
 
