@@ -185,7 +185,9 @@ def _close(got, want, what):
     if isinstance(want, QTensor):
         step = expand_scale(torch.maximum(got.scale, want.scale), want.block, tuple(want.shape))
         diff = (got.dequantize() - want.dequantize()).abs()
-        assert bool((diff <= step * (1 + 1e-6)).all()), f"{what}: max |diff|/step {float((diff / step).nan_to_num().max())}"
+        # one rounding flip (a step) plus |q| <= 127 times the scales' float32 difference (rtol 1e-5)
+        torch.testing.assert_close(got.scale, want.scale, rtol=1e-5, atol=0)
+        assert bool((diff <= step * (1 + 127e-5)).all()), f"{what}: max |diff|/step {float((diff / step).nan_to_num().max())}"
         assert (got.data == want.data).float().mean().item() >= 0.99, what
     else:
         assert rel_err(got.float(), want.float()) <= (2**-7 if want.dtype == torch.bfloat16 else 1e-5), what
@@ -206,7 +208,7 @@ def test_nonlinear_kernels_real_shapes(d, out):
     y, mean, rstd = norms.layer_norm_forward(x, w, bias, **kw)
     y_r, mean_r, rstd_r = ref.layer_norm_forward(x, w, bias, **kw)
     torch.testing.assert_close(mean, mean_r, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rstd, rstd_r, rtol=1e-5, atol=0)
+    torch.testing.assert_close(rstd, rstd_r, rtol=5e-5, atol=0)  # see test_residual_and_dropout_real_shapes
     _close(y, y_r, "layer_norm_forward")
     dx, dw, db = norms.layer_norm_backward(dy, x, w, mean_r, rstd_r, **kw)
     dx_r, dw_r, db_r = ref.layer_norm_backward(dy, x, w, mean_r, rstd_r, **kw)
@@ -238,8 +240,11 @@ def test_residual_and_dropout_real_shapes(d):
     delta = quantize(outliers((TOKENS, d), 5), "1x128")
     got = residual.residual_add_forward(r, delta, stats="rmsnorm", out_block="1x128")
     want = ref.residual_add_forward(r, delta, stats="rmsnorm", out_block="1x128")
-    _close(got.h, want.h, "residual h")
-    torch.testing.assert_close(got.rstd, want.rstd, rtol=1e-5, atol=0)
+    # h: the kernel may fuse residual + q * scale into one FMA (one rounding): within one bf16 ulp
+    torch.testing.assert_close(got.h.float(), want.h.float(), rtol=2**-7, atol=0)
+    # rstd: a float32 sum of d squares in another order (~sqrt(d) * 2**-24 relative, rare rows a few times
+    # that), halved by the square root: 5e-5 bounds it
+    torch.testing.assert_close(got.rstd, want.rstd, rtol=5e-5, atol=0)
     _close(got.h_q, want.h_q, "residual h_q")
 
     p = 0.1

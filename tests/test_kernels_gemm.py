@@ -118,7 +118,7 @@ def assert_quantized_close(got: fmt.QTensor, want: fmt.QTensor):
     torch.testing.assert_close(got.scale, want.scale, rtol=1e-5, atol=0)
     step = fmt.expand_scale(want.scale, want.block, tuple(want.shape))
     diff = (got.dequantize() - want.dequantize()).abs()
-    assert (diff <= step * (1 + 1e-5)).all()
+    assert (diff <= step * (1 + 127e-5)).all()  # a rounding flip, plus |q| <= 127 times the scales' rtol
     # A flip needs the float32 value within ~1e-6 of a rounding boundary: rare.
     assert (got.data != want.data).float().mean() < 0.01
 

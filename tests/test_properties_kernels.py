@@ -54,8 +54,9 @@ def test_gemm_kernel_matches_reference(m, n, k, kind_a, kind_b, seed, geometry):
     assert bool(((y - want).abs() <= bound).all())
 
 
-@pytest.mark.xfail(strict=True, reason="kernel bug (reported): bf16 subnormal input gives a wrong scale/values "
-                                       "under the interpreter; remove this mark when fixed")
+@pytest.mark.xfail(DEVICE == "cpu", strict=True,
+                   reason="Triton interpreter defect: bf16 subnormal input gives a wrong scale/values in the "
+                          "interpreter only (the compiled kernel on the H200 is bit-exact); remove when fixed")
 def test_quantize_kernel_bf16_subnormal_equals_format():
     x = torch.tensor([[1.8367e-40, 0.0, -2.7551e-40, 9.1835e-41]], dtype=torch.bfloat16, device=DEVICE)
     got, want = kq.quantize(x, "1x32"), quantize(x, "1x32")

@@ -22,7 +22,7 @@ def _full(rows, cols, value, block, device="cpu"):
 
 def _exact(a: QTensor, b: QTensor) -> torch.Tensor:
     """Integer math in int64 (scales are 1): the value an overflow-free accumulator must produce."""
-    return a.data.long() @ b.data.long().t()
+    return (a.data.cpu().long() @ b.data.cpu().long().t()).to(a.data.device)  # CUDA has no int64 matmul
 
 
 def test_bound_constants():

@@ -130,11 +130,16 @@ def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: int,
     return quantize(src.t(), q.block, rounding, seed, cfg, f"{what} (transposed)")
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
 def output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the surrounding code computes in: autocast's when enabled on x's device, else x's own
     (also on devices without autocast, such as ``meta``)."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    # A fixed set, not torch.amp.is_autocast_available: dynamo (torch 2.11) refuses to trace that call and breaks
+    # the graph at every op on CUDA.
+    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
