@@ -110,17 +110,30 @@ class Int8TrainingConfig:
 
     @classmethod
     def from_recipe_name(cls, name: str) -> "Int8TrainingConfig":
-        """Named recipes: ``jetfire`` (= ``int8``), ``int8``, ``int8+fallback``, ``int8-linear``, ``bf16``."""
+        """Named recipes (``RECIPES``): ``jetfire`` (the paper's 32x32 blocks), ``int8``, ``int8+fallback``,
+        ``int8-linear``, their ``-1x128`` geometry variants (1x128 activations/gradients, 128x128 weights), ``bf16``."""
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
         return cls(**RECIPES[name])
 
 
+# Block geometries. ``jetfire``: the paper's 32x32 blocks everywhere (square, so a transposed operand is the same
+# numbers; promotion every 32 of K). ``1x128``: activations and gradients in 1x128 blocks along K, weights in
+# 128x128 (DeepSeek-V3's and TransformerEngine's block scaling): every GEMM promotes every 128 of K, which lets
+# the promotion hide under Hopper's tensor cores (docs/kernels.md); transposed operands are re-quantized.
+GEOMETRIES = {
+    "jetfire": dict(activation_block="32x32", weight_block="32x32", grad_block="32x32"),
+    "1x128": dict(activation_block="1x128", weight_block="128x128", grad_block="1x128"),
+}
+
 RECIPES = {
-    "jetfire": dict(precision="int8"),
+    "jetfire": dict(precision="int8", **GEOMETRIES["jetfire"]),
     "int8": dict(precision="int8"),
     "int8+fallback": dict(precision="int8+fallback"),
     "int8-linear": dict(precision="int8-linear"),
+    "int8-1x128": dict(precision="int8", **GEOMETRIES["1x128"]),
+    "int8+fallback-1x128": dict(precision="int8+fallback", **GEOMETRIES["1x128"]),
+    "int8-linear-1x128": dict(precision="int8-linear", **GEOMETRIES["1x128"]),
     "bf16": dict(precision="bf16"),
 }
 

@@ -159,3 +159,31 @@ def test_bad_inputs_name_the_problem():
         dequantize(torch.ones(2, 2))
     with pytest.raises(ValueError, match="scale has shape"):
         QTensor(torch.zeros(64, 64, dtype=torch.int8), torch.zeros(1, 1), BlockShape(32, 32))
+
+
+def test_k_major_copy_is_exact_and_only_when_needed():
+    """k_major(): the same numbers in row-major storage (what Hopper's 8-bit GEMM reads); a no-op when already so."""
+    x = torch.randn(70, 100)
+    x[:, 3] *= 40.0
+    q = quantize(x, "32x32")
+    assert q.is_k_major and q.k_major() is q
+    view = q.t()
+    assert not view.is_k_major
+    copy = view.k_major()
+    assert copy.is_k_major and copy.data.is_contiguous() and copy.scale.is_contiguous()
+    torch.testing.assert_close(copy.data, view.data, rtol=0, atol=0)
+    torch.testing.assert_close(copy.dequantize(), q.dequantize().t(), rtol=0, atol=0)
+
+
+def test_geometry_recipes():
+    from int8flow.config import GEOMETRIES, Int8TrainingConfig
+
+    jet = Int8TrainingConfig.from_recipe_name("jetfire")
+    assert (str(jet.activation_block), str(jet.weight_block), str(jet.grad_block)) == ("32x32", "32x32", "32x32")
+    for name in ("int8-1x128", "int8+fallback-1x128", "int8-linear-1x128"):
+        c = Int8TrainingConfig.from_recipe_name(name)
+        assert c.precision == name.removesuffix("-1x128")
+        # every GEMM promotes every 128 of K: activations/gradients 1x128 along K, weights 128x128
+        assert (c.activation_block.cols, c.grad_block.cols, c.weight_block.rows, c.weight_block.cols) == (128,) * 4
+        assert c.activation_block.rows == c.grad_block.rows == 1
+    assert set(GEOMETRIES) == {"jetfire", "1x128"}

@@ -111,6 +111,20 @@ class QTensor:
         """The transpose as a view: same int8 values and scales, blocks transposed. No re-quantization."""
         return QTensor(self.data.t(), self.scale.t(), self.block.t())
 
+    @property
+    def is_k_major(self) -> bool:
+        """Whether ``data`` is row-major with unit stride along the columns (K, the reduction dimension of
+        ``a @ b.T``): the only layout Hopper's 8-bit wgmma reads, so the only one the fast GEMM takes."""
+        return self.data.dim() == 2 and (self.data.stride(1) == 1 or self.data.shape[1] <= 1)
+
+    def k_major(self) -> "QTensor":
+        """This tensor with ``data`` and ``scale`` made contiguous (row-major): ``self`` when it already is,
+        else one INT8 copy (1 byte per element read and written; no re-quantization, the numbers are equal).
+        ``q.t().k_major()`` is the K-major transposed operand of a dgrad / wgrad GEMM for square blocks."""
+        if self.data.is_contiguous() and self.scale.is_contiguous():
+            return self
+        return QTensor(self.data.contiguous(), self.scale.contiguous(), self.block)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self, dtype)
 

@@ -107,6 +107,10 @@ def gemm(terms: Sequence[Optional[QTensor]], b_q: QTensor, bias=None, out_dtype=
     what: names the output where it is re-quantized here (several terms with ``out_block``)."""
     terms = [t for t in terms if t is not None]
     device = b_q.device
+    if backend.uses_kernel("block_gemm", device):
+        # Hopper's 8-bit wgmma reads both operands K-major only: a transposed view (w_q.t() in dgrad, dy_q.t()
+        # and x_q.t() in wgrad) becomes one visible INT8 copy here, never a strided read inside the GEMM.
+        terms, b_q = [t.k_major() for t in terms], b_q.k_major()
     if len(terms) == 1:
         return backend.call("block_gemm", terms[0], b_q, bias, out_dtype=out_dtype, out_block=out_block,
                             rounding=rounding, device=device, seed=seed)
