@@ -3,8 +3,11 @@
 GEMM modes (our kernel; baseline = cuBLAS BF16 ``torch.matmul`` on the same logical shapes, same run):
 
 * ``coarse128``: activations/gradients 1x128, weights 128x128, promotion every 128 of K, int8 tensor
-  cores; fwd and dgrad write re-quantized 1x128 INT8 (the data flow), wgrad writes BF16 and reads
-  ``quantize_transposed`` copies (a 1x128 tensor's transpose has K blocks of 1).
+  cores, every operand K-major: fwd and dgrad write re-quantized 1x128 INT8 (the data flow; dgrad reads
+  the weight's K-major transposed copy, exact for square blocks), wgrad writes BF16 and reads
+  ``quantize_transposed`` copies (a 1x128 tensor's transpose has K blocks of 1). ``block_gemm``'s route
+  (Gluon warp-specialized kernel on sm_90, else Triton) is recorded as ``route``.
+* ``coarse128-triton``: the same calls forced onto the Triton kernel (the comparison for issue 11).
 * ``exact32-int8``: every operand 32x32 (paper numerics), int8 tensor cores, promotion every 32 of K;
   fwd/dgrad write 32x32 INT8, wgrad BF16; backward operands are ``.t()`` views (no copies).
 * ``exact32-dequant``: the same operands, dequantize-on-load into BF16 tensor cores.
@@ -21,10 +24,11 @@ from .common import copy_gbps, device_info, print_table, require_cuda, time_ms, 
 
 M_TOKENS = 16384
 DEVICE = "cuda"  # the CPU smoke test points it at the interpreter
-LINEAR_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (3072, 768), (768, 3072)]  # (N out, K in)
+LINEAR_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (3072, 768), (768, 3072), (2304, 768)]  # (N out, K in)
 MODES = {
     # mode: (activation block, weight block, impl)
     "coarse128": ("1x128", "128x128", "int8"),
+    "coarse128-triton": ("1x128", "128x128", "int8"),
     "exact32-int8": ("32x32", "32x32", "int8"),
     "exact32-dequant": ("32x32", "32x32", "dequant"),
 }
@@ -35,24 +39,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results/h100_kernels.json", help="JSON file of the records")
 
 
+def k_major_t(q):
+    """K-major copy of a square-block QTensor's transpose (same codes and scales; what dgrad reads)."""
+    from ..format import QTensor
+
+    return QTensor(q.data.t().contiguous(), q.scale.t().contiguous(), q.block.t())
+
+
 def _gemm_calls(mode: str, x, w, dy):
     """The three GEMMs of y = x @ w.T in ``mode`` as zero-argument callables, operands quantized once up front."""
     from ..kernels import gemm, quantize as kq
 
     act, wgt, impl = MODES[mode]
+    kernel = "triton" if mode.endswith("-triton") else "auto"
     x_q, w_q, dy_q = kq.quantize(x, act), kq.quantize(w, wgt), kq.quantize(dy, act)
     if act == "32x32":
-        dy_t, x_t = dy_q.t(), x_q.t()
+        dy_t, x_t, w_t = dy_q.t(), x_q.t(), w_q.t()
     else:
-        dy_t, x_t = kq.quantize_transposed(dy, act), kq.quantize_transposed(x, act)
+        dy_t, x_t, w_t = kq.quantize_transposed(dy, act), kq.quantize_transposed(x, act), k_major_t(w_q)
     return {
-        "gemm_fwd": lambda: gemm.block_gemm(x_q, w_q, out_block=act, impl=impl),
-        "gemm_dgrad": lambda: gemm.block_gemm(dy_q, w_q.t(), out_block=act, impl=impl),
-        "gemm_wgrad": lambda: gemm.block_gemm(dy_t, x_t, out_dtype=torch.bfloat16, impl=impl),
+        "gemm_fwd": lambda: gemm.block_gemm(x_q, w_q, out_block=act, impl=impl, kernel=kernel),
+        "gemm_dgrad": lambda: gemm.block_gemm(dy_q, w_t, out_block=act, impl=impl, kernel=kernel),
+        "gemm_wgrad": lambda: gemm.block_gemm(dy_t, x_t, out_dtype=torch.bfloat16, impl=impl, kernel=kernel),
     }
 
 
-def gemm_records(shapes, timer=time_ms) -> list[dict]:
+def gemm_records(shapes, timer=time_ms, modes=tuple(MODES)) -> list[dict]:
+    from ..kernels import gemm
+
     records = []
     for n, k in shapes:
         m = M_TOKENS
@@ -64,11 +78,11 @@ def gemm_records(shapes, timer=time_ms) -> list[dict]:
             "gemm_dgrad": timer(lambda: dy @ w),
             "gemm_wgrad": timer(lambda: dy.t() @ x),
         }
-        for mode in MODES:
+        for mode in modes:
             for op, fn in _gemm_calls(mode, x, w, dy).items():
                 fn()  # autotune + compile outside the timed region
                 ours = timer(fn)
-                records.append({"op": op, "shape": [m, n, k], "mode": mode, "ours_ms": ours,
+                records.append({"op": op, "shape": [m, n, k], "mode": mode, "route": gemm.last_route[0], "ours_ms": ours,
                                 "baseline_ms": baseline[op], "speedup": baseline[op] / ours,
                                 "tflops": 2 * m * n * k / ours / 1e9})
             print(f"  gemm {m}x{n}x{k} done", flush=True)

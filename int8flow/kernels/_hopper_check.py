@@ -69,6 +69,53 @@ def quantize_variant(block: str, transpose: bool) -> dict:
     return {"kernel": "quantize", "block": block, "transpose": transpose, **report}
 
 
+def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, overlap: int = 0,
+                  b_per_col: bool = False, stochastic: bool = False) -> dict:
+    """Compile the warp-specialized Gluon GEMM (`gluon_gemm.block_gemm_kernel`) for sm_90 on the CPU.
+
+    ``out``: "bf16" | "fp32" | "int8" (1x128 blocks). Reports registers per partition as ptxas sees the
+    kernel (the entry cap, ``maxnreg``), spills, shared memory, the wgmma and setmaxnreg instructions.
+    """
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from . import gluon_gemm as gg
+    gl = gg.gl
+    dt = {"bf16": ("bf16", gl.bfloat16, __import__("torch").bfloat16), "fp32": ("fp32", gl.float32,
+          __import__("torch").float32), "int8": ("i8", gl.int8, __import__("torch").int8)}[out]
+
+    def desc(ty, gty, block):
+        layout = gl.NVMMASharedLayout.get_default_for(block, gty)
+        return f"tensordesc<{ty}[{', '.join(map(str, block))}],{layout!r}>"
+
+    stages = gg.stages_for(dt[2])
+    consts = dict(A_BR=1, B_BR=1 if b_per_col else 128, B_PER_COL=b_per_col, HAS_BIAS=bias,
+                  OUT_MODE=gg.OUT_INT8 if out == "int8" else gg.OUT_FLOAT, STOCHASTIC=stochastic, MAGIC=magic,
+                  OVERLAP=int(overlap), SCALE_MAX=3.0e38, STAGES=stages, GROUP_M=gg.GROUP_M,
+                  CONSUMER_REGS=gg.CONSUMER_REGS, PRODUCER_REGS=gg.PRODUCER_REGS)
+    fn = gg.block_gemm_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    types = {"a_desc": desc("i8", gl.int8, [gg.BM, gg.BK]), "b_desc": desc("i8", gl.int8, [gg.BN, gg.BK]),
+             "c_desc": desc(dt[0], dt[1], [gg.HALF, gg.BN]), "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+             "bias_ptr": "*fp32", "sc_ptr": "*fp32"}
+    sig = {n: types.get(n, "constexpr" if n in consts else "i32") for n in names}
+    src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=HOPPER, options={"num_warps": 4, "maxnreg": gg.MAXNREG})
+    ptx = kernel.asm["ptx"]
+    return {"kernel": "gluon_block_gemm", "out": out, "bias": bias, "magic": magic, "overlap": overlap,
+            "b_per_col": b_per_col, "stochastic": stochastic, "stages": stages,
+            **_resources(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
+            "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx))),
+            "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.\S+\s+\d+", ptx))),
+            "local_ld_st": len(re.findall(r"\b(?:ld|st)\.local", ptx))}
+
+
+def gluon_variants(quick: bool = False) -> list[dict]:
+    if quick:
+        return [gluon_variant("bf16"), gluon_variant("int8")]
+    return [gluon_variant(o, magic=m, overlap=ov) for o in ("bf16", "fp32", "int8") for m in (True, False)
+            for ov in (0, 1)] + [gluon_variant("bf16", b_per_col=True), gluon_variant("int8", stochastic=True),
+                                 gluon_variant("int8", overlap=2)]
+
+
 def main(quick: bool = False) -> list[dict]:
     int8_cfgs = gemm._INT8_CONFIGS[:2] if quick else gemm._INT8_CONFIGS
     deq_cfgs = gemm._DEQUANT_CONFIGS[:1] if quick else gemm._DEQUANT_CONFIGS
@@ -82,6 +129,9 @@ def main(quick: bool = False) -> list[dict]:
     reports += [gemm_variant(False, True, 128, 1, 128, c, fallback=True) for c in int8_cfgs[:2]]
     reports += [gemm_variant(True, True, 32, 32, 32, deq_cfgs[0], fallback=True)]
     reports += [quantize_variant(b, t) for b in ("32x32", "1x128", "128x128") for t in (False, True)]
+    from . import gluon_gemm
+    if gluon_gemm.available():
+        reports += gluon_variants(quick)
     for r in reports:
         print(json.dumps(r), flush=True)
     return reports

@@ -37,9 +37,16 @@ blocks) is multiplied in the same K loop, only for (tile rows, K block) pairs wh
 
 Operands may be any strided views (``w_q.t()``, ``x_q.t()``): each operand's layout (K-contiguous,
 row-contiguous, general) is a compile-time switch so the contiguous dimension is known to the compiler.
+
+Route. On an sm_90 GPU with Gluon importable, calls with K-major operands, K blocks of 128 and a float or
+1x128-block INT8 epilogue go to the warp-specialized Gluon kernel (``gluon_gemm``, issue 11); everything
+else (the CPU interpreter, 32x32 blocks, other output blocks, the fallback term, transposed views) runs
+this Triton kernel. ``route(...)`` says which and why without running; ``last_route`` holds the latest
+call's choice; the first call taking each route logs it (logger ``int8flow.kernels.gemm``).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -56,6 +63,13 @@ from ._launch import (
     num_sms, stream_seed,
 )
 from .quantize import quantize as _quantize_kernel_wrapper
+from . import gluon_gemm
+
+_log = logging.getLogger(__name__)
+KERNELS = ("auto", "gluon", "triton")
+# (kernel, reason) of the latest block_gemm call: the route the bench records.
+last_route: tuple[str, str] = ("", "")
+_logged_routes: set = set()
 
 IMPLS = ("auto", "int8", "dequant")
 # Operand layouts (compile-time). TMA (the Hopper bulk tensor copy engine, via tl.make_tensor_descriptor)
@@ -382,6 +396,40 @@ def out_block_fits(out_block: BlockShape, max_tile: tuple[int, int] = (128, 256)
             and out_block.rows <= max_tile[0] and out_block.cols <= max_tile[1])
 
 
+def route(a: QTensor, b: QTensor, out_dtype: torch.dtype = torch.float32, out_block: Optional[BlockLike] = None,
+          impl: str = "auto", a_fallback: Optional[QTensor] = None, kernel: str = "auto") -> tuple[str, str]:
+    """("gluon" | "triton", why) for a `block_gemm` call with these arguments; nothing runs.
+
+    ``kernel="gluon"`` raises ValueError (naming the fix) when the Gluon kernel cannot take the call.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "triton":
+        return "triton", "asked for"
+    out_block = None if out_block is None else BlockShape.parse(out_block)
+    if interpreting():
+        why = "the CPU interpreter runs Triton kernels only"
+    elif impl == "dequant":
+        why = "impl='dequant' is the Triton kernel's"
+    else:
+        why = gluon_gemm.unsupported(a, b, out_dtype, out_block, a_fallback)
+    if why is None:
+        return "gluon", "sm_90, K-major operands, K blocks of 128"
+    if kernel == "gluon":
+        raise ValueError(f"block_gemm(kernel='gluon'): {why}")
+    return "triton", why
+
+
+def _note_route(choice: tuple[str, str]) -> None:
+    global last_route
+    last_route = choice
+    if choice not in _logged_routes:
+        _logged_routes.add(choice)
+        # A transposed operand on the GPU is the 3-4x slow path: say so louder.
+        level = logging.WARNING if "not K-major" in choice[1] and not interpreting() else logging.INFO
+        _log.log(level, "block_gemm runs the %s kernel: %s", *choice)
+
+
 def block_gemm(
     a: QTensor,
     b: QTensor,
@@ -394,8 +442,12 @@ def block_gemm(
     tma: bool = True,
     a_fallback: Optional[QTensor] = None,
     a_fallback_flags: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
 ):
     """``a @ b.T (+ bias)`` on per-block INT8 operands; float ``out_dtype`` or, with ``out_block``, a QTensor.
+
+    ``kernel``: "auto" (the Gluon kernel where it can run, else Triton; `route` says which), "gluon" (raise
+    where it cannot) or "triton".
 
     Kernel twin of `int8flow.reference.block_gemm` (``seed`` in place of ``generator``; ``rounding`` applies
     only to a quantized output). ``impl``: "auto" | "int8" | "dequant" (module docstring). ``tma=False``
@@ -410,10 +462,15 @@ def block_gemm(
     _check_gemm_args(a, b, bias, out_dtype, rounding, seed)
     _check_fallback(a, a_fallback, a_fallback_flags)
     group = promotion_group(a, b)
+    choice = route(a, b, out_dtype, out_block, impl, a_fallback, kernel)
+    _note_route(choice)
+    if choice[0] == "gluon":
+        return gluon_gemm.block_gemm(a, b, bias, out_dtype, out_block, rounding, seed)
     dequant = resolve_impl(impl, group, a_fallback is not None) == "dequant"
     out_block = None if out_block is None else BlockShape.parse(out_block)
     if out_block is not None and not out_block_fits(out_block):
-        y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl, tma, a_fallback, a_fallback_flags)
+        y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl, tma, a_fallback, a_fallback_flags,
+                       kernel)
         return _quantize_kernel_wrapper(y, out_block, rounding, seed, check_finite=False)
 
     M, K = a.shape
@@ -479,5 +536,5 @@ def linear_weight_grad(dy_q: QTensor, x_q: QTensor, **out):
     return block_gemm(dy_q.t(), x_q.t(), **out)
 
 
-__all__ = ["FLAG_ROWS", "IMPLS", "block_gemm", "fallback_band_flags", "linear_forward", "linear_input_grad",
+__all__ = ["FLAG_ROWS", "IMPLS", "KERNELS", "block_gemm", "route", "fallback_band_flags", "linear_forward", "linear_input_grad",
            "linear_weight_grad", "promotion_group", "resolve_impl", "out_block_fits"]

@@ -1,0 +1,459 @@
+"""Warp-specialized per-block INT8 GEMM ``C = A @ B.T`` for Hopper (sm_90), written in Gluon.
+
+The fast route of `int8flow.kernels.gemm.block_gemm` for promotion every G = 128 of K (issue 11);
+the Triton kernel in ``gemm.py`` stays the fallback and the CPU reference the oracle.
+
+Structure (one persistent CTA per SM, 3 partitions):
+
+* producer (1 warp, few registers): TMA loads of one (BM x BK) tile of A and one (BN x BK) tile of B
+  per K group into a STAGES-deep shared-memory ring; ``full[s]`` says a stage landed, ``empty[s]``
+  that both consumers are done with it.
+* two consumers (one warpgroup each, rows [0, 64) and [64, 128) of the 128 x BN tile): per K group an
+  async int8 ``wgmma`` (m64 n128 k32, four per group) into an int32 product, release the stage, then
+  promote ``acc += p * (sa[row] * sb)`` in float32. The tensor cores serve one warpgroup at a time, so
+  the warpgroups fall out of step and one promotes while the other's wgmma runs (DeepGEMM's overlap).
+  With ``OVERLAP=1`` each warpgroup also keeps two products in flight (group g+1's wgmma runs while it
+  promotes group g); ``OVERLAP=2`` is a timing diagnostic (one promotion at the end, wrong numerics).
+* epilogue in the consumers: bias, then float (fp32/bf16) or 1x128-block INT8 (nearest or stochastic,
+  the same numerics and random stream as ``_blockquant.quantize_tile``) through shared memory and a TMA
+  store, which overlaps the next tile's main loop.
+
+Promotion cost (per SM, one 128 x 128 tile, one K group of 128): the wgmma work is 128*128*128 MACs at
+~4096 int8 MAC/clk = 512 clk. Converting 16,384 int32 products with ``cvt.rn.f32.s32`` (16/clk/SM on
+sm_90) alone takes ~1024 clk: twice the tensor work, the cap every plain kernel hit. ``MAGIC``: start the
+int32 product at 0x4B400000 (the bits of 1.5 * 2**23); for |p| < 2**22 (here |p| <= 128 * 127 * 127) the
+bits of 0x4B400000 + p read as float are exactly 12582912 + p, so the conversion is a float subtract
+(exact) and the promotion is MOV (re-seed) + FADD + FFMA per element: 3 full-rate ops = 384 issue
+clk per 512 clk of tensor work, which two warpgroups can hide.
+
+Operands must be K-major (Hopper's 8-bit wgmma reads both operands K-major only); the wrapper refuses
+anything else with the fix instead of running a slow path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..format import BlockShape, QTensor
+
+try:  # Gluon ships with Triton >= 3.5; CPU-only installs may lack it or the NVIDIA backend.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    GLUON_IMPORT_ERROR: Optional[str] = None
+except Exception as e:  # pragma: no cover - depends on the installed triton
+    gluon = None
+    GLUON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+# --- tile and pipeline constants -----------------------------------------------------------------
+G = 128  # promotion group along K = one pipeline stage (K blocks of both operands must be 128)
+BM = 128  # tile rows: two consumer warpgroups of HALF rows (wgmma's M is 64 per warpgroup)
+HALF = 64
+BN = 128  # tile columns: int32 product + fp32 accumulator = 2 x 64 registers per thread (3 x 64 with OVERLAP)
+BK = G
+STAGE_BYTES = (BM + BN) * BK  # 32 KiB per stage (int8)
+SMEM_BUDGET = 220 * 1024  # of 227 KiB per CTA on sm_90, leaving room for barriers
+MAX_STAGES = 6
+GROUP_M = 8  # row tiles per band of the persistent walk (neighbouring CTAs share B tiles in L2)
+MAGIC_BITS = 0x4B400000  # float bits of 1.5 * 2**23 = 12582912.0
+MAGIC_F = 12582912.0
+QMAX = 127.0
+# Registers: 12 warps (consumer 4 + consumer 4 + producer 1, rounded to warpgroups) at 168 = 64,512 of
+# 65,536; the producer gives back to 40, so each consumer warpgroup runs with 232.
+MAXNREG = 168
+CONSUMER_REGS = 232
+PRODUCER_REGS = 40
+OUT_FLOAT, OUT_INT8 = 0, 1
+_TORCH_TO_GL = {}
+
+
+def available() -> bool:
+    return gluon is not None
+
+
+if gluon is not None:
+    _TORCH_TO_GL = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+                    torch.int8: gl.int8}
+
+    @gluon.jit
+    def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
+        """(pid_m, pid_n) of a linear tile index, walking GROUP_M-row bands column by column."""
+        band = tile // (GROUP_M * num_pid_n)
+        first_m = band * GROUP_M
+        band_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % (GROUP_M * num_pid_n)) % band_m
+        pid_n = (tile % (GROUP_M * num_pid_n)) // band_m
+        return pid_m, pid_n
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K,
+                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                  GROUP_M: gl.constexpr):
+        """One warp: fill the ring with (A tile, B tile) per K group, in the consumers' order."""
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        num_groups = gl.cdiv(K, BK)
+        it = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            for g in range(num_groups):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
+                mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, g * BK], full.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BN, g * BK], full.index(s), b_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _product(a_bufs, b_bufs, full, s, phase, WG: gl.constexpr, HALF: gl.constexpr, MAGIC: gl.constexpr,
+                 mma: gl.constexpr, BN: gl.constexpr):
+        """Wait for stage s and start this warpgroup's async int8 wgmma over its HALF rows of it."""
+        mbarrier.wait(full.index(s), phase)
+        a = a_bufs.index(s).slice(WG * HALF, HALF, dim=0)
+        b = b_bufs.index(s).permute((1, 0))
+        if MAGIC:
+            p0 = gl.full([HALF, BN], 0x4B400000, gl.int32, mma)
+        else:
+            p0 = gl.zeros([HALF, BN], gl.int32, mma)
+        return warpgroup_mma(a, b, p0, is_async=True)
+
+    @gluon.jit
+    def _promote(acc, p, sa, sb, MAGIC: gl.constexpr, B_PER_COL: gl.constexpr):
+        """acc + p * sa[:, None] * sb (sb a scalar, or a per-column vector with B_PER_COL)."""
+        if MAGIC:
+            pf = p.to(gl.float32, bitcast=True) - 12582912.0  # exact: both in [2**23, 2**24)
+        else:
+            pf = p.to(gl.float32)
+        if B_PER_COL:
+            return acc + pf * (gl.expand_dims(sa, 1) * gl.expand_dims(sb, 0))
+        else:
+            return acc + pf * gl.expand_dims(sa * sb, 1)
+
+    @gluon.jit
+    def _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g, ok, stride_sak, stride_sbn, stride_sbk,
+                     BN: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr):
+        sa = gl.load(sa_rows + g * stride_sak, mask=row_in & ok, other=0.0)
+        if B_PER_COL:
+            sb = gl.load(sb_ptr + (cols // B_BR) * stride_sbn + g * stride_sbk, mask=col_in & ok, other=0.0)
+        else:
+            sb = gl.load(sb_ptr + ((pid_n * BN) // B_BR) * stride_sbn + g * stride_sbk)
+        return sa, sb
+
+    @gluon.jit
+    def _philox_uniform(seed, offsets):
+        """``tl.rand(seed, offsets)`` for int32 offsets: Philox-4x32-10, first word, mapped to [0, 1)."""
+        c0 = offsets.to(gl.uint32, bitcast=True)
+        zero = c0 * 0
+        c1 = zero
+        c2 = zero
+        c3 = zero
+        seed64 = seed.to(gl.uint64)
+        k0 = (seed64 & 0xFFFFFFFF).to(gl.uint32)
+        k1 = ((seed64 >> 32) & 0xFFFFFFFF).to(gl.uint32)
+        for _ in gl.static_range(10):
+            _c0 = c0
+            _c2 = c2
+            c0 = gl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+            c2 = gl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+            c1 = _c2 * 0xCD9E8D57
+            c3 = _c0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        x = c0.to(gl.int32, bitcast=True)
+        x = gl.where(x < 0, -x - 1, x)
+        return x.to(gl.float32) * 4.6566127342e-10
+
+    @gluon.jit
+    def _rint(v):
+        """Round to the nearest integer, ties to even: one ``cvt.rni`` (FRND) per element."""
+        return gl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=r,r", [v], dtype=gl.float32, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def _quantize_rows(y, rows, cols, N, seed, STOCHASTIC: gl.constexpr, SCALE_MAX: gl.constexpr):
+        """1 x BN blocks (one per row of the tile): int8 codes and per-row scales, as ``quantize_tile``.
+
+        ``y / scale`` is one multiply by the row's reciprocal plus one Newton step on the exact residual
+        (``fma(-v, scale, y)``): the correctly rounded quotient but in rare double-rounding cases, ~3 ops
+        instead of a full IEEE division per element (the epilogue's cost decides the K = 768 shapes).
+        """
+        absmax = gl.max(gl.abs(y), axis=1)
+        scale = gl.div_rn(absmax, gl.full(absmax.shape, 127.0, gl.float32, absmax.type.layout))
+        scale = gl.where((scale > SCALE_MAX) & (scale < float("inf")), SCALE_MAX, scale)
+        inv = gl.where(scale > 0.0, gl.div_rn(gl.full(scale.shape, 1.0, gl.float32, scale.type.layout),
+                                              gl.where(scale > 0.0, scale, 1.0)), 0.0)
+        s2 = gl.expand_dims(scale, 1)
+        i2 = gl.expand_dims(inv, 1)
+        v = y * i2
+        v = gl.fma(gl.fma(-v, s2, y), i2, v)  # zero-scale rows: inv = 0 gives v = 0
+        if STOCHASTIC:
+            offs = gl.expand_dims(rows, 1) * N + gl.expand_dims(cols, 0)
+            q = gl.floor(v + _philox_uniform(seed, offs))
+        else:
+            q = _rint(v)
+        q = gl.minimum(gl.maximum(q, -127.0), 127.0)
+        return q.to(gl.int8), scale
+
+    @gluon.jit
+    def _consumer(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                  WG: gl.constexpr, A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
+                  MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
+                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
+                  STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        """One warpgroup: rows [WG * HALF, (WG + 1) * HALF) of every tile, main loop and epilogue."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BN, 32])
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        col_l: gl.constexpr = gl.SliceLayout(0, mma)
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        num_groups = gl.cdiv(K, BK)
+        c_smem = c_bufs.index(WG)
+        it = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            row0 = pid_m * BM + WG * HALF
+            rows = row0 + gl.arange(0, HALF, layout=row_l)
+            cols = pid_n * BN + gl.arange(0, BN, layout=col_l)
+            row_in = rows < M
+            col_in = cols < N
+            sa_rows = sa_ptr + (rows // A_BR) * stride_sam
+            acc = gl.zeros([HALF, BN], gl.float32, mma)
+            if OVERLAP == 2:
+                # Diagnostic only (wrong numerics): one int32 product over all of K, promoted once. Times the
+                # pipeline without the per-group promotion.
+                p = gl.zeros([HALF, BN], gl.int32, mma)
+                for g in range(num_groups):
+                    s = it % STAGES
+                    mbarrier.wait(full.index(s), (it // STAGES) & 1)
+                    p = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF, dim=0), b_bufs.index(s).permute((1, 0)),
+                                      p, is_async=True)
+                    p = warpgroup_mma_wait(0, deps=[p])
+                    mbarrier.arrive(empty.index(s), count=1)
+                    it += 1
+                sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, 0, True, stride_sak,
+                                      stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
+                acc = _promote(acc, p, sa, sb, False, B_PER_COL)
+            elif OVERLAP == 1:
+                # Two products in flight per warpgroup: group g+1's wgmma runs while group g is promoted.
+                s = it % STAGES
+                p_prev = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN)
+                s_prev = s
+                it += 1
+                for g in range(1, num_groups):
+                    s = it % STAGES
+                    p = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN)
+                    sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g - 1, True, stride_sak,
+                                          stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
+                    p_prev = warpgroup_mma_wait(1, deps=[p_prev])
+                    mbarrier.arrive(empty.index(s_prev), count=1)
+                    acc = _promote(acc, p_prev, sa, sb, MAGIC, B_PER_COL)
+                    p_prev = p
+                    s_prev = s
+                    it += 1
+                sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, num_groups - 1, True,
+                                      stride_sak, stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
+                p_prev = warpgroup_mma_wait(0, deps=[p_prev])
+                mbarrier.arrive(empty.index(s_prev), count=1)
+                acc = _promote(acc, p_prev, sa, sb, MAGIC, B_PER_COL)
+            else:
+                for g in range(num_groups):
+                    s = it % STAGES
+                    p = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN)
+                    # This group's scales load while its wgmma runs (few registers live across the wait).
+                    sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g, True, stride_sak,
+                                          stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
+                    p = warpgroup_mma_wait(0, deps=[p])
+                    mbarrier.arrive(empty.index(s), count=1)
+                    acc = _promote(acc, p, sa, sb, MAGIC, B_PER_COL)
+                    it += 1
+
+            # --- epilogue: bias, then float or INT8 through shared memory and a TMA store -------------
+            if HAS_BIAS:
+                bias = gl.load(bias_ptr + cols, mask=col_in, other=0.0).to(gl.float32)
+                acc = acc + gl.expand_dims(bias, 0)
+            tma.store_wait(0)  # this warpgroup's previous tile has left c_smem
+            if OUT_MODE == 1:
+                q, scale = _quantize_rows(acc, rows, cols, N, seed, STOCHASTIC, SCALE_MAX)
+                c_smem.store(q)
+                gl.store(sc_ptr + rows * stride_scm + pid_n, scale, mask=row_in)
+            else:
+                c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [row0, pid_n * BN], c_smem)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _consumer_wg1(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                      A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
+                      MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
+                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        _consumer(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                  1, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
+                  BM, BN, BK, HALF, STAGES, GROUP_M)
+
+    @gluon.jit
+    def _consumer_wg0(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                      A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
+                      MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
+                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        _consumer(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                  0, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
+                  BM, BN, BK, HALF, STAGES, GROUP_M)
+
+    @gluon.jit
+    def block_gemm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                          M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                          A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
+                          HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
+                          MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
+                          STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        HALF: gl.constexpr = c_desc.block_type.shape[0]
+        a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, HALF, BN], c_desc.layout)
+        full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(full.index(i), count=1)  # the producer's expect + TMA bytes
+            mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+        fence_async_shared()
+        # (Argument tuples are written out in place: a tuple built in a variable turns constexprs into tensors.)
+        gl.warp_specialize([
+            (_consumer_wg0, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
+                              BM, BN, BK, HALF, STAGES, GROUP_M)),
+            (_consumer_wg1, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
+                              BM, BN, BK, HALF, STAGES, GROUP_M)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# --- host side -------------------------------------------------------------------------------------
+def stages_for(out_dtype: torch.dtype) -> int:
+    """Ring depth that fits beside the two epilogue buffers (HALF x BN each) in shared memory."""
+    c_bytes = 2 * HALF * BN * torch.empty((), dtype=out_dtype).element_size()
+    return max(2, min(MAX_STAGES, (SMEM_BUDGET - c_bytes) // STAGE_BYTES))
+
+
+def k_major_problem(t: torch.Tensor, name: str) -> Optional[str]:
+    """Why ``t`` (R, K) int8 cannot be a TMA K-major operand, or None."""
+    if t.dim() != 2 or t.stride(1) != 1:
+        return (f"{name} is not K-major (strides {tuple(t.stride())}); Hopper's int8 wgmma reads K-major operands "
+                f"only: pass a K-major copy, e.g. int8flow.kernels.quantize.quantize_transposed(x, block) for an "
+                f"activation, or QTensor({name}.data.contiguous(), {name}.scale, {name}.block) for a square-block view")
+    if t.data_ptr() % 16 or (t.shape[0] > 1 and t.stride(0) % 16):
+        return (f"{name} needs a 16-byte aligned base and row stride for TMA (K a multiple of 16), got row stride "
+                f"{t.stride(0)}; pad K to a multiple of 16 or use the Triton kernel (gemm.block_gemm routes there)")
+    return None
+
+
+def unsupported(a: QTensor, b: QTensor, out_dtype: torch.dtype, out_block: Optional[BlockShape],
+                a_fallback=None) -> Optional[str]:
+    """Why this call cannot take the Gluon kernel (None when it can): the route's decision, in words."""
+    if gluon is None:
+        return f"Gluon is not importable ({GLUON_IMPORT_ERROR})"
+    if a.device.type != "cuda":
+        return "operands are not on CUDA"
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
+        return f"device capability {torch.cuda.get_device_capability(a.device)} is not sm_90"
+    if a.block.cols != G or b.block.cols != G:
+        return f"K blocks {a.block.cols}/{b.block.cols}; the Gluon kernel promotes every {G} of K"
+    if a_fallback is not None:
+        return "fallback term (a second INT8 term of a) is not in the Gluon kernel yet"
+    if out_block is not None and (out_block.rows, out_block.cols) != (1, BN):
+        return f"output block {out_block}; the Gluon epilogue writes 1x{BN} blocks"
+    if out_block is None and out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"out_dtype {out_dtype}"
+    for name, t in (("a", a.data), ("b", b.data)):
+        why = k_major_problem(t, name + ".data")
+        if why:
+            return why
+    M, N = a.shape[0], b.shape[0]
+    esize = 1 if out_block is not None else torch.empty((), dtype=out_dtype).element_size()
+    if (N * esize) % 16:
+        return f"output rows of {N * esize} bytes are not a multiple of 16 (TMA store)"
+    if M == 0 or N == 0 or a.shape[1] == 0:
+        return "empty problem"
+    return None
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    layout = gl.NVMMASharedLayout.get_default_for(block, _TORCH_TO_GL[t.dtype])
+    return TensorDescriptor.from_tensor(t, block, layout)
+
+
+def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
+               out_block=None, rounding: str = "nearest", seed: int = 0, magic: bool = False,
+               overlap: int = 0):
+    """``a @ b.T (+ bias)`` with the warp-specialized kernel; float ``out_dtype`` or 1x128-block INT8 QTensor.
+
+    a (M, K) and b (N, K) must be K-major QTensors with K blocks of 128 (a: any rows per block, e.g. 1 or
+    128; b: 128 rows per block reads one scale per tile, other block heights a scale per column). Raises
+    ValueError naming the fix when the call cannot run here (``unsupported``); `gemm.block_gemm` checks
+    first and routes such calls to the Triton kernel.
+    """
+    from ._launch import alloc, num_sms, stream_seed
+    from ..format.blocks import _SCALE_MAX
+
+    out_block = None if out_block is None else BlockShape.parse(out_block)
+    why = unsupported(a, b, out_dtype, out_block)
+    if why:
+        raise ValueError(f"gluon_gemm.block_gemm cannot run this call: {why}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"gluon_gemm.block_gemm needs a (M, K), b (N, K); got {tuple(a.shape)}, {tuple(b.shape)}")
+    M, K = a.shape
+    N = b.shape[0]
+    out_quant = out_block is not None
+    c = alloc((M, N), torch.int8 if out_quant else out_dtype, a.device)
+    sc = alloc(out_block.grid((M, N)) if out_quant else (1, 1), torch.float32, a.device)
+    a_desc = _desc(a.data, [BM, BK])
+    b_desc = _desc(b.data, [BN, BK])
+    c_desc = _desc(c, [HALF, BN])
+    stages = stages_for(c.dtype)
+    b_per_col = b.block.rows % BN != 0
+    b_scale = b.scale
+    if b_per_col and b_scale.stride(0) != 1:
+        # Per-column scales of one K group are then contiguous (coalesced, vectorized loads; the JIT
+        # specializes the unit stride). A copy of N * K / 128 floats, ~1/128 of b's bytes.
+        b_scale = b_scale.t().contiguous().t()
+    tiles = triton_cdiv(M, BM) * triton_cdiv(N, BN)
+    grid = (min(num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device()), tiles),)
+    block_gemm_kernel[grid](
+        a_desc, b_desc, c_desc, a.scale, b_scale, bias.contiguous() if bias is not None else sc, sc,
+        M, N, K, a.scale.stride(0), a.scale.stride(1), b_scale.stride(0), b_scale.stride(1), sc.stride(0),
+        stream_seed(seed),
+        A_BR=a.block.rows, B_BR=b.block.rows, B_PER_COL=b_per_col,
+        HAS_BIAS=bias is not None, OUT_MODE=OUT_INT8 if out_quant else OUT_FLOAT,
+        STOCHASTIC=rounding == "stochastic", MAGIC=magic, OVERLAP=int(overlap), SCALE_MAX=float(_SCALE_MAX),
+        STAGES=stages, GROUP_M=GROUP_M, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4, maxnreg=MAXNREG)
+    return QTensor(c, sc, out_block) if out_quant else c
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["available", "block_gemm", "k_major_problem", "stages_for", "unsupported"]

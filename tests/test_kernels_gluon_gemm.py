@@ -1,0 +1,125 @@
+"""The warp-specialized Gluon INT8 GEMM (int8flow.kernels.gluon_gemm) and block_gemm's route to it.
+
+CPU (CI): the module imports, the route picks Triton under the interpreter, the wrapper refuses what it
+cannot run with the fix, and the kernel compiles for sm_90 without a GPU (int8 wgmma, no spills,
+setmaxnreg). GPU (``-m gpu``, sm_90): results against the float64 reference.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+pytest.importorskip("triton", reason="the Triton kernels need triton (pip install int8flow[test])")
+
+from int8flow import format as fmt  # noqa: E402
+from int8flow.kernels import gemm as kg  # noqa: E402
+from int8flow.kernels import gluon_gemm as gg  # noqa: E402
+from int8flow.kernels._launch import interpreting  # noqa: E402
+
+DEVICE = "cpu" if interpreting() else "cuda"
+needs_gluon = pytest.mark.skipif(not gg.available(), reason=f"Gluon is not importable: {gg.GLUON_IMPORT_ERROR}")
+on_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                               reason="needs an sm_90 GPU")
+
+
+def operand(rows, cols, block, seed, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((rows, cols), generator=g) / (torch.randn((3, rows, cols), generator=g).pow(2).mean(0)).sqrt()
+    if cols > 2:
+        x[:, 1] *= 30.0
+    return fmt.quantize(x.to(device), block)
+
+
+def test_module_constants_are_consistent():
+    assert gg.BM == 2 * gg.HALF and gg.BK == gg.G == 128
+    # two epilogue buffers plus the ring fit in shared memory, at least double-buffered
+    for dt in (torch.float32, torch.bfloat16, torch.int8):
+        s = gg.stages_for(dt)
+        assert s >= 2 and s * gg.STAGE_BYTES + 2 * gg.HALF * gg.BN * torch.empty((), dtype=dt).element_size() \
+            <= gg.SMEM_BUDGET
+    # registers: the three partitions' warpgroups fit the register file at the launch cap
+    assert 3 * 4 * 32 * gg.MAXNREG <= 65536
+    assert 2 * gg.CONSUMER_REGS + gg.PRODUCER_REGS <= 3 * gg.MAXNREG
+
+
+def test_route_on_cpu_is_triton_and_kernel_argument_checked():
+    a, b = operand(64, 256, "1x128", 1), operand(32, 256, "128x128", 2)
+    kernel, why = kg.route(a, b)
+    if interpreting():
+        assert kernel == "triton" and "interpreter" in why
+    assert kg.route(a, b, kernel="triton") == ("triton", "asked for")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        kg.route(a, b, kernel="cuda")
+    if interpreting():
+        with pytest.raises(ValueError, match="kernel='gluon'"):
+            kg.block_gemm(a, b, kernel="gluon")
+        kg.block_gemm(a, b)
+        assert kg.last_route[0] == "triton"
+
+
+def test_k_major_problem_names_the_fix():
+    q = operand(256, 256, "128x128", 3, device="cpu")
+    assert gg.k_major_problem(q.data, "b.data") is None
+    why = gg.k_major_problem(q.data.t(), "b.data")
+    assert "not K-major" in why and "quantize_transposed" in why and "contiguous" in why
+    storage = torch.zeros((256, 264), dtype=torch.int8)
+    assert "16-byte" in gg.k_major_problem(storage[:, :250], "a.data")
+
+
+def test_unsupported_reasons():
+    a, b = operand(64, 256, "1x128", 4, device="cpu"), operand(32, 256, "128x128", 5, device="cpu")
+    why = gg.unsupported(a, b, torch.float32, None)
+    assert why is not None  # CPU tensors (or no Gluon)
+    if gg.available():
+        assert "CUDA" in why
+        with pytest.raises(ValueError, match="cannot run this call"):
+            gg.block_gemm(a, b)
+
+
+@needs_gluon
+def test_gluon_kernel_compiles_for_sm90_with_int8_wgmma_and_no_spills():
+    """The kernel is compiled (Gluon -> PTX -> cubin) for sm_90 on the CPU: the checks the interpreter cannot do."""
+    from int8flow.kernels import _hopper_check
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is missing")
+    for out, kw in (("bf16", {}), ("int8", {}), ("fp32", dict(magic=False)), ("int8", dict(stochastic=True))):
+        r = _hopper_check.gluon_variant(out, **kw)
+        assert r["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"], r
+        assert r["stack_bytes"] == 0 and r["local_ld_st"] == 0, f"spills: {r}"
+        assert any(f"\t{gg.CONSUMER_REGS}" in s or f" {gg.CONSUMER_REGS}" in s for s in r["setmaxnreg"]), r
+        assert r["shared_bytes"] <= 227 * 1024
+
+
+@pytest.mark.gpu
+@on_hopper
+@needs_gluon
+@pytest.mark.parametrize("blocks", [("1x128", "128x128"), ("1x128", "1x128"), ("128x128", "1x128")])
+@pytest.mark.parametrize("shape", [(300, 208, 400), (1000, 384, 1152)], ids=lambda s: "x".join(map(str, s)))
+def test_gluon_matches_reference_on_gpu(shape, blocks):
+    M, N, K = shape
+    a, b = operand(M, K, blocks[0], 6), operand(N, K, blocks[1], 7)
+    bias = torch.randn(N, device=DEVICE)
+    assert kg.route(a, b)[0] == "gluon"
+    want = a.dequantize().double() @ b.dequantize().double().t() + bias.double()
+    y = kg.block_gemm(a, b, bias)
+    assert kg.last_route[0] == "gluon"
+    err = (y.double() - want).abs().max() / want.abs().max()
+    assert err < 2e-6
+    q = kg.block_gemm(a, b, bias, out_block="1x128")
+    want_q = fmt.quantize(want.float(), "1x128")
+    torch.testing.assert_close(q.scale, want_q.scale, rtol=1e-5, atol=0)
+    assert (q.data.int() - want_q.data.int()).abs().max() <= 1
+
+
+@pytest.mark.gpu
+@on_hopper
+@needs_gluon
+def test_gluon_refuses_transposed_view_on_gpu():
+    a = operand(256, 256, "128x128", 8)
+    with pytest.raises(ValueError, match="K-major"):
+        gg.block_gemm(a, a.t())
+    assert kg.route(a, a.t())[0] == "triton"
