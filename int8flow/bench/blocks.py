@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models.gpt2 import Block as GPTBlock, GPTConfig
 from ..models.llama import DecoderLayer, LlamaConfig, rope_tables
-from .common import device_info, parse_choices, require_cuda, write_json
+from .common import device_info, parse_choices, require_cuda, result_path, write_json
 
 SHAPES = {
     # name: (model config, layers, batch, tokens)
@@ -29,6 +29,8 @@ TINY_SHAPES = {  # the CPU smoke test: same code, toy sizes
     "llama-tiny": (LlamaConfig(dim=64, n_heads=2, n_kv_heads=2, ffn_dim=160, max_seq_len=64), 2, 2, 64),
 }
 OUR_MODES = ("bf16", "int8", "int8+fallback", "int8-linear")
+# Any recipe of int8flow.config.RECIPES runs too, e.g. the 1x128 geometry: int8-1x128, int8+fallback-1x128.
+GEOMETRY_MODES = ("int8-1x128", "int8+fallback-1x128", "int8-linear-1x128", "jetfire")
 TORCHAO_MODES = ("float8-tensorwise", "float8-rowwise")
 
 
@@ -129,8 +131,10 @@ def measure(shape: str, config, layers: int, batch: int, tokens: int, mode: str,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench/results/h100_blocks.json")
-    p.add_argument("--modes", default=",".join(OUR_MODES + TORCHAO_MODES), help="comma-separated modes")
+    p.add_argument("--out", default=None, help="JSON file (default bench/results/<gpu>_blocks.json)")
+    p.add_argument("--modes", default=",".join(OUR_MODES + GEOMETRY_MODES[:2] + TORCHAO_MODES),
+                   help="comma-separated modes: bf16, recipes of int8flow.config.RECIPES, torchao float8-*")
+    p.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="eager mode (the anchors compile everything)")
     p.add_argument("--cpu-smoke", action="store_true", help="toy shapes on the CPU (checks the code path only)")
@@ -140,9 +144,14 @@ def main(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda":
         require_cuda()
-    modes = parse_choices(args.modes, OUR_MODES + TORCHAO_MODES, "--modes")
+    from ..config import RECIPES
+
+    modes = parse_choices(args.modes, tuple(RECIPES) + TORCHAO_MODES, "--modes")
+    table = TINY_SHAPES if args.cpu_smoke else SHAPES
+    names = parse_choices(args.shapes, table, "--shapes") if args.shapes else list(table)
     records = []
-    for shape, (config, layers, batch, tokens) in (TINY_SHAPES if args.cpu_smoke else SHAPES).items():
+    for shape in names:
+        config, layers, batch, tokens = table[shape]
         base = None
         for mode in modes:
             try:
@@ -159,5 +168,6 @@ def main(args) -> int:
                   + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""), flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    write_json(args.out, records, device_info())
+    info = device_info()
+    write_json(args.out or result_path(info, "blocks"), records, info)
     return 0

@@ -66,6 +66,20 @@ def device_info() -> dict:
     return {"device": props.name, "sms": props.multi_processor_count, "cuda": torch.version.cuda, **info}
 
 
+def device_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'h200': the prefix of result files (``bench/results/h200_blocks.json``)."""
+    import re
+
+    m = re.search(r"(H200|H100|A100|B200|L40S?|RTX ?\d+)", name, re.I)
+    return (m.group(1) if m else name.split()[0]).replace(" ", "").lower()
+
+
+def result_path(info: dict, what: str) -> str:
+    """``bench/results/<device>_<what>.json``; on the CPU ``cpu_<what>.json``."""
+    slug = "cpu" if info["device"].startswith("cpu") else device_slug(info["device"])
+    return os.path.join("bench", "results", f"{slug}_{what}.json")
+
+
 def write_json(path: str, records: list[dict], info: dict) -> None:
     """``{"device":..., "records": [...]}`` with the device fields repeated on every record (long format)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
 
-from .common import device_info, require_cuda, write_json
+from .common import device_info, require_cuda, result_path, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,15 +56,10 @@ def parse_junit(path: str) -> dict:
     return {**counts, "failures": failures}
 
 
-def _gpu_slug(name: str) -> str:
-    m = re.search(r"(H200|H100|A100|B200|L40S?|RTX ?\d+)", name, re.I)
-    return (m.group(1) if m else name).replace(" ", "").lower()
-
-
 def main(args) -> int:
     require_cuda()
     info = device_info()
-    out = args.out or os.path.join("bench", "results", f"{_gpu_slug(info['device'])}_gpu_tests.json")
+    out = args.out or result_path(info, "gpu_tests")
     with tempfile.TemporaryDirectory() as tmp:
         junit = os.path.join(tmp, "junit.xml")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", args.tests]
