@@ -305,3 +305,20 @@ def test_nanogpt_to_hf_state_dict_round_trips():
     torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol=0)
     with pytest.raises(KeyError, match="no transformer.wte.weight"):
         nanogpt_to_hf_state_dict({"model.embed_tokens.weight": torch.zeros(2, 2)})
+
+
+@pytest.mark.parametrize("arch", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("precision", ["bf16", "int8-linear", "int8", "int8+fallback"])
+def test_empty_batch_or_sequence_gives_empty_outputs(arch, precision):
+    """An empty batch or a zero-length sequence: logits of shape (B, T, vocab) with no elements, in both models
+    and every precision, forward and backward (GPT used to fail in the attention reshape)."""
+    model = build_model(arch, precision, n_layers=1) if arch.startswith("llama") else build_model(arch, precision,
+                                                                                                    n_layer=1)
+    for shape in ((0, 16), (2, 0), (0, 0)):
+        idx = torch.zeros(shape, dtype=torch.long)
+        logits, loss = model(idx)
+        assert logits.shape == (*shape, model.config.vocab_size) and loss is None
+        logits.sum().backward()
+        assert all(p.grad is None or not bool(p.grad.any()) for p in model.parameters())
+        _, loss = model(idx, idx)
+        assert loss.isnan()  # mean cross-entropy over no tokens, as F.cross_entropy gives

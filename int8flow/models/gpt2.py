@@ -81,7 +81,8 @@ class CausalSelfAttention(nn.Module):
     def heads_out(self, qkv: torch.Tensor) -> torch.Tensor:
         """(B, T, 3C) fused q|k|v -> causal SDPA -> (B, T, H, hd), a view of SDPA's output."""
         B, T, _ = qkv.shape
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))
+        hd = self.n_embd // self.n_head  # explicit: a -1 cannot be inferred for an empty batch or sequence
+        q, k, v = (t.view(B, T, self.n_head, hd).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:

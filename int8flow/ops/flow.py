@@ -1,22 +1,27 @@
 """The INT8 data flow of a pre-norm transformer block (Jetfire), as three fused autograd ops.
 
 Attention half: ``h = x + proj(attn(qkv(norm1(x))))``
-    * `norm_linear`: x -> INT8 -> norm -> INT8 -> QKV GEMM -> high precision (for SDPA, as the paper).
+    * `norm_linear`: x (high precision) -> norm -> INT8 -> QKV GEMM -> high precision (for SDPA, as the paper).
     * attention (SDPA) stays high precision with ordinary autograd.
     * `linear_residual`: attention output -> INT8 -> proj GEMM -> + residual.
 MLP half: ``out = h + fc2(act(fc1(norm2(h))))``
     * `mlp_residual`: every tensor between norm -> fc1 -> act -> fc2 is INT8 + per-block scales
       forward, every gradient between them INT8 with stochastic rounding backward.
 
-Saved for backward: only the INT8 op inputs (x, h, the fc1/gate outputs), per-row norm statistics and
-the INT8 weights. The norm output and the fc2 input (and their fallback terms) are recomputed in
+The norm reads the high-precision residual stream, not an INT8 copy of it: its row statistics come from x,
+and what is quantized (and saved for backward) is the normalized input xhat = (x - mean) * rstd, so a row's
+offset or an outlier channel cannot take the other values' bits before the statistics are taken
+(`_normalized_input`).
+
+Saved for backward: only the INT8 op inputs (normalized x and h, the fc1/gate outputs), per-row norm statistics
+and the INT8 weights. The norm output and the fc2 input (and their fallback terms) are recomputed in
 backward from those by the same memory-bound kernels with the same numbers, since storing them would
 cost 1 byte per element each. See docs/models.md for the per-token table.
 
 The ops take the model's own parameters, so model files keep their standard parameter names. The
-residual stream stays in its own (high) precision. Each op quantizes its high-precision input on
-entry; on the GPU that INT8 copy and the next norm's row statistics are what a fused residual-add
-kernel produces (same numbers), which these reference compositions do not fuse.
+residual stream stays in its own (high) precision. Each op normalizes and quantizes its high-precision
+input on entry; on the GPU the next norm's row statistics are what a fused residual-add kernel can produce,
+which these reference compositions do not fuse.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Int8TrainingConfig
+from ..format import NonFiniteError
 from . import backend
 from . import primitives as P
 from .linear import int8_linear
@@ -80,6 +86,42 @@ def _no_fallback(device) -> Tensor:
     return torch.zeros((), dtype=torch.float32, device=device)
 
 
+def _normalized_input(x: Tensor, norm: str, eps: float, c: Int8TrainingConfig):
+    """The norm reads the high-precision residual stream: row statistics from x itself, and an INT8 copy of the
+    *normalized* input ``xhat = (x - mean) * rstd`` (RMSNorm: ``x * rstd``) for the norm's output and for
+    backward. Returns (xhat_q, mean or None, rstd).
+
+    Quantizing x before the norm (the paper's layout) loses what a row's offset or a 100x outlier channel
+    leaves of the other values of its blocks *before* the statistics are taken: 20.8 dB for norm -> GEMM with
+    one 100x channel. Taken from x, the statistics are exact and the offset is gone before the INT8 rounding;
+    xhat_q costs the same bytes as an INT8 x. On the GPU the residual-add kernel, which writes x, can emit
+    these statistics (Jetfire's fusion)."""
+    d, blk = x.device, c.activation_block
+    xhat, mean, rstd = _norm_forward(norm, x, None, None, eps, d, out_dtype=torch.float32)
+    try:
+        xhat_q = P.quantize(xhat, blk, "nearest", 0, c, "input")
+    except NonFiniteError:
+        P.quantize(x, blk, "nearest", 0, c, "input")  # names x's own NaN/Inf count
+        raise
+    return xhat_q, mean, rstd
+
+
+def _unit_stats(norm: str, xhat_q) -> tuple[Optional[Tensor], Tensor]:
+    """(mean 0, rstd 1) per row: a norm given these passes the saved normalized input through unchanged."""
+    rows, d = xhat_q.shape[0], xhat_q.data.device
+    mean = torch.zeros(rows, dtype=torch.float32, device=d) if norm == "layernorm" else None
+    return mean, torch.ones(rows, dtype=torch.float32, device=d)
+
+
+def _norm_input_grad(norm: str, dn_q, xhat_q, weight, rstd: Tensor, out_dtype: torch.dtype):
+    """(dx, dweight, dbias) from the normalized input: the norm backward at unit statistics, times rstd per row
+    (``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``g = dy * w``)."""
+    d = dn_q.device
+    mean1, rstd1 = _unit_stats(norm, xhat_q)
+    dx, dw, db = _norm_backward(norm, dn_q, xhat_q, weight, mean1, rstd1, d, out_dtype=torch.float32)
+    return (dx * rstd[:, None]).to(out_dtype), dw, db
+
+
 def _norm_output(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig, mean=None, rstd=None):
     """norm(x_q) -> INT8 output (+ fallback term). Returns (n_q, n2_q, mean, rstd, rate).
 
@@ -115,10 +157,6 @@ def _grad_q(dy: Tensor, seed: int, c: Int8TrainingConfig):
 
 def _stats(t: Optional[Tensor], device) -> Tensor:
     return t if t is not None else P.empty(device, torch.float32)
-
-
-def _opt(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 and t.dim() == 1 else t
 
 
 def _param_grads(device, dtype, grads: Sequence[tuple[Optional[Tensor], bool]]) -> list[Tensor]:
@@ -159,8 +197,8 @@ def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tenso
     c = P.decode_config(cfg)
     d = x.device
     with P.running("norm_linear", d):
-        x_q = P.quantize(x, c.activation_block, "nearest", 0, c, "input")
-        n_q, n2_q, mean, rstd, _ = _norm_output(x_q, norm, norm_w, norm_b, eps, c)
+        x_q, mean, rstd = _normalized_input(x, norm, eps, c)
+        n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, x_q))
         w_qs = [P.quantize(w, c.weight_block, "nearest", 0, c, what) for w, what in zip(ws, _weight_names(ws))]
         segments = _segments(ws, c)
         y = torch.cat([P.gemm([n_q, n2_q], w_q, None if b is None else b[lo:hi], out_dtype=out_dtype, cfg=c)
@@ -187,7 +225,7 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
     with P.running("norm_linear", d):
         x_q = P.unpack(x_i8, x_s, c.activation_block)
         w_qs = [P.unpack(w_saved[2 * i], w_saved[2 * i + 1], c.weight_block) for i in range(len(ws))]
-        n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, _opt(mean), rstd)
+        n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, x_q))
         segments = _segments(ws, c)
         dn, dws = [], []
         names = _weight_names(ws)
@@ -201,7 +239,7 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
                                      torch.float32, "output gradient"))
         dn_q = dn[0] if len(dn) == 1 else P.emit(sum(dn), torch.float32, gb, c.grad_rounding, backend.subseed(s, 1), c,
                                                  "norm output gradient")
-        dx, dnw, dnb = _norm_backward(norm, dn_q, x_q, norm_w, _opt(mean), rstd, d, out_dtype=x_dtype)
+        dx, dnw, dnb = _norm_input_grad(norm, dn_q, x_q, norm_w, rstd, x_dtype)
         db = dy.float().sum(0) if has_bias else None
         grads = _param_grads(d, wd, [(dnw, norm_w is not None), (dnb, norm_b is not None), (db, has_bias)])
         # split views of one tensor would alias each other: custom-op outputs must not
@@ -282,8 +320,8 @@ def _mlp_fwd(h: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w_in
     c = P.decode_config(cfg)
     d, blk = h.device, c.activation_block
     with P.running("mlp_residual", d):
-        h_q = P.quantize(h, blk, "nearest", 0, c, "input")
-        n_q, n2_q, mean, rstd, _ = _norm_output(h_q, norm, norm_w, norm_b, eps, c)
+        h_q, mean, rstd = _normalized_input(h, norm, eps, c)
+        n_q, n2_q, *_ = _norm_output(h_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, h_q))
         w_in_q = P.quantize(w_in, c.weight_block, "nearest", 0, c, "fc1 weight")
         w_out_q = P.quantize(w_out, c.weight_block, "nearest", 0, c, "fc2 weight")
         f_q = P.gemm([n_q, n2_q], w_in_q, b_in, out_block=blk, cfg=c, what="fc1 output")
@@ -322,7 +360,7 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
         h_q, f_q, g_q = P.unpack(h_i8, h_s, blk), P.unpack(f_i8, f_s, blk), P.unpack(g_i8, g_s, blk)
         wi_q, wo_q = P.unpack(wi_i8, wi_s, c.weight_block), P.unpack(wo_i8, wo_s, c.weight_block)
         # recompute what the forward did not save: the norm output and the fc2 input (memory-bound)
-        n_q, n2_q, *_ = _norm_output(h_q, norm, norm_w, norm_b, eps, c, _opt(mean), rstd)
+        n_q, n2_q, *_ = _norm_output(h_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, h_q))
         a_q, a2_q, _ = _activate(f_q, g_q, activation, c)
         # fc2
         dy_q = _grad_q(dout, backend.subseed(s, 0), c)
@@ -345,7 +383,7 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
             dw_gate = P.empty(d, wd)
         dw_in = P.weight_grad(df_q, None, [n_q, n2_q], backend.subseed(s, 6), c, wd, "fc1 output gradient")
         # norm, then the residual branch
-        dh, dnw, dnb = _norm_backward(norm, dn_q, h_q, norm_w, _opt(mean), rstd, d, out_dtype=torch.float32)
+        dh, dnw, dnb = _norm_input_grad(norm, dn_q, h_q, norm_w, rstd, torch.float32)
         dh = (dh + dout.float()).to(dout.dtype)
         db_in = df_q.dequantize(torch.float32).sum(0) if has_b_in else None
         db_out = dout.float().sum(0) if has_b_out else None

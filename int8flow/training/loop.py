@@ -293,7 +293,7 @@ def _check_run_dir(cfg: TrainConfig) -> None:
 
 def _check_model(cfg: TrainConfig, build_fn: Callable, presets: dict) -> None:
     """Build the model on the meta device (no memory, no values): a bad model= or model.* fails here, before
-    data preparation and before anything is written."""
+    data preparation (seconds on a first run) and before anything is written."""
     try:
         with torch.device("meta"):
             build_fn(cfg.model, precision=model_precision(cfg), **model_kwargs(cfg, 64, presets))
@@ -368,7 +368,7 @@ class _StopSignals:
 
 
 def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> TrainResult:
-    presets = {}
+    presets, custom_build = {}, build_fn is not None
     if build_fn is None:
         from ..models import MODEL_PRESETS as presets
         from ..models import build_model as build_fn
@@ -380,7 +380,8 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
 
     # validate everything before writing anything: run folder, model, data, checkpoint
     _check_run_dir(cfg)
-    _check_model(cfg, build_fn, presets)
+    if not custom_build:  # a caller's build_fn may not run on meta; it is still built before anything is written
+        _check_model(cfg, build_fn, presets)
     data = load_data(cfg, info, say)
     _check_tokenizer(cfg, data)
 
