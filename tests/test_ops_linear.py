@@ -131,3 +131,32 @@ def test_config_validation_and_recipes():
     cfg = Int8TrainingConfig()
     with pytest.raises(Exception):
         cfg.precision = "bf16"  # frozen
+
+
+@pytest.mark.parametrize("weight_block", ["32x32", "128x128"])
+def test_backward_keeps_int8_input_and_no_int8_weight(weight_block):
+    """Saved for backward: the INT8 input (M*K bytes + scales) and the weight parameter itself, never an INT8
+    copy of the weight (backward re-quantizes w.T straight into the K-major layout: bit-equal for square blocks)."""
+    M, K, N = 256, 192, 320
+    cfg = Int8TrainingConfig(precision="int8-linear", weight_block=weight_block)
+    x = sample((M, K), "outlier_channels", seed=4).requires_grad_()
+    w = (torch.randn(N, K) / K**0.5).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = int8_linear(x, w, None, cfg)
+    int8 = [t for t in saved if t.dtype == torch.int8 and t.numel() > 0]
+    assert [tuple(t.shape) for t in int8] == [(M, K)]  # x_q only
+    assert any(t is w for t in saved) and not any(t is x for t in saved)
+    y.backward(torch.randn(M, N))
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    # what backward quantizes (w.T) is the forward's INT8 weight transposed, bit for bit (square blocks)
+    from int8flow.format import quantize
+
+    w_q = quantize(w.detach(), weight_block)
+    w_t_q = quantize(w.detach().t(), weight_block)
+    assert torch.equal(w_t_q.data, w_q.t().data) and torch.equal(w_t_q.scale, w_q.t().scale)

@@ -2,10 +2,14 @@
 
 Forward: ``y = x_q @ w_q.T + b`` with x and w quantized per block (nearest rounding).
 Backward: ``dy`` quantized with stochastic rounding; ``dx = dy_q @ w_q`` uses ``w_q.t()`` and
-``dw = dy_q.T @ x_q`` uses ``dy_q.t()`` and ``x_q.t()``: views for square blocks, re-quantized
-otherwise. What is saved for backward is the INT8 ``x_q`` (not the high-precision x) - the memory
-saving of INT8 training - plus the INT8 weight; with fallback quantization also the flagged blocks of
-the second INT8 term, compactly (indices + blocks + scales; see `fallback.compact_term`).
+``dw = dy_q.T @ x_q`` uses ``dy_q.t()`` and ``x_q.t()``: exact copies for square blocks, re-quantized
+otherwise; the GEMM reads every operand K-major (`primitives.gemm`). What is saved for backward is the
+INT8 ``x_q`` (not the high-precision x) - the memory saving of INT8 training - and the weight parameter
+itself (which exists anyway): backward quantizes ``w.T`` straight into the K-major layout dgrad reads,
+with nearest rounding, so for square weight blocks it is the forward's INT8 weight, transposed, bit for
+bit, and no INT8 copy of a weight is kept between forward and backward. With fallback quantization the
+flagged blocks of the second INT8 term are saved too, compactly (indices + blocks + scales; see
+`fallback.compact_term`).
 
 The op is opaque to torch.compile (one node per call, a fake impl gives shapes), so models compile
 without graph breaks; parameters stay ordinary tensors.
@@ -36,8 +40,7 @@ def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: st
     keep = _keeps_int8_input(c, save_input)
     d = x.device
     capacity = P.fallback_capacity(x.shape, c) if static_storage else None
-    return [y, *P.pack(x_q if keep else None, d), *P.pack_compact(x2_q if keep else None, d, capacity), w_q.data,
-            w_q.scale, rate]
+    return [y, *P.pack(x_q if keep else None, d), *P.pack_compact(x2_q if keep else None, d, capacity), rate]
 
 
 def _keeps_int8_input(c: Int8TrainingConfig, save_input: bool) -> bool:
@@ -56,12 +59,12 @@ def _(x, w, b, seed, cfg, out_dtype, save_input, static_storage):
                                   "trace with static_storage=True (int8_linear does so under torch.compile)")
     capacity = P.fallback_capacity(x.shape, c) if keep and c.uses_fallback else None
     return [x.new_empty((M, N), dtype=out_dtype), *x_keep, *P.fake_compact(x, c.activation_block, capacity),
-            *P.fake_q(w, w.shape, c.weight_block), x.new_empty((), dtype=torch.float32)]
+            x.new_empty((), dtype=torch.float32)]
 
 
 @torch.library.custom_op("int8flow::linear_bwd", mutates_args=())
 def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, x2_blocks: Tensor, x2_scale: Tensor,
-                w_saved: Tensor, w_scale: Tensor, seed: Tensor, cfg: str, has_bias: bool, x_dtype: torch.dtype,
+                w_saved: Tensor, seed: Tensor, cfg: str, has_bias: bool, x_dtype: torch.dtype,
                 w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     c = P.decode_config(cfg)
     s = int(seed.item())
@@ -71,13 +74,12 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
             x2_q = P.unpack_compact(x2_index, x2_blocks, x2_scale, x_saved.shape, c.activation_block)
         elif c.quantize_wgrad:  # x itself was kept (held anyway): the forward's INT8 operands, recomputed
             x_q, x2_q, _ = P.quantize_activation(x_saved, c, "saved input")
-        w_q = P.unpack(w_saved, w_scale, c.weight_block) if w_saved.dtype == torch.int8 else None
         dy_q = None
         if c.quantize_dgrad or c.quantize_wgrad:
             dy_q = P.quantize(dy, c.grad_block, c.grad_rounding, backend.subseed(s, 0), c, "output gradient")
         if c.quantize_dgrad:
-            w_t = w_q.t() if w_q is not None else P.quantize(w_saved.t(), c.weight_block, "nearest", 0, c,
-                                                             "weight (transposed)")
+            # w.T quantized straight into K-major storage (the forward's INT8 weight, transposed, for square blocks)
+            w_t = P.quantize(w_saved.t(), c.weight_block, "nearest", 0, c, "weight (transposed)")
             dx = P.gemm([dy_q], w_t, out_dtype=x_dtype, cfg=c)
         else:
             dx = (dy.float() @ w_saved.float()).to(x_dtype)
@@ -90,7 +92,7 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
 
 
 @_linear_bwd.register_fake
-def _(dy, x_saved, x_scale, x2_index, x2_blocks, x2_scale, w_saved, w_scale, seed, cfg, has_bias, x_dtype, w_dtype):
+def _(dy, x_saved, x_scale, x2_index, x2_blocks, x2_scale, w_saved, seed, cfg, has_bias, x_dtype, w_dtype):
     N, K = w_saved.shape
     db = dy.new_empty((N,) if has_bias else P.EMPTY_SHAPE, dtype=w_dtype)
     return dy.new_empty((dy.shape[0], K), dtype=x_dtype), dy.new_empty((N, K), dtype=w_dtype), db
@@ -98,11 +100,10 @@ def _(dy, x_saved, x_scale, x2_index, x2_blocks, x2_scale, w_saved, w_scale, see
 
 def _setup_context(ctx, inputs, output):
     x, w, b, seed, cfg, _, save_input, _ = inputs
-    _, x_data, x_scale, x2_index, x2_blocks, x2_scale, w_data, w_scale, _ = output
+    _, x_data, x_scale, x2_index, x2_blocks, x2_scale, _ = output
     c = P.decode_config(cfg)
     x_keep = (x_data, x_scale) if _keeps_int8_input(c, save_input) else (x, P.empty(x.device, torch.float32))
-    w_keep = (w_data, w_scale) if c.quantize_dgrad and c.weight_block.is_square else (w, P.empty(w.device, torch.float32))
-    ctx.save_for_backward(*x_keep, x2_index, x2_blocks, x2_scale, *w_keep, seed)
+    ctx.save_for_backward(*x_keep, x2_index, x2_blocks, x2_scale, w, seed)
     ctx.cfg, ctx.has_bias, ctx.x_dtype, ctx.w_dtype = cfg, b is not None, x.dtype, w.dtype
 
 
