@@ -124,3 +124,46 @@ def test_meta_device_input_runs_on_the_fake_implementation(precision):
     y.sum().backward()
     assert x.grad.shape == x.shape and layer.weight.grad.shape == (33, 64) and layer.bias.grad.shape == (33,)
     assert Int8Linear(64, 32)(torch.randn(8, 64, device="meta")).shape == (8, 32)
+
+
+def test_a_layer_registered_twice_becomes_one_int8_layer():
+    """Issue 15 item 8: Sequential(shared, ReLU(), shared) -> the same Int8Linear at both places (it was
+    [Int8Linear, ReLU, Linear]: the second use silently ran in float)."""
+    shared = nn.Linear(64, 64)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    convert_to_int8_training(model)
+    assert isinstance(model[0], Int8Linear) and model[0] is model[2]
+    assert model[0].weight is shared.weight
+    nested = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(nn.ReLU(), shared)})
+    convert_to_int8_training(nested)
+    assert isinstance(nested["a"][0], Int8Linear) and nested["a"][0] is nested["b"][1]
+    convert_to_linear(model)
+    assert type(model[0]) is nn.Linear and model[0] is model[2]
+
+
+def test_conversion_keeps_hooks_and_the_train_eval_flag():
+    """Item 9: forward-pre, forward and full backward hooks fire on the converted layer (their handles still
+    remove them); a model converted in eval() has eval layers; both hold for convert_to_linear too."""
+    layer = nn.Linear(64, 64)
+    calls = []
+    pre = layer.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    layer.register_forward_hook(lambda m, args, out: calls.append("forward"))
+    layer.register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    layer.custom_flag = "kept"
+    model = nn.Sequential(layer, nn.GELU()).eval()
+    convert_to_int8_training(model)
+    converted = model[0]
+    assert isinstance(converted, Int8Linear) and converted.training is False and converted.custom_flag == "kept"
+    x = torch.randn(4, 64, requires_grad=True)
+    model(x).sum().backward()
+    assert calls == ["pre", "forward", "backward"]
+    pre.remove()
+    calls.clear()
+    model(x).sum().backward()
+    assert calls == ["forward", "backward"]
+    model.train()
+    convert_to_linear(model)
+    assert type(model[0]) is nn.Linear and model[0].training is True and "fallback_rate" not in model[0]._buffers
+    calls.clear()
+    model(x).sum().backward()
+    assert calls == ["forward", "backward"]

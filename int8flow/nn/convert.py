@@ -30,14 +30,23 @@ def default_module_filter(model: nn.Module, min_features: int) -> ModuleFilter:
 
 
 def _swap(model: nn.Module, select: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
-    for fqn, module in list(model.named_modules()):
+    """Replace modules everywhere they are registered. ``select(fqn, module)`` is asked once per module (with the
+    first name it has); a module registered at several places (``Sequential(shared, ReLU(), shared)``) becomes
+    the *same* new module at every place, so the model's sharing is kept."""
+    new_of: dict[int, nn.Module] = {}
+    for fqn, module in list(model.named_modules()):  # each module once, at its first name
         new = select(fqn, module)
         if new is None:
             continue
         if fqn == "":
             raise TypeError("the model itself is a linear layer; call Int8Linear.from_linear / .to_linear on it")
-        parent_name, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        new_of[id(module)] = new
+    if not new_of:
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new_of:
+                setattr(parent, name, new_of[id(child)])
     return model
 
 
@@ -46,7 +55,9 @@ def convert_to_int8_training(model: nn.Module, config="int8-linear",
     """Replace each selected ``nn.Linear`` by an ``Int8Linear`` sharing its parameters; returns ``model``.
 
     ``module_filter_fn(module, fqn) -> bool`` picks the layers (True = convert); the default is
-    `default_module_filter`. Parameter names and the state dict are unchanged.
+    `default_module_filter`. Parameter names and the state dict are unchanged. A layer registered at several
+    places becomes one ``Int8Linear`` registered at all of them (the filter sees its first name). The layer's
+    hooks (forward-pre, forward, backward, state-dict) and its train/eval flag carry over (`Int8Linear.from_linear`).
     """
     config = as_config(config)
     keep = module_filter_fn or default_module_filter(model, config.min_features)
