@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="summary JSON (default bench/results/<gpu>_gpu_tests.json)")
     p.add_argument("--no-bench", action="store_true", help="skip the quick kernel benchmark")
     p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. \"-k gemm\"")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="interrupt the tests after this long (the summary then says incomplete)")
 
 
 def parse_junit(path: str) -> dict:
@@ -67,7 +70,14 @@ def main(args) -> int:
             cmd += ["-n", str(args.workers)]
         cmd += args.pytest_args.split()
         t0 = time.time()
-        rc = subprocess.call(cmd)
+        proc = subprocess.Popen(cmd)
+        incomplete = False
+        try:
+            rc = proc.wait(timeout=args.max_seconds)
+        except subprocess.TimeoutExpired:  # like Ctrl-C: pytest stops and still writes its report
+            incomplete = True
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait()
         test_s = time.time() - t0
         if not os.path.exists(junit):
             print(f"gpu-check: pytest wrote no report (exit {rc})", file=sys.stderr)
@@ -78,8 +88,9 @@ def main(args) -> int:
         t0 = time.time()
         brc = subprocess.call([sys.executable, "-m", "int8flow.bench", "kernels", "--quick"])
         bench = {"command": "python -m int8flow.bench kernels --quick", "exit": brc, "seconds": round(time.time() - t0, 1)}
-    ok = summary["failed"] == 0 and summary["errors"] == 0 and rc == 0
-    record = {"command": " ".join(cmd[1:]), "pytest_exit": rc, "test_seconds": round(test_s, 1), **summary,
+    ok = summary["failed"] == 0 and summary["errors"] == 0 and rc == 0 and not incomplete
+    record = {"command": " ".join(cmd[1:]), "pytest_exit": rc, "test_seconds": round(test_s, 1),
+              "incomplete": incomplete, **summary,
               "bench": bench, "ok": ok}
     write_json(out, [], {**info, **record})
     print(f"gpu-check: {summary['passed']} passed, {summary['failed']} failed, {summary['errors']} errors, "

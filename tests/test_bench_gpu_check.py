@@ -1,0 +1,33 @@
+"""gpu-check's report parsing and its refusal without CUDA (the GPU run itself happens on the GPU machine)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from int8flow.bench.gpu_check import parse_junit
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="1"
+skipped="1" tests="5"><testcase classname="tests.test_a" name="test_ok"/><testcase classname="tests.test_a"
+name="test_bad"><failure message="AssertionError: 3 != 4&#10;more">tb</failure></testcase><testcase
+classname="tests.test_b" name="test_skip"><skipped message="needs a CUDA GPU"/></testcase><testcase
+classname="tests.test_b" name="test_err"><error message="fixture broke">tb</error></testcase><testcase
+classname="tests.test_b" name="test_ok2"/></testsuite></testsuites>"""
+
+
+def test_parse_junit_counts_and_failures(tmp_path):
+    path = tmp_path / "junit.xml"
+    path.write_text(JUNIT)
+    s = parse_junit(str(path))
+    assert (s["tests"], s["passed"], s["failed"], s["errors"], s["skipped"]) == (5, 2, 1, 1, 1)
+    assert s["failures"] == [
+        {"test": "tests.test_a::test_bad", "kind": "failure", "message": "AssertionError: 3 != 4"},
+        {"test": "tests.test_b::test_err", "kind": "error", "message": "fixture broke"},
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_check_refuses_without_cuda():
+    proc = subprocess.run([sys.executable, "-m", "int8flow.bench", "gpu-check"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
