@@ -36,7 +36,7 @@ MODES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="two linear shapes instead of five (about a minute)")
-    p.add_argument("--out", default="bench/results/h100_kernels.json", help="JSON file of the records")
+    p.add_argument("--out", default="bench/results/h200_kernels.json", help="JSON file of the records")
 
 
 def k_major_t(q):

@@ -70,7 +70,7 @@ def quantize_variant(block: str, transpose: bool) -> dict:
 
 
 def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, overlap: int = 0,
-                  b_per_col: bool = False, stochastic: bool = False) -> dict:
+                  b_per_col: bool = False, stochastic: bool = False, consumers: int = 2) -> dict:
     """Compile the warp-specialized Gluon GEMM (`gluon_gemm.block_gemm_kernel`) for sm_90 on the CPU.
 
     ``out``: "bf16" | "fp32" | "int8" (1x128 blocks). Reports registers per partition as ptxas sees the
@@ -86,22 +86,24 @@ def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, ove
         layout = gl.NVMMASharedLayout.get_default_for(block, gty)
         return f"tensordesc<{ty}[{', '.join(map(str, block))}],{layout!r}>"
 
-    stages = gg.stages_for(dt[2])
+    stages = gg.stages_for(dt[2], consumers)
+    maxnreg, consumer_regs, producer_regs = gg.REGS[consumers]
+    bm = consumers * gg.HALF
     consts = dict(A_BR=1, B_BR=1 if b_per_col else 128, B_PER_COL=b_per_col, HAS_BIAS=bias,
                   OUT_MODE=gg.OUT_INT8 if out == "int8" else gg.OUT_FLOAT, STOCHASTIC=stochastic, MAGIC=magic,
-                  OVERLAP=int(overlap), SCALE_MAX=3.0e38, STAGES=stages, GROUP_M=gg.GROUP_M,
-                  CONSUMER_REGS=gg.CONSUMER_REGS, PRODUCER_REGS=gg.PRODUCER_REGS)
+                  OVERLAP=int(overlap), SCALE_MAX=3.0e38, STAGES=stages, GROUP_M=gg.GROUP_M, NC=consumers,
+                  CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
     fn = gg.block_gemm_kernel
     names = list(inspect.signature(fn.fn).parameters)
-    types = {"a_desc": desc("i8", gl.int8, [gg.BM, gg.BK]), "b_desc": desc("i8", gl.int8, [gg.BN, gg.BK]),
+    types = {"a_desc": desc("i8", gl.int8, [bm if consumers == 2 else gg.HALF, gg.BK]), "b_desc": desc("i8", gl.int8, [gg.BN, gg.BK]),
              "c_desc": desc(dt[0], dt[1], [gg.HALF, gg.BN]), "sa_ptr": "*fp32", "sb_ptr": "*fp32",
              "bias_ptr": "*fp32", "sc_ptr": "*fp32"}
     sig = {n: types.get(n, "constexpr" if n in consts else "i32") for n in names}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=HOPPER, options={"num_warps": 4, "maxnreg": gg.MAXNREG})
+    kernel = triton.compile(src, target=HOPPER, options={"num_warps": 4, "maxnreg": maxnreg})
     ptx = kernel.asm["ptx"]
     return {"kernel": "gluon_block_gemm", "out": out, "bias": bias, "magic": magic, "overlap": overlap,
-            "b_per_col": b_per_col, "stochastic": stochastic, "stages": stages,
+            "b_per_col": b_per_col, "stochastic": stochastic, "consumers": consumers, "stages": stages,
             **_resources(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx))),
             "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.\S+\s+\d+", ptx))),

@@ -465,7 +465,7 @@ def block_gemm(
     choice = route(a, b, out_dtype, out_block, impl, a_fallback, kernel)
     _note_route(choice)
     if choice[0] == "gluon":
-        return gluon_gemm.block_gemm(a, b, bias, out_dtype, out_block, rounding, seed)
+        return gluon_gemm.block_gemm(a, b, bias, out_dtype, out_block, rounding, seed, checked=True)
     dequant = resolve_impl(impl, group, a_fallback is not None) == "dequant"
     out_block = None if out_block is None else BlockShape.parse(out_block)
     if out_block is not None and not out_block_fits(out_block):

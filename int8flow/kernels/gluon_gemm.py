@@ -3,34 +3,34 @@
 The fast route of `int8flow.kernels.gemm.block_gemm` for promotion every G = 128 of K (issue 11);
 the Triton kernel in ``gemm.py`` stays the fallback and the CPU reference the oracle.
 
-Structure (one persistent CTA per SM, 3 partitions):
+Structure (one persistent CTA per SM, one warp-specialized region):
 
-* producer (1 warp, few registers): TMA loads of one (BM x BK) tile of A and one (BN x BK) tile of B
-  per K group into a STAGES-deep shared-memory ring; ``full[s]`` says a stage landed, ``empty[s]``
-  that both consumers are done with it.
-* two consumers (one warpgroup each, rows [0, 64) and [64, 128) of the 128 x BN tile): per K group an
-  async int8 ``wgmma`` (m64 n128 k32, four per group) into an int32 product, release the stage, then
-  promote ``acc += p * (sa[row] * sb)`` in float32. The tensor cores serve one warpgroup at a time, so
-  the warpgroups fall out of step and one promotes while the other's wgmma runs (DeepGEMM's overlap).
-  With ``OVERLAP=1`` each warpgroup also keeps two products in flight (group g+1's wgmma runs while it
-  promotes group g); ``OVERLAP=2`` is a timing diagnostic (one promotion at the end, wrong numerics).
-* epilogue in the consumers: bias, then float (fp32/bf16) or 1x128-block INT8 (nearest or stochastic,
-  the same numerics and random stream as ``_blockquant.quantize_tile``) through shared memory and a TMA
-  store, which overlaps the next tile's main loop.
+* producer (1 warp, 24-40 registers): TMA loads of the A tile (consumers x 64 rows, as 128- or 64-row
+  boxes) and the B tile (128 x 128) per K group into a STAGES-deep shared-memory ring; ``full[s]`` says a
+  stage landed, ``empty[s]`` that every consumer is done with it.
+* 2 or 3 consumers (one warpgroup each, 64 rows of the tile): per K group an async int8 ``wgmma``
+  (m64 n128 k32, four per group) into an int32 product, release the stage, then promote
+  ``acc += float(p) * (sa[row] * sb)`` in float32 (sb a per-tile scalar for 128x128 weight blocks, a
+  per-column vector otherwise). The tensor cores serve one warpgroup at a time, so the warpgroups fall out
+  of step and the others' wgmma runs while one promotes (DeepGEMM's overlap).
+* epilogue in the consumers: bias, then float (fp32/bf16) or 1x128-block INT8 (nearest or stochastic, the
+  same numerics and random stream as ``_blockquant.quantize_tile``) through shared memory and a TMA store,
+  which overlaps the next tile's main loop.
 
-Promotion cost (per SM, one 128 x 128 tile, one K group of 128): the wgmma work is 128*128*128 MACs at
-~4096 int8 MAC/clk = 512 clk. Converting 16,384 int32 products with ``cvt.rn.f32.s32`` (16/clk/SM on
-sm_90) alone takes ~1024 clk: twice the tensor work, the cap every plain kernel hit. ``MAGIC``: start the
-int32 product at 0x4B400000 (the bits of 1.5 * 2**23); for |p| < 2**22 (here |p| <= 128 * 127 * 127) the
-bits of 0x4B400000 + p read as float are exactly 12582912 + p, so the conversion is a float subtract
-(exact) and the promotion is MOV (re-seed) + FADD + FFMA per element: 3 full-rate ops = 384 issue
-clk per 512 clk of tensor work, which two warpgroups can hide.
+Promotion, measured on the H200 (docs/notes/gemm_h200.md): plain ``cvt.rn.f32.s32`` (SASS I2FP) + FFMA
+beats the magic-number route (int32 product seeded with 0x4B400000, the bits of 1.5 * 2**23, so
+``bits_as_float(p) - 12582912`` is exact for |p| < 2**22: MOV + FADD + FFMA per element) by 5-45%; ``magic``
+keeps it as an option. Promotion is what separates us from the pipeline's ceiling: the same kernel with
+one promotion at the end (``overlap=2``, a timing diagnostic with wrong numerics) runs 1.6-2.2x BF16 at
+the large shapes, with promotion every 128 of K 1.25-1.5x.
 
 Operands must be K-major (Hopper's 8-bit wgmma reads both operands K-major only); the wrapper refuses
 anything else with the fix instead of running a slow path.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -51,22 +51,31 @@ except Exception as e:  # pragma: no cover - depends on the installed triton
 
 # --- tile and pipeline constants -----------------------------------------------------------------
 G = 128  # promotion group along K = one pipeline stage (K blocks of both operands must be 128)
-BM = 128  # tile rows: two consumer warpgroups of HALF rows (wgmma's M is 64 per warpgroup)
-HALF = 64
-BN = 128  # tile columns: int32 product + fp32 accumulator = 2 x 64 registers per thread (3 x 64 with OVERLAP)
+HALF = 64  # rows per consumer warpgroup (wgmma's M); a tile is consumers x HALF rows
+BN = 128  # tile columns: int32 product + fp32 accumulator = 2 x 64 registers per thread
 BK = G
-STAGE_BYTES = (BM + BN) * BK  # 32 KiB per stage (int8)
 SMEM_BUDGET = 220 * 1024  # of 227 KiB per CTA on sm_90, leaving room for barriers
 MAX_STAGES = 6
 GROUP_M = 8  # row tiles per band of the persistent walk (neighbouring CTAs share B tiles in L2)
-MAGIC_BITS = 0x4B400000  # float bits of 1.5 * 2**23 = 12582912.0
-MAGIC_F = 12582912.0
-QMAX = 127.0
-# Registers: 12 warps (consumer 4 + consumer 4 + producer 1, rounded to warpgroups) at 168 = 64,512 of
-# 65,536; the producer gives back to 40, so each consumer warpgroup runs with 232.
-MAXNREG = 168
-CONSUMER_REGS = 232
-PRODUCER_REGS = 40
+# Registers per consumer count: (launch cap, consumer warpgroup, producer warpgroup) after setmaxnreg.
+# 2 consumers: 12 warps (4 + 4 + producer 1, rounded to a warpgroup) x 168 = 64,512 of 65,536; producer
+#   down to 40 gives each consumer 232 (enough for per-column B scales: +32 per thread, wgrad).
+# 3 consumers (192-row tiles): 16 warps x 128 = 65,536; producer down to 24 gives each consumer 160 (the
+#   int32 product and fp32 accumulator take 128; a few words spill outside the K loop).
+REGS = {2: (168, 232, 40), 3: (128, 160, 24)}
+CONSUMERS = 2  # with per-column B scales (wgrad); 3 otherwise (measured faster, docs/notes/gemm_h200.md)
+
+
+def default_consumers(b_per_col: bool) -> int:
+    """Consumer warpgroups per CTA: 3 (192-row tiles) unless B's scales vary per column (then 2, for registers).
+
+    ``INT8FLOW_GLUON_CONSUMERS`` (2 or 3) overrides it, for measurements."""
+    env = os.environ.get("INT8FLOW_GLUON_CONSUMERS")
+    if env:
+        return int(env)
+    return CONSUMERS if b_per_col else 3
+
+
 OUT_FLOAT, OUT_INT8 = 0, 1
 _TORCH_TO_GL = {}
 
@@ -93,7 +102,12 @@ if gluon is not None:
     def _producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K,
                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                   GROUP_M: gl.constexpr):
-        """One warp: fill the ring with (A tile, B tile) per K group, in the consumers' order."""
+        """One warp: fill the ring with (A tile, B tile) per K group, in the consumers' order.
+
+        The A tile arrives in BM / A_ROWS boxes (one 128-row box, or three 64-row boxes for 192-row tiles:
+        shared-memory shapes must be powers of two)."""
+        A_ROWS: gl.constexpr = a_desc.block_type.shape[0]
+        A_PARTS: gl.constexpr = BM // A_ROWS
         num_pid_m = gl.cdiv(M, BM)
         num_pid_n = gl.cdiv(N, BN)
         num_groups = gl.cdiv(K, BK)
@@ -103,17 +117,30 @@ if gluon is not None:
             for g in range(num_groups):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
-                mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, g * BK], full.index(s), a_bufs.index(s))
+                mbarrier.expect(full.index(s), A_PARTS * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                for part in gl.static_range(A_PARTS):
+                    tma.async_copy_global_to_shared(a_desc, [pid_m * BM + part * A_ROWS, g * BK], full.index(s),
+                                                    a_bufs.index(s * A_PARTS + part))
                 tma.async_copy_global_to_shared(b_desc, [pid_n * BN, g * BK], full.index(s), b_bufs.index(s))
                 it += 1
 
     @gluon.jit
+    def _a_rows(a_bufs, s, WG: gl.constexpr, HALF: gl.constexpr, BM: gl.constexpr):
+        """This warpgroup's HALF rows of stage s's A tile."""
+        A_ROWS: gl.constexpr = a_bufs.type.shape[1]
+        A_PARTS: gl.constexpr = BM // A_ROWS
+        if A_ROWS == HALF:
+            a = a_bufs.index(s * A_PARTS + WG)
+        else:
+            a = a_bufs.index(s * A_PARTS + (WG * HALF) // A_ROWS).slice((WG * HALF) % A_ROWS, HALF, dim=0)
+        return a
+
+    @gluon.jit
     def _product(a_bufs, b_bufs, full, s, phase, WG: gl.constexpr, HALF: gl.constexpr, MAGIC: gl.constexpr,
-                 mma: gl.constexpr, BN: gl.constexpr):
+                 mma: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr):
         """Wait for stage s and start this warpgroup's async int8 wgmma over its HALF rows of it."""
         mbarrier.wait(full.index(s), phase)
-        a = a_bufs.index(s).slice(WG * HALF, HALF, dim=0)
+        a = _a_rows(a_bufs, s, WG, HALF, BM)
         b = b_bufs.index(s).permute((1, 0))
         if MAGIC:
             p0 = gl.full([HALF, BN], 0x4B400000, gl.int32, mma)
@@ -232,8 +259,8 @@ if gluon is not None:
                 for g in range(num_groups):
                     s = it % STAGES
                     mbarrier.wait(full.index(s), (it // STAGES) & 1)
-                    p = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF, dim=0), b_bufs.index(s).permute((1, 0)),
-                                      p, is_async=True)
+                    p = warpgroup_mma(_a_rows(a_bufs, s, WG, HALF, BM), b_bufs.index(s).permute((1, 0)), p,
+                                      is_async=True)
                     p = warpgroup_mma_wait(0, deps=[p])
                     mbarrier.arrive(empty.index(s), count=1)
                     it += 1
@@ -243,12 +270,12 @@ if gluon is not None:
             elif OVERLAP == 1:
                 # Two products in flight per warpgroup: group g+1's wgmma runs while group g is promoted.
                 s = it % STAGES
-                p_prev = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN)
+                p_prev = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN, BM)
                 s_prev = s
                 it += 1
                 for g in range(1, num_groups):
                     s = it % STAGES
-                    p = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN)
+                    p = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN, BM)
                     sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g - 1, True, stride_sak,
                                           stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
                     p_prev = warpgroup_mma_wait(1, deps=[p_prev])
@@ -265,7 +292,7 @@ if gluon is not None:
             else:
                 for g in range(num_groups):
                     s = it % STAGES
-                    p = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN)
+                    p = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN, BM)
                     # This group's scales load while its wgmma runs (few registers live across the wait).
                     sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g, True, stride_sak,
                                           stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
@@ -303,6 +330,19 @@ if gluon is not None:
                   BM, BN, BK, HALF, STAGES, GROUP_M)
 
     @gluon.jit
+    def _consumer_wg2(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                      A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
+                      MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
+                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        _consumer(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                  2, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
+                  BM, BN, BK, HALF, STAGES, GROUP_M)
+
+    @gluon.jit
     def _consumer_wg0(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                       M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                       A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
@@ -321,40 +361,71 @@ if gluon is not None:
                           A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                           HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                           MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
-                          STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                          STAGES: gl.constexpr, GROUP_M: gl.constexpr, NC: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-        BM: gl.constexpr = a_desc.block_type.shape[0]
+        HALF: gl.constexpr = c_desc.block_type.shape[0]
+        BM: gl.constexpr = NC * HALF  # NC consumer warpgroups, HALF rows each
+        A_ROWS: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
-        HALF: gl.constexpr = c_desc.block_type.shape[0]
-        a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+        a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES * (BM // A_ROWS), A_ROWS, BK], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, HALF, BN], c_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [NC, HALF, BN], c_desc.layout)
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(full.index(i), count=1)  # the producer's expect + TMA bytes
-            mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+            mbarrier.init(empty.index(i), count=NC)  # one arrive per consumer warpgroup
         fence_async_shared()
         # (Argument tuples are written out in place: a tuple built in a variable turns constexprs into tensors.)
-        gl.warp_specialize([
-            (_consumer_wg0, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+        if NC == 3:
+            gl.warp_specialize([
+                (_consumer_wg0, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                               BM, BN, BK, HALF, STAGES, GROUP_M)),
-            (_consumer_wg1, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                (_consumer_wg1, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                               BM, BN, BK, HALF, STAGES, GROUP_M)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+                (_consumer_wg2, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
+                              BM, BN, BK, HALF, STAGES, GROUP_M)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer_wg0, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
+                              BM, BN, BK, HALF, STAGES, GROUP_M)),
+                (_consumer_wg1, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
+                              BM, BN, BK, HALF, STAGES, GROUP_M)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # --- host side -------------------------------------------------------------------------------------
-def stages_for(out_dtype: torch.dtype) -> int:
-    """Ring depth that fits beside the two epilogue buffers (HALF x BN each) in shared memory."""
-    c_bytes = 2 * HALF * BN * torch.empty((), dtype=out_dtype).element_size()
-    return max(2, min(MAX_STAGES, (SMEM_BUDGET - c_bytes) // STAGE_BYTES))
+# Host overhead matters: a K = 768 GEMM runs ~0.1 ms, so the wrapper avoids per-call allocations and queries.
+_ESIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def stages_for(out_dtype: torch.dtype, consumers: int = CONSUMERS) -> int:
+    """Ring depth that fits beside the epilogue buffers (HALF x BN per consumer) in shared memory."""
+    c_bytes = consumers * HALF * BN * _ESIZE[out_dtype]
+    return max(2, min(MAX_STAGES, (SMEM_BUDGET - c_bytes) // ((consumers * HALF + BN) * BK)))
 
 
 def k_major_problem(t: torch.Tensor, name: str) -> Optional[str]:
@@ -376,8 +447,9 @@ def unsupported(a: QTensor, b: QTensor, out_dtype: torch.dtype, out_block: Optio
         return f"Gluon is not importable ({GLUON_IMPORT_ERROR})"
     if a.device.type != "cuda":
         return "operands are not on CUDA"
-    if torch.cuda.get_device_capability(a.device) != (9, 0):
-        return f"device capability {torch.cuda.get_device_capability(a.device)} is not sm_90"
+    cap = _capability(_device_index(a.data))
+    if cap != (9, 0):
+        return f"device capability {cap} is not sm_90"
     if a.block.cols != G or b.block.cols != G:
         return f"K blocks {a.block.cols}/{b.block.cols}; the Gluon kernel promotes every {G} of K"
     if a_fallback is not None:
@@ -391,7 +463,7 @@ def unsupported(a: QTensor, b: QTensor, out_dtype: torch.dtype, out_block: Optio
         if why:
             return why
     M, N = a.shape[0], b.shape[0]
-    esize = 1 if out_block is not None else torch.empty((), dtype=out_dtype).element_size()
+    esize = 1 if out_block is not None else _ESIZE[out_dtype]
     if (N * esize) % 16:
         return f"output rows of {N * esize} bytes are not a multiple of 16 (TMA store)"
     if M == 0 or N == 0 or a.shape[1] == 0:
@@ -399,26 +471,32 @@ def unsupported(a: QTensor, b: QTensor, out_dtype: torch.dtype, out_block: Optio
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block: tuple, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), _TORCH_TO_GL[dtype])
+
+
 def _desc(t: torch.Tensor, block: list[int]):
-    layout = gl.NVMMASharedLayout.get_default_for(block, _TORCH_TO_GL[t.dtype])
-    return TensorDescriptor.from_tensor(t, block, layout)
+    return TensorDescriptor.from_tensor(t, block, _smem_layout(tuple(block), t.dtype))
 
 
 def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
                out_block=None, rounding: str = "nearest", seed: int = 0, magic: bool = False,
-               overlap: int = 0):
+               overlap: int = 0, consumers: Optional[int] = None, checked: bool = False):
     """``a @ b.T (+ bias)`` with the warp-specialized kernel; float ``out_dtype`` or 1x128-block INT8 QTensor.
 
     a (M, K) and b (N, K) must be K-major QTensors with K blocks of 128 (a: any rows per block, e.g. 1 or
     128; b: 128 rows per block reads one scale per tile, other block heights a scale per column). Raises
     ValueError naming the fix when the call cannot run here (``unsupported``); `gemm.block_gemm` checks
-    first and routes such calls to the Triton kernel.
+    first and routes such calls to the Triton kernel (and passes ``checked=True``). ``magic``, ``overlap``
+    and ``consumers`` are measured variants (module docstring, docs/notes/gemm_h200.md); the defaults are
+    the fastest measured.
     """
     from ._launch import alloc, num_sms, stream_seed
     from ..format.blocks import _SCALE_MAX
 
     out_block = None if out_block is None else BlockShape.parse(out_block)
-    why = unsupported(a, b, out_dtype, out_block)
+    why = None if checked else unsupported(a, b, out_dtype, out_block)
     if why:
         raise ValueError(f"gluon_gemm.block_gemm cannot run this call: {why}")
     if a.shape[1] != b.shape[1]:
@@ -428,18 +506,23 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     out_quant = out_block is not None
     c = alloc((M, N), torch.int8 if out_quant else out_dtype, a.device)
     sc = alloc(out_block.grid((M, N)) if out_quant else (1, 1), torch.float32, a.device)
-    a_desc = _desc(a.data, [BM, BK])
+    b_per_col = b.block.rows % BN != 0
+    nc = consumers or default_consumers(b_per_col)
+    if nc not in REGS:
+        raise ValueError(f"consumers must be one of {tuple(REGS)}, got {consumers}")
+    maxnreg, consumer_regs, producer_regs = REGS[nc]
+    bm = nc * HALF
+    a_desc = _desc(a.data, [bm if nc == 2 else HALF, BK])
     b_desc = _desc(b.data, [BN, BK])
     c_desc = _desc(c, [HALF, BN])
-    stages = stages_for(c.dtype)
-    b_per_col = b.block.rows % BN != 0
+    stages = stages_for(c.dtype, nc)
     b_scale = b.scale
     if b_per_col and b_scale.stride(0) != 1:
         # Per-column scales of one K group are then contiguous (coalesced, vectorized loads; the JIT
         # specializes the unit stride). A copy of N * K / 128 floats, ~1/128 of b's bytes.
         b_scale = b_scale.t().contiguous().t()
-    tiles = triton_cdiv(M, BM) * triton_cdiv(N, BN)
-    grid = (min(num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device()), tiles),)
+    tiles = triton_cdiv(M, bm) * triton_cdiv(N, BN)
+    grid = (min(num_sms(_device_index(a.data)), tiles),)
     block_gemm_kernel[grid](
         a_desc, b_desc, c_desc, a.scale, b_scale, bias.contiguous() if bias is not None else sc, sc,
         M, N, K, a.scale.stride(0), a.scale.stride(1), b_scale.stride(0), b_scale.stride(1), sc.stride(0),
@@ -447,8 +530,8 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
         A_BR=a.block.rows, B_BR=b.block.rows, B_PER_COL=b_per_col,
         HAS_BIAS=bias is not None, OUT_MODE=OUT_INT8 if out_quant else OUT_FLOAT,
         STOCHASTIC=rounding == "stochastic", MAGIC=magic, OVERLAP=int(overlap), SCALE_MAX=float(_SCALE_MAX),
-        STAGES=stages, GROUP_M=GROUP_M, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-        num_warps=4, maxnreg=MAXNREG)
+        STAGES=stages, GROUP_M=GROUP_M, NC=nc, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        num_warps=4, maxnreg=maxnreg)
     return QTensor(c, sc, out_block) if out_quant else c
 
 

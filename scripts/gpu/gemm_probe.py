@@ -87,23 +87,28 @@ def stage_check(out_dir):
     cases = []
     for (M, N, K) in [(300, 208, 400), (128, 128, 128), (1000, 384, 1152), (77, 16, 144)]:
         for ab, bb in [("1x128", "128x128"), ("1x128", "1x128"), ("128x128", "1x128"), ("128x128", "128x128")]:
-            for out in ("fp32", "bf16", "int8", "int8-sr"):
-                for magic, overlap in ((False, 0), (True, 0), (False, 1)):
-                    default = (ab, bb) == ("1x128", "128x128")
-                    if (out != "fp32" and not (default and not magic and not overlap)) or \
-                            (not default and not (not magic and not overlap)):
-                        continue
-                    cases.append((M, N, K, ab, bb, out, magic, overlap))
+            default = (ab, bb) == ("1x128", "128x128")
+            cases.append((M, N, K, ab, bb, "fp32", False, 0, 3))
+            if default:
+                for out in ("bf16", "int8", "int8-sr"):
+                    cases.append((M, N, K, ab, bb, out, False, 0, 3))
+                cases.append((M, N, K, ab, bb, "fp32", True, 0, 3))
+                cases.append((M, N, K, ab, bb, "fp32", False, 1, 3))
+                cases.append((M, N, K, ab, bb, "fp32", False, 0, 2))
+                cases.append((M, N, K, ab, bb, "int8", False, 0, 2))
+            if (ab, bb) == ("1x128", "1x128"):  # per-column B scales (wgrad's geometry) on the 2-consumer kernel
+                cases.append((M, N, K, ab, bb, "fp32", False, 0, 2))
     t0 = time.time()
-    for i, (M, N, K, ab, bb, out, magic, overlap) in enumerate(cases):
+    for i, (M, N, K, ab, bb, out, magic, overlap, nc) in enumerate(cases):
         a = fmt.quantize(student(M, K, 1000 + i), ab)
         b = fmt.quantize(student(N, K, 2000 + i) * 0.05, bb)
         bias = torch.randn(N, device="cuda") if out in ("fp32", "bf16") else None
         ref = deq64(a) @ deq64(b).t()
         if bias is not None:
             ref = ref + bias.double()
-        kw = dict(bias=bias, magic=magic, overlap=overlap)
-        rec = {"M": M, "N": N, "K": K, "a": ab, "b": bb, "out": out, "magic": magic, "overlap": overlap}
+        kw = dict(bias=bias, magic=magic, overlap=overlap, consumers=nc)
+        rec = {"M": M, "N": N, "K": K, "a": ab, "b": bb, "out": out, "magic": magic, "overlap": overlap,
+               "consumers": nc}
         try:
             if out in ("fp32", "bf16"):
                 y = gg.block_gemm(a, b, out_dtype=torch.float32 if out == "fp32" else torch.bfloat16, **kw)
@@ -131,6 +136,8 @@ def stage_check(out_dir):
         results.append(rec)
         if not rec["ok"]:
             print("FAIL", json.dumps(rec), flush=True)
+        with open(os.path.join(out_dir, "gemm_check.json"), "w") as f:  # as it goes: a timeout keeps the rest
+            json.dump(results, f, indent=1)
     # refusals
     a = fmt.quantize(student(256, 256, 5), "128x128")
     try:
@@ -152,8 +159,8 @@ def stage_time(out_dir, shapes, triton_too, budget_s):
         gemm._tuned_kernel.configs = gemm._INT8_CONFIGS[:2]
     t_start = time.time()
     bench = lambda fn: float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))  # noqa: E731
-    variants = {"gluon": dict(), "gluon-magic": dict(magic=True), "gluon-bf16out": dict(),
-                "gluon-diag": dict(overlap=2)}
+    variants = {"gluon-c2": dict(consumers=2), "gluon-c3": dict(consumers=3),
+                "gluon-c3-bf16out": dict(consumers=3), "gluon-c3-diag": dict(consumers=3, overlap=2)}
     rows = []
     for n, k in shapes:
         if time.time() - t_start > budget_s:
@@ -175,9 +182,9 @@ def stage_time(out_dir, shapes, triton_too, budget_s):
             ref = deq64(QTensor(a.data[ref_rows], a.scale[ref_rows // a.block.rows], a.block)) @ deq64(b).t()
             fns = {}
             for name, v in variants.items():
-                if op == "wgrad" and name in ("gluon-bf16out", "gluon-diag"):
+                if op == "wgrad" and name in ("gluon-c3-bf16out", "gluon-c3-diag"):
                     continue
-                kwv = dict(out_dtype=torch.bfloat16) if name == "gluon-bf16out" else kw
+                kwv = dict(out_dtype=torch.bfloat16) if name.endswith("bf16out") else kw
                 fns[name] = lambda v=v, kwv=kwv: gg.block_gemm(a, b, **kwv, **v)
             if triton_too:
                 fns["triton"] = lambda: gemm.block_gemm(a, b, **kw, kernel="triton")
@@ -186,7 +193,7 @@ def stage_time(out_dir, shapes, triton_too, budget_s):
                 try:
                     y = fn()
                     yd = deq64(y) if isinstance(y, QTensor) else y.double()
-                    if name != "gluon-diag":  # the diagnostic promotes once: wrong numerics by design
+                    if not name.endswith("diag"):  # the diagnostic promotes once: wrong numerics by design
                         rec["rel_err_rows"] = rel_err(yd[ref_rows], ref)
                     ms = bench(fn)
                     rec.update(ours_ms=ms, speedup=base[op] / ms, tflops=2 * m * n * k / ms / 1e9)
@@ -214,8 +221,8 @@ def stage_ncu_target():
     x = torch.randn(M_TOKENS, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 4096 ** -0.5
     x_q, w_q = kq.quantize(x, "1x128"), kq.quantize(w, "128x128")
-    for magic in (False, True):
-        gg.block_gemm(x_q, w_q, out_block="1x128", magic=magic)
+    for nc in (3, 2):
+        gg.block_gemm(x_q, w_q, out_block="1x128", consumers=nc)
     torch.cuda.synchronize()
 
 
@@ -225,7 +232,8 @@ def stage_records(out_dir, shapes):
     from int8flow.bench.common import device_info, print_table, write_json
     info = device_info()
     records = bk.gemm_records(shapes, modes=("coarse128",))
-    write_json(os.path.join(out_dir, "h200_gemm_records.json"), records, info)
+    tag = os.environ.get("INT8FLOW_GLUON_CONSUMERS", "default")
+    write_json(os.path.join(out_dir, f"h200_gemm_records_{tag}.json"), records, info)
     print_table(records)
 
 
@@ -251,9 +259,10 @@ def main():
     ncu = ["ncu", "--clock-control", "none", "--kernel-name", "regex:block_gemm_kernel", "--launch-skip", "0",
            "--launch-count", "2", "--section", "SpeedOfLight", "--section", "ComputeWorkloadAnalysis",
            "--section", "WarpStateStats", "--section", "InstructionStats", "--section", "MemoryWorkloadAnalysis"]
-    plan = [("check", me + ["check"], 0.22), ("time", me + ["time", "--budget-s", str(args.budget_s * 0.3)], 0.38),
-            ("records", me + ["records"], 0.2), ("ncu", ncu + me + ["ncu"], 0.2)]
+    plan = [("check", me + ["check"], 0.4), ("time", me + ["time", "--budget-s", str(args.budget_s * 0.2)], 0.3),
+            ("records", me + ["records"], 0.16), ("records-c2", me + ["records"], 0.16), ("ncu", ncu + me + ["ncu"], 0.2)]
     for stage, cmd, share in plan:
+        env = dict(os.environ, INT8FLOW_GLUON_CONSUMERS="2") if stage == "records-c2" else None
         left = args.budget_s - (time.time() - t0)
         if left < 15:
             print(f"no time left for stage {stage}", flush=True)
@@ -261,7 +270,8 @@ def main():
         extra = ["--out", args.out, "--shapes", args.shapes] + (["--triton"] if args.triton else [])
         log = open(os.path.join(args.out, f"{stage}.log"), "w") if stage == "ncu" else None
         try:
-            subprocess.run(cmd + extra, timeout=min(left, max(20, args.budget_s * share)), check=False, stdout=log)
+            subprocess.run(cmd + extra, timeout=min(left, max(20, args.budget_s * share)), check=False, stdout=log,
+                           env=env)
         except subprocess.TimeoutExpired:
             print(f"stage {stage} timed out after {time.time() - t0:.0f}s", flush=True)
         except FileNotFoundError as e:
