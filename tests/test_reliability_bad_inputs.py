@@ -128,7 +128,7 @@ CASES = {
     "make_config: missing toml": (lambda: make_config(None, "/nonexistent/run.toml", []), FileNotFoundError,
                                   r"config file /nonexistent/run\.toml does not exist"),
     "load_checkpoint: missing": (lambda: load_checkpoint("/nonexistent"), CheckpointError,
-                                 r"/nonexistent: neither a checkpoint folder \(no state\.json\) nor a run folder"),
+                                 r"/nonexistent does not exist; pass a run folder"),
     "load_weights: missing": (lambda: load_weights("/nonexistent/model.safetensors"), CheckpointError,
                               r"model\.safetensors: weights file missing"),
 }
