@@ -142,6 +142,31 @@ def test_gluon_matches_reference_on_gpu(shape, blocks):
 @pytest.mark.gpu
 @on_hopper
 @needs_gluon
+@pytest.mark.parametrize("consumers", [2, 3])
+@pytest.mark.parametrize("out", ["fp32", "int8", "int8-stochastic"])
+@pytest.mark.parametrize("shape", [(77, 16, 144), (128, 128, 128), (450, 272, 1040)], ids=lambda s: "x".join(map(str, s)))
+def test_gluon_tails_both_consumer_counts_on_gpu(shape, out, consumers):
+    """Tails in M (partial and fully out-of-range 64-row boxes), N and K on 128- and 192-row tiles."""
+    M, N, K = shape
+    a, b = operand(M, K, "1x128", 9), operand(N, K, "128x128", 10)
+    want = a.dequantize().double() @ b.dequantize().double().t()
+    if out == "fp32":
+        y = gg.block_gemm(a, b, consumers=consumers)
+        assert ((y.double() - want).abs().max() / want.abs().max()) < 2e-6
+        return
+    rounding = "stochastic" if out == "int8-stochastic" else "nearest"
+    q = gg.block_gemm(a, b, out_block="1x128", rounding=rounding, seed=5, consumers=consumers)
+    want_q = fmt.quantize(want.float(), "1x128")
+    torch.testing.assert_close(q.scale, want_q.scale, rtol=1e-5, atol=0)
+    assert (q.data.int() - want_q.data.int()).abs().max() <= 1
+    if rounding == "stochastic":  # the same random stream as the Triton kernel's epilogue
+        t = kg.block_gemm(a, b, out_block="1x128", rounding=rounding, seed=5, kernel="triton")
+        assert (q.data != t.data).float().mean() < 1e-3
+
+
+@pytest.mark.gpu
+@on_hopper
+@needs_gluon
 def test_gluon_refuses_transposed_view_on_gpu():
     a = operand(256, 256, "128x128", 8)
     with pytest.raises(ValueError, match="K-major"):

@@ -112,10 +112,11 @@ def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, ove
 
 def gluon_variants(quick: bool = False) -> list[dict]:
     if quick:
-        return [gluon_variant("bf16"), gluon_variant("int8")]
+        return [gluon_variant("bf16", b_per_col=True), gluon_variant("int8", consumers=3)]
     return [gluon_variant(o, magic=m, overlap=ov) for o in ("bf16", "fp32", "int8") for m in (True, False)
             for ov in (0, 1)] + [gluon_variant("bf16", b_per_col=True), gluon_variant("int8", stochastic=True),
-                                 gluon_variant("int8", overlap=2)]
+                                 gluon_variant("int8", overlap=2)] + \
+        [gluon_variant(o, consumers=3) for o in ("bf16", "fp32", "int8")] + [gluon_variant("int8", consumers=3, stochastic=True)]
 
 
 def main(quick: bool = False) -> list[dict]:
