@@ -34,7 +34,7 @@ from .format import NonFiniteError
 __all__ = [
     "POLICIES", "NonFiniteError", "NonFiniteEvent", "NonFiniteTracker", "check_finite", "count_nonfinite",
     "grads_are_finite", "nonfinite_grads", "nonfinite_params", "high_precision", "locate_nonfinite", "recompute_high_precision",
-    "check_policy",
+    "check_policy", "check_device_nonfinite", "device_nonfinite",
 ]
 
 POLICIES = ("raise", "skip", "bf16")
@@ -89,6 +89,49 @@ def check_finite(t: torch.Tensor, where: str, what: str = "tensor", policy: str 
     if not (n_nan or n_inf):
         return True
     event = NonFiniteEvent(where, what, n_nan, n_inf, t.numel())
+    if events is not None:
+        events.append(event)
+    if policy == "raise":
+        raise NonFiniteError(f"{event}; lower the learning rate, check the data, or set the non-finite policy to "
+                             "'skip' or 'bf16'")
+    return False
+
+
+def device_nonfinite(device, flag_values=None) -> Optional[NonFiniteEvent]:
+    """What the INT8 kernels recorded on ``device`` since the last check (NaN/Inf in a block they wrote), or None.
+
+    The kernels set a persistent int32 flag on the device (`int8flow.kernels.nonfinite`) instead of checking
+    eagerly; reading it is one device->host copy, so call this once per step, at the step boundary. To
+    share that copy with the loss the loop reads anyway, pass ``flag_values`` (the flag's two values already
+    on the host, e.g. ``torch.cat([loss.detach().float().view(1), flag.float()]).tolist()[1:]`` with
+    ``flag = int8flow.kernels.nonfinite.device_flag(device)``). The flag is cleared (asynchronously) when set.
+    CPU devices without the kernels return None.
+    """
+    try:
+        from .kernels import nonfinite
+    except ImportError:  # no triton: no kernels, nothing recorded
+        return None
+    device = torch.device(device)
+    flag = nonfinite.device_flag(device)
+    recorded = nonfinite.decode(flag.tolist() if flag_values is None else flag_values)
+    if recorded is None:
+        return None
+    nonfinite.reset(device)
+    return NonFiniteEvent(recorded.op, "INT8 output blocks", note=f"NaN/Inf in {recorded.programs} kernel "
+                          "programs' blocks (recorded on the device)")
+
+
+def check_device_nonfinite(device, policy: str = "raise", events: Optional[list] = None,
+                           flag_values=None) -> bool:
+    """The ``nonfinite`` policy at the step boundary for what the kernels flagged on ``device``: True when
+    clear; else record the event and, under ``raise``, raise ``NonFiniteError`` naming the op (the first op
+    whose output blocks held NaN/Inf). One device->host copy (none with ``flag_values``). ``policy`` is one of
+    ``POLICIES`` or the operators' ``propagate`` (both: record and return False)."""
+    if policy != "propagate":
+        check_policy(policy)
+    event = device_nonfinite(device, flag_values)
+    if event is None:
+        return True
     if events is not None:
         events.append(event)
     if policy == "raise":

@@ -126,3 +126,44 @@ def test_quantize_large_on_gpu(block):
     x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
     assert_same_qtensor(kq.quantize(x, block), fmt.quantize(x, block))
     assert_same_qtensor(kq.quantize_transposed(x, block), fmt.quantize_transposed(x, block))
+
+
+# --- both layouts from one pass, and the device non-finite flag ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (100, 130)])
+@pytest.mark.parametrize("block", ["1x128", "1x32"])
+def test_quantize_dual_equals_reference(block, shape, dtype):
+    # x_q == quantize(x), x_t_q == quantize(x.t().contiguous()) bit for bit, both contiguous, tails included.
+    x = heavy_tailed(shape, seed=300 + shape[0] + len(block), dtype=dtype)
+    x_q, x_t_q = kq.quantize_dual(x, block)
+    assert_same_qtensor(x_q, fmt.quantize(x, block))
+    assert_same_qtensor(x_t_q, fmt.quantize(x.t().contiguous(), block))
+    assert x_t_q.shape == (shape[1], shape[0])
+
+
+def test_quantize_dual_refuses_square_blocks():
+    with pytest.raises(ValueError, match="1xK"):
+        kq.quantize_dual(torch.randn(8, 8, device=DEVICE), "32x32")
+
+
+def test_nonfinite_input_sets_the_device_flag_without_a_check():
+    # check_finite=False (the training path): no host check, the kernel records the block in the device flag;
+    # the NaN block is written like the format writes it (scale NaN, codes 0), the Inf block likewise.
+    from int8flow.kernels import nonfinite
+
+    nonfinite.take(DEVICE)
+    x = heavy_tailed((40, 256), seed=9)
+    assert nonfinite.take(DEVICE) is None
+    kq.quantize(x, "1x128", check_finite=False)
+    assert nonfinite.take(DEVICE) is None  # finite input leaves it clear
+    x[3, 5], x[30, 200] = float("nan"), float("inf")
+    got, want = kq.quantize(x, "1x128", check_finite=False, flag_op="fc1 input"), fmt.quantize(x, "1x128",
+                                                                                                check_finite=False)
+    assert torch.equal(got.data.cpu(), want.data.cpu())
+    assert torch.equal(got.scale.isnan().cpu(), want.scale.isnan().cpu())
+    assert torch.equal(got.scale.nan_to_num().cpu(), want.scale.nan_to_num().cpu())
+    event = nonfinite.take(DEVICE)
+    assert event is not None and event.op == "fc1 input" and event.programs >= 1
+    assert nonfinite.take(DEVICE) is None  # take() cleared it

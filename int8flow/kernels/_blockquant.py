@@ -152,5 +152,240 @@ def row_stats_update(mean, m2, x, c0, N, BLOCK_D: tl.constexpr, RMS: tl.constexp
     return mean, m2
 
 
-__all__ = ["cast_rne", "emit_tile", "load_operand", "load_tile", "quantize_tile", "quantize_values",
-           "round_half_even", "row_stats_update", "scale_from_absmax", "tile_coords"]
+__all__ = ["absmax_nan", "cast_rne", "div_by_recip", "emit3", "emit3_t", "emit_tile", "flag_nonfinite", "i8_to_f32", "load3",
+           "load_operand", "load_tile", "noise3", "quantize_by_scale", "quantize_tile", "quantize_values", "round_half_even",
+           "row_stats3", "row_stats_update", "scale_from_absmax", "tile3", "tile_coords", "uniform16"]
+
+
+# --- 3-D block tiles of the memory-bound kernels ------------------------------------------------------
+#
+# A memory-bound program holds its data as a [R, G, C] tile: R rows, G groups of C contiguous columns
+# (column = gcol[g] + c, gcol[g] = first column of group g, a multiple of C). With C the quantization
+# block's width, the per-block absmax is a reduction over axis 2 (and over QR rows for QR x C blocks),
+# the block scales are a small [R, G] tensor broadcast along C, and every row segment is C contiguous
+# values: 16-byte vector loads/stores of int8 and bf16. Arithmetic avoids the quarter-rate conversion
+# and special-function units of sm_90 (I2F, F2I, MUFU) per element: int8 -> float by a magic-number
+# add, float -> int8 round-half-even by the 1.5 * 2**23 add, and x / scale as one multiply by the
+# block's correctly rounded reciprocal plus one fma correction (Markstein: the correctly rounded
+# quotient, bit for bit what ``tl.div_rn`` and torch give).
+
+_MAGIC_RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + this rounds v to an integer (ties to even) in the low bits
+_TINY_SCALE = tl.constexpr(2.0**-60)
+_TINY_PRE = tl.constexpr(2.0**64)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def absmax_nan(x, axis: tl.constexpr):
+    """max |x| along ``axis`` with NaN propagated (``tl.max`` drops NaN on the GPU): a NaN shows in the scale.
+
+    (The interpreter's generic ``tl.reduce`` is a slow Python loop and its ``tl.max`` drops NaN too: there a
+    NaN count puts the NaN back.)
+    """
+    a = tl.abs(x)
+    if _INTERPRETING:
+        return tl.where(tl.sum((a != a).to(tl.float32), axis) > 0, float("nan"), tl.max(a, axis))
+    return tl.reduce(a, axis, _max_nan)
+
+
+@triton.jit
+def i8_to_f32(q):
+    """int8 -> float32, exact, on the integer/FP32 pipes (0x4B000080 + q is the float 2**23 + 128 + q)."""
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def flag_nonfinite(amax, flag_ptr, flag_code):
+    """Record a NaN/Inf block absmax in the device flag: flag[0] = first op code (atomic CAS), flag[1] += 1.
+
+    One scalar reduction over this program's block maxima; the atomics run only when one is non-finite.
+    """
+    if _INTERPRETING:
+        worst = tl.where(tl.sum((amax != amax).to(tl.float32)) > 0, float("nan"), tl.max(amax))
+    else:
+        worst = tl.reduce(amax, None, _max_nan)
+    if not (worst < float("inf")):
+        tl.atomic_cas(flag_ptr, 0, flag_code)
+        tl.atomic_add(flag_ptr + 1, 1)
+
+
+@triton.jit
+def div_by_recip(a, b, r):
+    """RN(a / b) given r = RN(1 / b) (both finite, b normal): one multiply and two fmas (Markstein's
+    correction) instead of a division per element. The interpreter divides (numpy rounds correctly)."""
+    if _INTERPRETING:
+        return tl.div_rn(a, b)
+    q0 = a * r
+    return tl.fma(tl.fma(-q0, b, a), r, q0)
+
+
+_NOISE_ROUNDS = tl.constexpr(7)  # Philox4x32-7 passes BigCrush (Salmon et al. 2011); tl.rand uses 10
+
+
+@triton.jit
+def uniform16(seed, rows, gcol, N, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """16-bit uniforms (int32 in [0, 65536)) of an [R, G, C] tile, keyed by (seed, row, column) only.
+
+    One Philox4x32-7 call per 8 elements (counter row * cdiv(N, 8) + col // 8; its four 32-bit outputs
+    split into eight 16-bit values, element col % 8 taking the (col % 8)-th): an eighth of ``tl.rand``'s
+    integer work, which would otherwise dominate the memory-bound kernels. Needs C % 8 == 0.
+    """
+    C8: tl.constexpr = C // 8
+    k = rows[:, None, None] * tl.cdiv(N, 8) + (gcol[None, :, None] + tl.arange(0, C8)[None, None, :] * 8) // 8
+    r0, r1, r2, r3 = tl.randint4x(seed, k.to(tl.uint32), _NOISE_ROUNDS)
+    a = tl.join(r0 & 0xFFFF, r0 >> 16)
+    b = tl.join(r1 & 0xFFFF, r1 >> 16)
+    c = tl.join(r2 & 0xFFFF, r2 >> 16)
+    d = tl.join(r3 & 0xFFFF, r3 >> 16)
+    return tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), (R, G, C)).to(tl.int32)
+
+
+@triton.jit
+def noise3(seed, rows, gcol, N, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """Centred stochastic-rounding noise c = (k - 32767.5) / 2**16 in (-1/2, 1/2) of an [R, G, C] tile, k a
+    16-bit uniform: round-half-even(v + c) is floor(v + u) with u = c + 1/2 ~ U(0, 1) of mean exactly 1/2
+    (unbiased to 2**-17 of a step). k -> float by the exponent trick (2**23 + k), not the quarter-rate I2F."""
+    k = uniform16(seed, rows, gcol, N, R, G, C)
+    return tl.fma((k | 0x4B000000).to(tl.float32, bitcast=True), 1.0 / 65536.0, -(8388608.0 + 32767.5) / 65536.0)
+
+
+@triton.jit
+def quantize_by_scale(y, scale, noise, STOCHASTIC: tl.constexpr):
+    """int8 codes of float32 ``y`` under a broadcastable block ``scale``; equals ``quantize_values``
+    under nearest rounding (bit for bit: RN(y / scale), ties to even); ``noise`` (``noise3``, centred in
+    (-1/2, 1/2)) when STOCHASTIC: the code is floor(y / scale + U(0, 1)), clamped to +-127.
+
+    0 where the scale is 0 or not finite (the format's zero-scale rule; a NaN/Inf block writes zeros).
+    """
+    ok = (scale > 0.0) & (scale < float("inf"))
+    pre = tl.where(scale < _TINY_SCALE, _TINY_PRE, 1.0)  # exact power-of-two prescale keeps 1/b finite
+    b = tl.where(ok, scale * pre, 1.0)
+    r = tl.where(ok, tl.div_rn(b * 0.0 + 1.0, b), 0.0)  # per block: correctly rounded reciprocal
+    v = tl.where(r != 0.0, div_by_recip(y * pre, b, r), 0.0)
+    if STOCHASTIC:
+        v = v + noise  # then rounded to nearest below: floor(v + noise + 1/2)
+    v = tl.minimum(tl.maximum(v, -_QMAX_F), _QMAX_F)
+    return (v + _MAGIC_RNE).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def tile3(rows, gcol, M, N, C: tl.constexpr):
+    """(cols, mask, offsets) of the [R, G, C] tile at ``rows`` x groups ``gcol``; int32 row-major offsets."""
+    cols = gcol[None, :, None] + tl.arange(0, C)[None, None, :]
+    r3 = rows[:, None, None]
+    return cols, (r3 < M) & (cols < N), r3 * N + cols
+
+
+@triton.jit
+def load3(ptr, scale_ptr, rows, gcol, M, N, IS_Q: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr,
+          C: tl.constexpr):
+    """[R, G, C] float32 tile of a row-major (M, N) float or INT8 operand (times its block scale), 0 outside."""
+    cols, mask, offs = tile3(rows, gcol, M, N, C)
+    x = tl.load(ptr + offs, mask=mask, other=0)
+    if IS_Q:
+        ncs = tl.cdiv(N, QC)
+        if QC % C == 0:  # one scale per (row, group): a small [R, G] load
+            smask = (rows[:, None] < M) & (gcol[None, :] < N)
+            s = tl.load(scale_ptr + (rows[:, None] // QR) * ncs + gcol[None, :] // QC, mask=smask, other=0.0)
+            x = i8_to_f32(x) * s[:, :, None]
+        else:  # blocks narrower than the tile's groups (mixed formats): per-element scale
+            s = tl.load(scale_ptr + (rows[:, None, None] // QR) * ncs + cols // QC, mask=mask, other=0.0)
+            x = i8_to_f32(x) * s
+    else:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _emit3_blocks(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code,
+                  QR: tl.constexpr, QC: tl.constexpr, STOCHASTIC: tl.constexpr,
+                  R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """INT8 store of an [R, G, C] tile whose groups are whole QR x C blocks (QC == C)."""
+    cols, mask, offs = tile3(rows, gcol, M, N, C)
+    y = tl.where(mask, y, 0.0)
+    am = absmax_nan(y, 2)  # [R, G]
+    if QR > 1:
+        am = absmax_nan(tl.reshape(am, (R // QR, QR, G)), 1)
+        am = tl.reshape(tl.broadcast_to(am[:, None, :], (R // QR, QR, G)), (R, G))
+    flag_nonfinite(am, flag_ptr, flag_code)
+    scale = scale_from_absmax(am)
+    noise = 0.0
+    if STOCHASTIC:
+        noise = noise3(seed, rows, gcol, N, R, G, C)
+    q = quantize_by_scale(y, scale[:, :, None], noise, STOCHASTIC)
+    tl.store(out_ptr + offs, q, mask=mask)
+    smask = (rows[:, None] < M) & (gcol[None, :] < N)
+    if QR > 1:
+        smask = smask & (rows[:, None] % QR == 0)
+    tl.store(out_scale + (rows[:, None] // QR) * tl.cdiv(N, QC) + gcol[None, :] // QC, scale, mask=smask)
+
+
+@triton.jit
+def emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code,
+          OUT_Q: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr, STOCHASTIC: tl.constexpr,
+          R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """Write the float32 [R, G, C] tile as float (out dtype) or per-block INT8 (QC divides C, QR divides R).
+
+    INT8: block absmax over the QC columns (and QR rows), scales stored once per block, non-finite
+    blocks recorded in the device flag. Blocks narrower than C split each group (a register reshape), so
+    every kernel keeps C = 128-wide groups whatever the output format and computes the same float values.
+    Stochastic noise (``noise3``) is keyed by (seed, row, column).
+    """
+    if OUT_Q:
+        if QC == C:
+            _emit3_blocks(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, QR, QC, STOCHASTIC,
+                          R, G, C)
+        else:
+            K: tl.constexpr = C // QC
+            gcol2 = tl.reshape(gcol[:, None] + tl.arange(0, K)[None, :] * QC, (G * K,))
+            _emit3_blocks(tl.reshape(y, (R, G * K, QC)), out_ptr, out_scale, rows, gcol2, M, N, seed, flag_ptr,
+                          flag_code, QR, QC, STOCHASTIC, R, G * K, QC)
+    else:
+        _, mask, offs = tile3(rows, gcol, M, N, C)
+        tl.store(out_ptr + offs, cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed, flag_ptr, flag_code,
+            STOCHASTIC: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """Write the tile's transpose quantized with blocks of 1 x R along M: ``quantize(x.t(), '1xR')``.
+
+    ``outt`` is (N, M) contiguous int8, ``outt_scale`` (N, cdiv(M, R)); R (= len(rows)) rows starting at
+    ``row0`` (a multiple of R) form one block per column. The transpose goes through shared memory
+    (Triton's layout conversion), so both stores are coalesced.
+    """
+    cols, mask, _ = tile3(rows, gcol, M, N, C)
+    y = tl.where(mask, y, 0.0)
+    am = absmax_nan(y, 0)  # [G, C]: one block per column
+    flag_nonfinite(am, flag_ptr, flag_code)
+    scale = scale_from_absmax(am)
+    offs_t = cols * M + rows[:, None, None]  # x[row, col] -> outt[col, row]
+    noise = 0.0
+    if STOCHASTIC:  # keyed by the element's (row, col) of x, with the copy's own seed
+        noise = noise3(seed, rows, gcol, N, R, y.shape[1], C)
+    q = quantize_by_scale(y, scale[None, :, :], noise, STOCHASTIC)
+    tl.store(outt_ptr + tl.permute(offs_t, (1, 2, 0)), tl.permute(q, (1, 2, 0)), mask=tl.permute(mask, (1, 2, 0)))
+    cols2 = gcol[:, None] + tl.arange(0, C)[None, :]
+    tl.store(outt_scale + cols2 * tl.cdiv(M, R) + row0 // R, scale, mask=cols2 < N)
+
+
+@triton.jit
+def row_stats3(mean, m2, x, c0, N, BD: tl.constexpr, RMS: tl.constexpr, C: tl.constexpr):
+    """``row_stats_update`` on a [R, G, C] chunk covering columns [c0, c0 + BD) (zeros past N)."""
+    if RMS:
+        m2 += tl.sum(tl.sum(x * x, axis=2), axis=1)
+    else:
+        G: tl.constexpr = BD // C
+        cols = c0 + tl.arange(0, G)[:, None] * C + tl.arange(0, C)[None, :]
+        n_chunk = tl.minimum(N - c0, BD).to(tl.float32)
+        n_new = c0 + n_chunk
+        mean_chunk = tl.sum(tl.sum(x, axis=2), axis=1) / n_chunk
+        dev = tl.where((cols < N)[None, :, :], x - mean_chunk[:, None, None], 0.0)
+        delta = mean_chunk - mean
+        mean += delta * (n_chunk / n_new)
+        m2 += tl.sum(tl.sum(dev * dev, axis=2), axis=1) + delta * delta * (c0 * n_chunk / n_new)
+    return mean, m2

@@ -203,15 +203,28 @@ class Output:
     """
 
     def __init__(self, shape: tuple[int, int], device: torch.device, out_dtype: torch.dtype = torch.float32,
-                 out_block=None, rounding: str = "nearest"):
+                 out_block=None, rounding: str = "nearest", with_t: bool = False):
         check_rounding(rounding)
         self.block = None if out_block is None else BlockShape.parse(out_block)
+        self.with_t = bool(with_t)
+        self.t_data = self.t_scale = None
+        if self.with_t:
+            if self.block is None or self.block.rows != 1:
+                raise ValueError(f"with_t=True writes the transposed copy in 1xK blocks along M (the wgrad GEMM's "
+                                 f"K-major operand): out_block must be '1xK' (e.g. '1x128'), got {out_block!r}; "
+                                 "square blocks are their own transpose (use q.t())")
+            check_block(self.block, "out_block")
+            self.t_data = alloc((shape[1], shape[0]), torch.int8, device)
+            self.t_scale = alloc(self.block.grid((shape[1], shape[0])), torch.float32, device)
         if self.block is None:
             check_out_dtype(out_dtype)
             self.data = alloc(shape, out_dtype, device)
             self.scale = self.data
         else:
             check_block(self.block, "out_block")
+            if rounding == "stochastic" and self.block.cols < 8:
+                raise ValueError(f"stochastic rounding in the kernels needs blocks at least 8 columns wide (noise is "
+                                 f"drawn 8 values per counter), got out_block {self.block}; use e.g. '1x32' or '1x128'")
             self.data = alloc(shape, torch.int8, device)
             self.scale = alloc(self.block.grid(shape), torch.float32, device)
         self.stochastic = rounding == "stochastic"
@@ -228,8 +241,17 @@ class Output:
     def args(self) -> tuple:
         return (self.data, self.scale, self.block is not None, self.qr, self.qc, self.stochastic)
 
+    @property
+    def t_args(self) -> tuple:
+        """``outt_ptr, outt_scale, WITH_T`` of the transposed copy (placeholders when not asked for)."""
+        return (self.t_data, self.t_scale, self.with_t) if self.with_t else (self.data, self.scale, False)
+
     def result(self):
-        return self.data if self.block is None else QTensor(self.data, self.scale, self.block)
+        """A Tensor, a QTensor, or with ``with_t`` the pair (QTensor (M, N), QTensor (N, M) of the transpose)."""
+        if self.block is None:
+            return self.data
+        q = QTensor(self.data, self.scale, self.block)
+        return (q, QTensor(self.t_data, self.t_scale, self.block)) if self.with_t else q
 
 
 # --- launch geometry -------------------------------------------------------------------------------
@@ -252,6 +274,47 @@ def elementwise_launch(shape: tuple[int, int], out: Output) -> tuple[tuple[int, 
     bm, bn = tile_shape(out.qr, out.qc)
     grid = (triton.cdiv(shape[0], bm), triton.cdiv(shape[1], bn))
     return grid, dict(BM=bm, BN=bn, num_warps=warps_for(bm * bn))
+
+
+def tile3_launch(shape: tuple[int, int], out: "Output", elements: int = 8192) -> tuple[tuple[int, int], dict]:
+    """Grid and (R, G, C) of an elementwise kernel on [R, G, C] tiles (``_blockquant.load3``/``emit3``).
+
+    C = 128 (16-byte int8 vectors; narrower output blocks split a group in registers); R a multiple of the
+    output block's rows; with the transposed copy R = the block's columns (one 1xK block along M per
+    column); about ``elements`` values a program.
+    """
+    m, n = shape
+    c = 128
+    g_cap = next_pow2(-(-n // c))
+    if out.with_t:
+        r = out.qc
+        g = max(1, min(g_cap, elements // (r * c)))
+    else:
+        g = max(1, min(g_cap, 8))
+        r = max(out.qr, min(next_pow2(m), elements // (g * c)))
+    grid = (triton.cdiv(m, r), triton.cdiv(n, g * c))
+    tile = r * g * c
+    return grid, dict(R=r, G=g, C=c, num_warps=16 if tile >= 16384 else 8 if tile >= 8192 else 4)
+
+
+def row_launch(n: int, out: "Output", elements: int = 8192, max_row: int = 16384, chunk_rows: int = 4) -> dict:
+    """(R, G, C, ONE) of a row-wise kernel: ONE = a whole (padded) row per tile, else column chunks.
+
+    C = 128 whatever the output block (so the row statistics, summed over the same [G, C] shape, are the
+    same bits for every output format). Whole rows (next_pow2(n) <= ``max_row``, not for 2-D output blocks
+    or the transposed copy) give one read of the input; chunks (R rows = the output block's rows, or its
+    columns with the transposed copy) re-read the band from L2 in a second pass.
+    """
+    c = 128
+    g_row = next_pow2(-(-n // c))
+    if not out.with_t and out.qr == 1 and g_row * c <= max_row:
+        r = max(1, min(64, elements // (g_row * c)))
+        tile = r * g_row * c
+        return dict(R=r, G=g_row, C=c, ONE=True, num_warps=16 if tile >= 16384 else 8 if tile >= 4096 else 4)
+    r = out.qc if out.with_t else max(out.qr, chunk_rows)
+    g = max(1, min(g_row, elements // (r * c)))
+    tile = r * g * c
+    return dict(R=r, G=g, C=c, ONE=False, num_warps=16 if tile >= 16384 else 8 if tile >= 4096 else 4)
 
 
 def band_launch(n: int, qr: int, qc: int, elements: int = 8192) -> dict:

@@ -13,8 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blockquant import emit_tile, load_operand, tile_coords
-from ._launch import Output, check_same_shape, elementwise_launch, operand, stream_seed
+from . import nonfinite
+from ._blockquant import emit3, emit3_t, load3
+from ._launch import (
+    Output, check_int32_addressable, check_same_shape, interpreting, operand, stream_seed, tile3_launch,
+)
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
@@ -23,41 +26,77 @@ _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _TANH_C = tl.constexpr(0.044715)
 
 
+_LOG2E = tl.constexpr(math.log2(math.e))
+# gelu_tanh(x) = x * sigmoid(2 z), 2 z = x (A + B x^2): exp(-2 z) = exp2(x (A2 + B2 x^2)) with log2(e) folded in
+_A2 = tl.constexpr(-2.0 * math.sqrt(2.0 / math.pi) * math.log2(math.e))
+_B2 = tl.constexpr(-2.0 * math.sqrt(2.0 / math.pi) * 0.044715 * math.log2(math.e))
+_INTERPRETING = tl.constexpr(interpreting())
+
+
+@triton.jit
+def _rcp(v):
+    """1 / v: ``rcp.approx.ftz`` (one MUFU op, <= 1 ulp) on the GPU instead of the IEEE division's range
+    checks; 1 / inf = 0. The interpreter divides."""
+    if _INTERPRETING:
+        return 1.0 / v
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _sigmoid_parts(u):
+    """(s, 1 - s) for s = 1 / (1 + 2**u) (u = -t log2(e) gives sigmoid(t)): one exp2 and one reciprocal.
+
+    1 - s is e * s (e = 2**u) where e <= 1 and 1 - s elsewhere, so neither side cancels and no inf * 0 appears.
+    """
+    e = tl.exp2(u)
+    s = _rcp(1.0 + e)
+    return s, tl.where(e <= 1.0, tl.minimum(e, 1.0) * s, 1.0 - s)  # min: no inf * 0 where discarded
+
+
 @triton.jit
 def _tanh_parts(z):
-    """(tanh(z), 1 - tanh(z)^2) from sigmoid(+-2z): no cancellation in 1 - t^2 where |t| -> 1.
-
-    (libdevice's tanh is unavailable in the Triton interpreter, the CPU test path.)
-    """
-    s_pos = tl.sigmoid(2.0 * z)
-    s_neg = tl.sigmoid(-2.0 * z)
+    """(tanh(z), 1 - tanh(z)^2) from s = sigmoid(2z) and 1 - s (see ``_sigmoid_parts``): no cancellation in
+    1 - t^2 = 4 s (1 - s) where |t| -> 1 (libdevice's tanh is unavailable in the interpreter, the CPU test path)."""
+    s_pos, s_neg = _sigmoid_parts(-2.0 * _LOG2E * z)
     return s_pos - s_neg, 4.0 * s_pos * s_neg
+
+
+@triton.jit
+def _tile(R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    row0 = tl.program_id(0) * R
+    return row0, row0 + tl.arange(0, R), tl.program_id(1) * (G * C) + tl.arange(0, G) * C
 
 
 @triton.jit
 def _gelu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                  x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                  out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
-                 STOCHASTIC: tl.constexpr,
-                 M, N, seed, BACKWARD: tl.constexpr, TANH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """out = gelu(x) (forward) or dy * gelu'(x) (BACKWARD); all tensors (M, N) row-major."""
-    row0, col0, rows, cols = tile_coords(BM, BN)
-    x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
-    if TANH:
-        t, sech2 = _tanh_parts(_SQRT_2_OVER_PI * (x + _TANH_C * x * x * x))
-        cdf = 0.5 * (1.0 + t)
+                 STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
+                 M, N, seed, seed_t, flag_ptr, flag_code, BACKWARD: tl.constexpr, TANH: tl.constexpr,
+                 R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """out = gelu(x) (forward) or dy * gelu'(x) (BACKWARD); all tensors (M, N) row-major; [R, G, C] tiles."""
+    row0, rows, gcol = _tile(R, G, C)
+    x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
+    if TANH:  # 0.5 (1 + tanh z) = sigmoid(2 z): one exp2, one reciprocal
+        x2 = x * x
+        s, s_neg = _sigmoid_parts(x * (_A2 + _B2 * x2))
+        cdf = s
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
     if BACKWARD:
-        dy = load_operand(dy_ptr, dy_scale, rows, cols, M, N, DY_Q, DY_QR, DY_QC)
-        if TANH:
-            dydx = cdf + 0.5 * x * sech2 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * x * x)
+        dy = load3(dy_ptr, dy_scale, rows, gcol, M, N, DY_Q, DY_QR, DY_QC, C)
+        if TANH:  # d/dx [x s(2z)] = s + x s (1 - s) d(2z)/dx, d(2z)/dx = 2 sqrt(2/pi) (1 + 3 c x^2)
+            dydx = cdf + x * s * s_neg * (2.0 * _SQRT_2_OVER_PI) * (1.0 + 3.0 * _TANH_C * x2)
         else:
             dydx = cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
         y = dy * dydx
     else:
         y = x * cdf
-    emit_tile(y, out_ptr, out_scale, row0, col0, M, N, seed, BM, BN, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC)
+    emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
+          R, G, C)
+    if WITH_T:
+        emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
 @triton.jit
@@ -65,22 +104,34 @@ def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY
                    g_ptr, g_scale, G_Q: tl.constexpr, G_QR: tl.constexpr, G_QC: tl.constexpr,
                    u_ptr, u_scale, U_Q: tl.constexpr, U_QR: tl.constexpr, U_QC: tl.constexpr,
                    out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
-                   STOCHASTIC: tl.constexpr,
-                   out2_ptr, out2_scale,
-                   M, N, seed, seed2, BACKWARD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                   STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
+                   out2_ptr, out2_scale, out2t_ptr, out2t_scale,
+                   M, N, seed, seed2, seed_t, seed2_t, flag_ptr, flag_code, BACKWARD: tl.constexpr,
+                   R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
     """out = silu(g) * u (forward) or (out, out2) = (dgate, dup) (BACKWARD); out2 has out's format."""
-    row0, col0, rows, cols = tile_coords(BM, BN)
-    g = load_operand(g_ptr, g_scale, rows, cols, M, N, G_Q, G_QR, G_QC)
-    u = load_operand(u_ptr, u_scale, rows, cols, M, N, U_Q, U_QR, U_QC)
-    sig = tl.sigmoid(g)
+    row0, rows, gcol = _tile(R, G, C)
+    g = load3(g_ptr, g_scale, rows, gcol, M, N, G_Q, G_QR, G_QC, C)
+    u = load3(u_ptr, u_scale, rows, gcol, M, N, U_Q, U_QR, U_QC, C)
+    sig, one_minus = _sigmoid_parts(-_LOG2E * g)
     if BACKWARD:
-        dy = load_operand(dy_ptr, dy_scale, rows, cols, M, N, DY_Q, DY_QR, DY_QC)
-        dgate = dy * u * sig * (1.0 + g * (1.0 - sig))
-        emit_tile(dgate, out_ptr, out_scale, row0, col0, M, N, seed, BM, BN, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC)
-        emit_tile(dy * g * sig, out2_ptr, out2_scale, row0, col0, M, N, seed2, BM, BN, OUT_Q, OUT_QR, OUT_QC,
-                  STOCHASTIC)
+        dy = load3(dy_ptr, dy_scale, rows, gcol, M, N, DY_Q, DY_QR, DY_QC, C)
+        dgate = dy * u * sig * (1.0 + g * one_minus)
+        emit3(dgate, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
+              STOCHASTIC, R, G, C)
+        if WITH_T:
+            emit3_t(dgate, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+        dup = dy * g * sig
+        emit3(dup, out2_ptr, out2_scale, rows, gcol, M, N, seed2, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
+              STOCHASTIC, R, G, C)
+        if WITH_T:
+            emit3_t(dup, out2t_ptr, out2t_scale, row0, rows, gcol, M, N, seed2_t, flag_ptr, flag_code, STOCHASTIC,
+                    R, C)
     else:
-        emit_tile(g * sig * u, out_ptr, out_scale, row0, col0, M, N, seed, BM, BN, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC)
+        y = g * sig * u
+        emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
+              R, G, C)
+        if WITH_T:
+            emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
 def _check_approx(approximate: str) -> None:
@@ -88,54 +139,64 @@ def _check_approx(approximate: str) -> None:
         raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
 
 
-def _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed):
+def _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t):
     _check_approx(approximate)
     x_op = operand(x, "x")
     dy_op = x_op if dy is None else operand(dy, "dy")
     shape = check_same_shape(("dy", dy_op), ("x", x_op))
-    out = Output(shape, x_op.data.device, out_dtype, out_block, rounding)
-    grid, meta = elementwise_launch(shape, out)
-    _gelu_kernel[grid](*dy_op.args, *x_op.args, *out.args, shape[0], shape[1], stream_seed(seed, 0),
-                       BACKWARD=dy is not None, TANH=approximate == "tanh", **meta)
+    check_int32_addressable(x_op.data, "x")
+    device = x_op.data.device
+    out = Output(shape, device, out_dtype, out_block, rounding, with_t)
+    grid, meta = tile3_launch(shape, out)
+    flag, code = nonfinite.flag_args(device, "gelu_forward" if dy is None else "gelu_backward")
+    if shape[0] and shape[1]:
+        _gelu_kernel[grid](*dy_op.args, *x_op.args, *out.args, *out.t_args, shape[0], shape[1], stream_seed(seed, 0),
+                           stream_seed(seed, 2), flag, code, BACKWARD=dy is not None, TANH=approximate == "tanh",
+                           **meta)
     return out.result()
 
 
 def gelu_forward(x, approximate: str = "none", out_dtype: torch.dtype = torch.float32, out_block=None,
-                 rounding: str = "nearest", seed: int = 0):
-    """gelu(x); x float (M, D) or QTensor; returns a float tensor of out_dtype or a QTensor (out_block)."""
-    return _gelu(None, x, approximate, out_dtype, out_block, rounding, seed)
+                 rounding: str = "nearest", seed: int = 0, *, with_t: bool = False):
+    """gelu(x); x float (M, D) or QTensor; returns a float tensor of out_dtype or a QTensor (out_block);
+    with ``with_t`` (1xK out_block) the pair (y_q, y_t_q), y_t_q = quantize_transposed(y) from the same pass."""
+    return _gelu(None, x, approximate, out_dtype, out_block, rounding, seed, with_t)
 
 
 def gelu_backward(dy, x, approximate: str = "none", out_dtype: torch.dtype = torch.float32, out_block=None,
-                  rounding: str = "nearest", seed: int = 0):
-    """dx = dy * gelu'(x)."""
-    return _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed)
+                  rounding: str = "nearest", seed: int = 0, *, with_t: bool = False):
+    """dx = dy * gelu'(x) (with ``with_t``: (dx_q, dx_t_q))."""
+    return _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t)
 
 
-def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed):
+def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t):
     g_op, u_op = operand(gate, "gate"), operand(up, "up")
     dy_op = g_op if dy is None else operand(dy, "dy")
     shape = check_same_shape(("dy", dy_op), ("gate", g_op), ("up", u_op))
+    check_int32_addressable(g_op.data, "gate")
     device = g_op.data.device
-    out = Output(shape, device, out_dtype, out_block, rounding)
-    out2 = Output(shape, device, out_dtype, out_block, rounding) if dy is not None else out
-    grid, meta = elementwise_launch(shape, out)
-    _swiglu_kernel[grid](*dy_op.args, *g_op.args, *u_op.args, *out.args, out2.data, out2.scale,
-                         shape[0], shape[1], stream_seed(seed, 0), stream_seed(seed, 1),
-                         BACKWARD=dy is not None, **meta)
+    out = Output(shape, device, out_dtype, out_block, rounding, with_t)
+    out2 = Output(shape, device, out_dtype, out_block, rounding, with_t) if dy is not None else out
+    grid, meta = tile3_launch(shape, out)
+    flag, code = nonfinite.flag_args(device, "swiglu_forward" if dy is None else "swiglu_backward")
+    if shape[0] and shape[1]:
+        _swiglu_kernel[grid](*dy_op.args, *g_op.args, *u_op.args, *out.args, *out.t_args, out2.data, out2.scale,
+                             *out2.t_args[:2], shape[0], shape[1], stream_seed(seed, 0), stream_seed(seed, 1),
+                             stream_seed(seed, 2), stream_seed(seed, 3), flag, code, BACKWARD=dy is not None, **meta)
     return out.result() if dy is None else (out.result(), out2.result())
 
 
 def swiglu_forward(gate, up, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                   seed: int = 0):
-    """silu(gate) * up (Llama's MLP activation)."""
-    return _swiglu(None, gate, up, out_dtype, out_block, rounding, seed)
+                   seed: int = 0, *, with_t: bool = False):
+    """silu(gate) * up (Llama's MLP activation); gate/up float (M, D) or QTensors."""
+    return _swiglu(None, gate, up, out_dtype, out_block, rounding, seed, with_t)
 
 
 def swiglu_backward(dy, gate, up, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                    seed: int = 0):
-    """Returns (dgate, dup), both in the requested output format (independent rounding noise)."""
-    return _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed)
+                    seed: int = 0, *, with_t: bool = False):
+    """Returns (dgate, dup), both in the requested output format (independent rounding noise); with
+    ``with_t`` each is a pair (q, q_t)."""
+    return _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t)
 
 
 __all__ = ["GELU_APPROXIMATIONS", "gelu_backward", "gelu_forward", "swiglu_backward", "swiglu_forward"]

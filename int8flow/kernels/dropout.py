@@ -1,6 +1,7 @@
 """Inverted dropout, INT8 or float in and out, with the mask regenerated instead of stored.
 
-The keep mask of element ``i`` (row-major index) is ``tl.rand(stream_seed(seed, 0), i) >= p``: a
+The keep mask of element (row, col) is a 16-bit uniform from Philox4x32-7 keyed by
+``stream_seed(seed, 0)`` and the element's position (``_keep3``), kept when >= round(p * 65536): a
 counter-based RNG, so backward recomputes the forward's mask bit-exactly from the seed and writes no
 mask tensor (saves M*D bytes written and read, as much as an INT8 activation). ``dropout_forward``
 returns a ``DropoutMask`` handle (seed, p, shape) in the place where the reference returns its bool
@@ -17,39 +18,53 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from ._blockquant import emit_tile, load_operand, tile_coords
-from ._launch import Output, elementwise_launch, operand, stream_seed, tile_shape
+from . import _launch, nonfinite
+from ._blockquant import div_by_recip, emit3, emit3_t, load3, tile3, uniform16
+from ._launch import Output, check_int32_addressable, operand, stream_seed, tile3_launch
 
 
 @triton.jit
-def _keep(mask_seed, offs, p):
-    return tl.rand(mask_seed, offs) >= p
+def _keep3(mask_seed, rows, gcol, N, thresh, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """Keep mask of an [R, G, C] tile: element (row, col) keeps when its 16-bit uniform
+    (``_blockquant.uniform16``: position-keyed, geometry-independent) is >= ``thresh``."""
+    return uniform16(mask_seed, rows, gcol, N, R, G, C) >= thresh
 
 
 @triton.jit
 def _dropout_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                     keep_ptr, out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
-                    STOCHASTIC: tl.constexpr, M, N, p, keep_prob, mask_seed, seed,
-                    KEEP_GIVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """out = x * keep / (1 - p); keep loaded from keep_ptr (bool, (M, N)) or regenerated from mask_seed."""
-    row0, col0, rows, cols = tile_coords(BM, BN)
-    x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+                    STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
+                    M, N, thresh, keep_prob, inv_keep, mask_seed, seed, seed_t, flag_ptr, flag_code,
+                    KEEP_GIVEN: tl.constexpr, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """out = x * keep / (1 - p) (``inv_keep`` = RN(1 / keep_prob)); keep loaded from keep_ptr (bool, (M, N)) or
+    regenerated from mask_seed (16-bit uniforms >= thresh)."""
+    row0 = tl.program_id(0) * R
+    rows = row0 + tl.arange(0, R)
+    gcol = tl.program_id(1) * (G * C) + tl.arange(0, G) * C
+    x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
+    _, in_bounds, offs = tile3(rows, gcol, M, N, C)
     if KEEP_GIVEN:
-        in_bounds = (rows[:, None] < M) & (cols[None, :] < N)
         keep = tl.load(keep_ptr + offs, mask=in_bounds, other=0) != 0
     else:
-        keep = _keep(mask_seed, offs, p)
-    y = tl.div_rn(tl.where(keep, x, 0.0), keep_prob)
-    emit_tile(y, out_ptr, out_scale, row0, col0, M, N, seed, BM, BN, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC)
+        keep = _keep3(mask_seed, rows, gcol, N, thresh, R, G, C)
+    y = div_by_recip(tl.where(keep, x, 0.0), keep_prob, inv_keep)
+    emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
+          R, G, C)
+    if WITH_T:
+        emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
 @triton.jit
-def _keep_mask_kernel(keep_ptr, M, N, p, mask_seed, BM: tl.constexpr, BN: tl.constexpr):
-    _, _, rows, cols = tile_coords(BM, BN)
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(keep_ptr + offs, _keep(mask_seed, offs, p), mask=(rows[:, None] < M) & (cols[None, :] < N))
+def _keep_mask_kernel(keep_ptr, M, N, thresh, mask_seed, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    gcol = tl.program_id(1) * (G * C) + tl.arange(0, G) * C
+    _, in_bounds, offs = tile3(rows, gcol, M, N, C)
+    tl.store(keep_ptr + offs, _keep3(mask_seed, rows, gcol, N, thresh, R, G, C), mask=in_bounds)
+
+
+def _threshold(p: float) -> int:
+    """16-bit drop threshold: P(u16 < t) = t / 65536, the nearest to p."""
+    return int(round(float(p) * 65536))
 
 
 class DropoutMask(NamedTuple):
@@ -62,9 +77,10 @@ class DropoutMask(NamedTuple):
     def materialize(self, device: Union[str, torch.device]) -> torch.Tensor:
         """The keep mask as a bool tensor (the reference's form), from the same random stream."""
         keep = _launch.alloc(self.shape, torch.bool, torch.device(device))
-        bm, bn = tile_shape(1, 1)
-        grid = (triton.cdiv(self.shape[0], bm), triton.cdiv(self.shape[1], bn))
-        _keep_mask_kernel[grid](keep, *self.shape, float(self.p), stream_seed(self.seed, 0), BM=bm, BN=bn)
+        if keep.numel():
+            r, g, c = 8, 4, 128
+            grid = (triton.cdiv(self.shape[0], r), triton.cdiv(self.shape[1], g * c))
+            _keep_mask_kernel[grid](keep, *self.shape, _threshold(self.p), stream_seed(self.seed, 0), R=r, G=g, C=c)
         return keep
 
 
@@ -73,26 +89,37 @@ def _check_p(p: float) -> None:
         raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
 
 
-def _run(x_op, shape, keep, mask_seed, p, out_dtype, out_block, rounding, seed):
-    out = Output(shape, x_op.data.device, out_dtype, out_block, rounding)
-    grid, meta = elementwise_launch(shape, out)
-    _dropout_kernel[grid](*x_op.args, keep, *out.args, shape[0], shape[1], float(p), float(1.0 - p), mask_seed,
-                          stream_seed(seed, 1), KEEP_GIVEN=keep is not None, **meta)
+def _run(x_op, shape, keep, mask_seed, p, out_dtype, out_block, rounding, seed, with_t, op):
+    check_int32_addressable(x_op.data, "x")
+    device = x_op.data.device
+    out = Output(shape, device, out_dtype, out_block, rounding, with_t)
+    grid, meta = tile3_launch(shape, out)
+    flag, code = nonfinite.flag_args(device, op)
+    if shape[0] and shape[1]:
+        keep_prob = float(torch.tensor(1.0 - p, dtype=torch.float32))
+        inv_keep = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(keep_prob, dtype=torch.float32))
+        _dropout_kernel[grid](*x_op.args, keep, *out.args, *out.t_args, shape[0], shape[1], _threshold(p),
+                              keep_prob, inv_keep,
+                              mask_seed, stream_seed(seed, 1), stream_seed(seed, 2), flag, code,
+                              KEEP_GIVEN=keep is not None, **meta)
     return out.result()
 
 
 def dropout_forward(x, p: float, seed: int = 0, out_dtype: torch.dtype = torch.float32, out_block=None,
-                    rounding: str = "nearest"):
-    """Returns (y, DropoutMask); the same seed gives the same mask (and the same stochastic rounding)."""
+                    rounding: str = "nearest", *, with_t: bool = False):
+    """Returns (y, DropoutMask); the same seed gives the same mask (and the same stochastic rounding).
+
+    With ``with_t`` (1xK out_block) y is the pair (y_q, y_t_q)."""
     _check_p(p)
     x_op = operand(x, "x")
     mask = DropoutMask(seed, float(p), x_op.shape)
-    y = _run(x_op, x_op.shape, None, stream_seed(seed, 0), p, out_dtype, out_block, rounding, seed)
+    y = _run(x_op, x_op.shape, None, stream_seed(seed, 0), p, out_dtype, out_block, rounding, seed, with_t,
+             "dropout_forward")
     return y, mask
 
 
 def dropout_backward(dy, mask: Union[DropoutMask, torch.Tensor], p: float, out_dtype: torch.dtype = torch.float32,
-                     out_block=None, rounding: str = "nearest", seed: int = 0):
+                     out_block=None, rounding: str = "nearest", seed: int = 0, *, with_t: bool = False):
     """dx = dy * keep / (1 - p); ``mask`` is the forward's DropoutMask (regenerated) or a bool keep mask."""
     _check_p(p)
     dy_op = operand(dy, "dy")
@@ -100,13 +127,14 @@ def dropout_backward(dy, mask: Union[DropoutMask, torch.Tensor], p: float, out_d
         if tuple(mask.shape) != dy_op.shape or mask.p != float(p):
             raise ValueError(f"mask is for shape {tuple(mask.shape)} and p={mask.p}, but dy has shape {dy_op.shape} "
                              f"and p={p}; pass the DropoutMask of the matching forward call")
-        return _run(dy_op, dy_op.shape, None, stream_seed(mask.seed, 0), p, out_dtype, out_block, rounding, seed)
+        return _run(dy_op, dy_op.shape, None, stream_seed(mask.seed, 0), p, out_dtype, out_block, rounding, seed,
+                    with_t, "dropout_backward")
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a DropoutMask or a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
     if tuple(mask.shape) != dy_op.shape or mask.device != dy_op.data.device or not mask.is_contiguous():
         raise ValueError(f"mask must be a contiguous bool tensor of dy's shape {dy_op.shape} on {dy_op.data.device}, "
                          f"got shape {tuple(mask.shape)} on {mask.device}")
-    return _run(dy_op, dy_op.shape, mask, 0, p, out_dtype, out_block, rounding, seed)
+    return _run(dy_op, dy_op.shape, mask, 0, p, out_dtype, out_block, rounding, seed, with_t, "dropout_backward")
 
 
 __all__ = ["DropoutMask", "dropout_backward", "dropout_forward"]

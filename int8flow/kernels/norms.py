@@ -1,19 +1,23 @@
 """LayerNorm and RMSNorm, forward and backward, INT8 or float in and out.
 
-Row-wise operators need whole rows, and a 32x32 output block needs 32 rows: each program owns a
-band of ``ROWS`` rows (a multiple of the output block's rows) and walks the features in chunks of
-``BLOCK_D`` columns (a multiple of the block's columns).
+Tiles are [R, G, C] (``_blockquant.load3`` / ``emit3``): R rows, G groups of C contiguous columns,
+C the output block's width (128 for float outputs), so loads and stores are 16-byte vectors and block
+scales are per-(row, group) values.
 
-Forward: pass 1 reads the band to get each row's statistics (chunked Welford merge for LayerNorm,
-sum of squares for RMSNorm); pass 2 reads it again, normalizes and writes each chunk's blocks once.
-The band (32 rows x D) was just read, so pass 2 is served from L2 and x is read from HBM once. When
-the statistics are already known (``mean=``/``rstd=``, computed by the fused residual add, as Jetfire
-does) pass 1 is skipped.
+Whole rows (``ONE``; every D of the data flow up to 16384 with 1xK output blocks): a program holds R
+complete rows (padded to a power of two) in registers, so the input is read once and the output written
+once; the row statistics are register reductions. The backward kernel is persistent (a few programs per
+SM walk the bands) and keeps the column sums for dweight/dbias in registers across its bands: each
+program writes one partial row and a tiny ``sum(0)`` over the programs finishes them (no second pass).
 
-Backward (``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``g = dy * w``, means over the full
-width D): pass 1 accumulates the two row sums over every chunk, pass 2 writes dx. ``dweight``/``dbias``
-are column sums over all rows: a persistent grid of programs each adds its bands into its own row of
-a float32 partial buffer, and one small ``sum(0)`` over the programs finishes them.
+Chunks (2-D output blocks such as 32x32, or the transposed copy ``with_t``, whose 1x128 blocks along M
+need 128 rows): a band of R rows is walked in column chunks twice, statistics first, the band re-read
+from L2 for the output. Given the statistics (``mean=``/``rstd=`` from the fused residual add, as Jetfire
+does) the forward pass skips the first walk.
+
+``with_t=True`` (1xK output blocks) also writes the transposed output quantized in 1xK blocks along M
+(``quantize_transposed`` semantics, the K-major operand of the weight-gradient GEMM) from the same
+registers; the output is then the pair (y_q, y_t_q).
 """
 from __future__ import annotations
 
@@ -23,64 +27,100 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from ._blockquant import emit_tile, load_operand, row_stats_update
+from . import _launch, nonfinite
+from ._blockquant import emit3, emit3_t, load3, row_stats3
 from ._launch import (
-    Output, band_launch, check_eps, check_same_shape, check_stats, check_vector, interpreting, num_sms, operand,
-    stream_seed,
+    Output, check_eps, check_int32_addressable, check_same_shape, check_stats, check_vector, interpreting, num_sms,
+    operand, row_launch, stream_seed,
 )
+
+
+@triton.jit
+def _vec(ptr, gcol, N, C: tl.constexpr):
+    cols = gcol[:, None] + tl.arange(0, C)[None, :]
+    return tl.load(ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _normalize(x, mean, rstd, w_ptr, b_ptr, gcol, N, HAS_W: tl.constexpr, HAS_B: tl.constexpr, C: tl.constexpr):
+    y = (x - mean[:, None, None]) * rstd[:, None, None]
+    if HAS_W:
+        y = y * _vec(w_ptr, gcol, N, C)
+    if HAS_B:
+        y = y + _vec(b_ptr, gcol, N, C)
+    return y
+
 
 @triton.jit
 def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                      w_ptr, b_ptr, mean_ptr, rstd_ptr,
                      y_ptr, y_scale, Y_Q: tl.constexpr, Y_QR: tl.constexpr, Y_QC: tl.constexpr,
-                     STOCHASTIC: tl.constexpr,
-                     M, N, eps, seed,
+                     STOCHASTIC: tl.constexpr, yt_ptr, yt_scale, WITH_T: tl.constexpr,
+                     M, N, eps, seed, seed_t, flag_ptr, flag_code,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, STATS_GIVEN: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """y = (x - mean) * rstd * w + b (RMS: x * rstd * w) for rows [pid*ROWS, +ROWS); stores mean/rstd (M,)."""
-    row0 = tl.program_id(0) * ROWS
-    rows = row0 + tl.arange(0, ROWS)
+                     R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ONE: tl.constexpr):
+    """y = (x - mean) * rstd * w + b (RMS: x * rstd * w) for rows [pid*R, +R); stores mean/rstd (M,)."""
+    BD: tl.constexpr = G * C
+    row0 = tl.program_id(0) * R
+    rows = row0 + tl.arange(0, R)
     row_ok = rows < M
+    gcol0 = tl.arange(0, G) * C
+    mean = tl.zeros((R,), tl.float32)
     if STATS_GIVEN:
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        mean = tl.zeros((ROWS,), tl.float32)
         if not RMS:
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+    if ONE:
+        x = load3(x_ptr, x_scale, rows, gcol0, M, N, X_Q, X_QR, X_QC, C)
+        if not STATS_GIVEN:
+            mean, m2 = row_stats3(mean, tl.zeros((R,), tl.float32), x, 0, N, BD, RMS, C)
+            rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        y = _normalize(x, mean, rstd, w_ptr, b_ptr, gcol0, N, HAS_W, HAS_B, C)
+        emit3(y, y_ptr, y_scale, rows, gcol0, M, N, seed, flag_ptr, flag_code, Y_Q, Y_QR, Y_QC, STOCHASTIC, R, G, C)
     else:
-        mean = tl.zeros((ROWS,), tl.float32)
-        m2 = tl.zeros((ROWS,), tl.float32)  # sum of squared deviations (RMS: sum of squares)
-        for c0 in range(0, N, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
-            mean, m2 = row_stats_update(mean, m2, x, c0, N, BLOCK_D, RMS)
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        if not STATS_GIVEN:
+            m2 = tl.zeros((R,), tl.float32)
+            for c0 in range(0, N, BD):
+                x = load3(x_ptr, x_scale, rows, c0 + gcol0, M, N, X_Q, X_QR, X_QC, C)
+                mean, m2 = row_stats3(mean, m2, x, c0, N, BD, RMS, C)
+            rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        for c0 in range(0, N, BD):
+            gcol = c0 + gcol0
+            x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
+            y = _normalize(x, mean, rstd, w_ptr, b_ptr, gcol, N, HAS_W, HAS_B, C)
+            emit3(y, y_ptr, y_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, Y_Q, Y_QR, Y_QC, STOCHASTIC, R, G, C)
+            if WITH_T:
+                emit3_t(y, yt_ptr, yt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+    if not STATS_GIVEN:
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
         if not RMS:
             tl.store(mean_ptr + rows, mean, mask=row_ok)
-    for c0 in range(0, N, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
-        y = (x - mean[:, None]) * rstd[:, None]
-        if HAS_W:
-            y = y * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_B:
-            y = y + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        emit_tile(y, y_ptr, y_scale, row0, c0, M, N, seed, ROWS, BLOCK_D, Y_Q, Y_QR, Y_QC, STOCHASTIC)
 
 
 @triton.jit
-def _bwd_chunk(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, cols, M, N,
-               DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
-               X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr, HAS_W: tl.constexpr):
-    """(dy, xhat, g = dy * w) of one chunk; both backward passes recompute them instead of keeping the band."""
-    dy = load_operand(dy_ptr, dy_scale, rows, cols, M, N, DY_Q, DY_QR, DY_QC)
-    x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
-    xhat = (x - mean[:, None]) * rstd[:, None]
+def _bwd_tile(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, gcol, M, N,
+              DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
+              X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr, HAS_W: tl.constexpr, C: tl.constexpr):
+    """(dy, xhat, g = dy * w) of one [R, G, C] tile."""
+    dy = load3(dy_ptr, dy_scale, rows, gcol, M, N, DY_Q, DY_QR, DY_QC, C)
+    x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
+    xhat = (x - mean[:, None, None]) * rstd[:, None, None]
     g = dy
     if HAS_W:
-        g = dy * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        g = dy * _vec(w_ptr, gcol, N, C)
     return dy, xhat, g
+
+
+@triton.jit
+def _row_sums(g, xhat):
+    return tl.sum(tl.sum(g, axis=2), axis=1), tl.sum(tl.sum(g * xhat, axis=2), axis=1)
+
+
+@triton.jit
+def _dx(g, xhat, rstd, mean_g, mean_gx, RMS: tl.constexpr):
+    if RMS:
+        return rstd[:, None, None] * (g - xhat * mean_gx[:, None, None])
+    return rstd[:, None, None] * (g - mean_g[:, None, None] - xhat * mean_gx[:, None, None])
 
 
 @triton.jit
@@ -88,57 +128,83 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
                      x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                      w_ptr, mean_ptr, rstd_ptr,
                      dx_ptr, dx_scale, DX_Q: tl.constexpr, DX_QR: tl.constexpr, DX_QC: tl.constexpr,
-                     STOCHASTIC: tl.constexpr,
+                     STOCHASTIC: tl.constexpr, dxt_ptr, dxt_scale, WITH_T: tl.constexpr,
                      dw_part_ptr, db_part_ptr,
-                     M, N, seed,
-                     RMS: tl.constexpr, HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dx for bands pid, pid + P, ...; adds column sums of dy * xhat and dy into partial row pid (P, N)."""
+                     M, N, seed, seed_t, flag_ptr, flag_code,
+                     RMS: tl.constexpr, HAS_W: tl.constexpr,
+                     R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ONE: tl.constexpr):
+    """dx for bands pid, pid + P, ...; column sums of dy * xhat and dy into partial row pid of (P, N)."""
+    BD: tl.constexpr = G * C
     pid = tl.program_id(0)
-    part_row = pid.to(tl.int64) * N
-    for band in range(pid, tl.cdiv(M, ROWS), tl.num_programs(0)):
-        row0 = band * ROWS
-        rows = row0 + tl.arange(0, ROWS)
+    part_row = pid * N
+    gcol0 = tl.arange(0, G) * C
+    pcols0 = gcol0[:, None] + tl.arange(0, C)[None, :]  # [G, C] columns of a chunk
+    dw_acc = tl.zeros((G, C), tl.float32)
+    db_acc = tl.zeros((G, C), tl.float32)
+    for band in range(pid, tl.cdiv(M, R), tl.num_programs(0)):
+        row0 = band * R
+        rows = row0 + tl.arange(0, R)
         row_ok = rows < M
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        mean = tl.zeros((ROWS,), tl.float32)
+        mean = tl.zeros((R,), tl.float32)
         if not RMS:
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-        sum_g = tl.zeros((ROWS,), tl.float32)
-        sum_gx = tl.zeros((ROWS,), tl.float32)
-        for c0 in range(0, N, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            dy, xhat, g = _bwd_chunk(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, cols, M, N,
-                                     DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W)
-            sum_g += tl.sum(g, axis=1)
-            sum_gx += tl.sum(g * xhat, axis=1)
-        mean_g = sum_g / N
-        mean_gx = sum_gx / N
-        for c0 in range(0, N, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < N
-            dy, xhat, g = _bwd_chunk(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, cols, M, N,
-                                     DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W)
+        if ONE:
+            dy, xhat, g = _bwd_tile(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, gcol0, M, N,
+                                    DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W, C)
+            sum_g, sum_gx = _row_sums(g, xhat)
+            dx = _dx(g, xhat, rstd, sum_g / N, sum_gx / N, RMS)
+            emit3(dx, dx_ptr, dx_scale, rows, gcol0, M, N, seed, flag_ptr, flag_code, DX_Q, DX_QR, DX_QC,
+                  STOCHASTIC, R, G, C)
             if HAS_W:
-                dw = tl.load(dw_part_ptr + part_row + cols, mask=col_ok, other=0.0)
-                tl.store(dw_part_ptr + part_row + cols, dw + tl.sum(dy * xhat, axis=0), mask=col_ok)
-            if RMS:
-                dx = rstd[:, None] * (g - xhat * mean_gx[:, None])
-            else:
-                dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-                db = tl.load(db_part_ptr + part_row + cols, mask=col_ok, other=0.0)
-                tl.store(db_part_ptr + part_row + cols, db + tl.sum(dy, axis=0), mask=col_ok)
-            emit_tile(dx, dx_ptr, dx_scale, row0, c0, M, N, seed, ROWS, BLOCK_D, DX_Q, DX_QR, DX_QC, STOCHASTIC)
+                dw_acc += tl.sum(dy * xhat, axis=0)
+            if not RMS:
+                db_acc += tl.sum(dy, axis=0)
+        else:
+            sum_g = tl.zeros((R,), tl.float32)
+            sum_gx = tl.zeros((R,), tl.float32)
+            for c0 in range(0, N, BD):
+                dy, xhat, g = _bwd_tile(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, c0 + gcol0, M, N,
+                                        DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W, C)
+                sg, sgx = _row_sums(g, xhat)
+                sum_g += sg
+                sum_gx += sgx
+            mean_g = sum_g / N
+            mean_gx = sum_gx / N
+            for c0 in range(0, N, BD):
+                gcol = c0 + gcol0
+                dy, xhat, g = _bwd_tile(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, gcol, M, N,
+                                        DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W, C)
+                dx = _dx(g, xhat, rstd, mean_g, mean_gx, RMS)
+                emit3(dx, dx_ptr, dx_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, DX_Q, DX_QR, DX_QC,
+                      STOCHASTIC, R, G, C)
+                if WITH_T:
+                    emit3_t(dx, dxt_ptr, dxt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code,
+                            STOCHASTIC, R, C)
+                pcols = c0 + pcols0
+                if HAS_W:
+                    dw = tl.load(dw_part_ptr + part_row + pcols, mask=pcols < N, other=0.0)
+                    tl.store(dw_part_ptr + part_row + pcols, dw + tl.sum(dy * xhat, axis=0), mask=pcols < N)
+                if not RMS:
+                    db = tl.load(db_part_ptr + part_row + pcols, mask=pcols < N, other=0.0)
+                    tl.store(db_part_ptr + part_row + pcols, db + tl.sum(dy, axis=0), mask=pcols < N)
+    if ONE:
+        if HAS_W:
+            tl.store(dw_part_ptr + part_row + pcols0, dw_acc, mask=pcols0 < N)
+        if not RMS:
+            tl.store(db_part_ptr + part_row + pcols0, db_acc, mask=pcols0 < N)
 
 
-def _persistent_programs(n_bands: int, device: torch.device) -> int:
+def _persistent_programs(n_bands: int, device: torch.device, per_sm: int = 4) -> int:
     if interpreting() or device.type != "cuda":
         return min(n_bands, 4)  # small, so the CPU tests walk the multi-band loop
-    return min(n_bands, 4 * num_sms(device.index if device.index is not None else torch.cuda.current_device()))
+    return min(n_bands, per_sm * num_sms(device.index if device.index is not None else torch.cuda.current_device()))
 
 
-def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, rounding, seed):
+def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, rounding, seed, with_t, op):
     x_op = operand(x, "x")
     (m, n), device = x_op.shape, x_op.data.device
+    check_int32_addressable(x_op.data, "x")
     check_vector(weight, "weight", n, device)
     check_vector(bias, "bias", n, device)
     check_eps(eps)
@@ -154,63 +220,84 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
             raise ValueError("mean= was given without rstd=; pass both (from residual_add_forward) or neither")
         rstd = _launch.alloc(m, torch.float32, device)
         mean = None if rms else _launch.alloc(m, torch.float32, device)
-    out = Output((m, n), device, out_dtype, out_block, rounding)
-    meta = band_launch(n, out.qr, out.qc)
-    _norm_fwd_kernel[(triton.cdiv(m, meta["ROWS"]),)](
-        *x_op.args, weight, bias, mean, rstd, *out.args, m, n, float(eps), stream_seed(seed, 0),
-        RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, STATS_GIVEN=stats_given, **meta)
+    out = Output((m, n), device, out_dtype, out_block, rounding, with_t)
+    meta = row_launch(n, out)
+    flag, code = nonfinite.flag_args(device, op)
+    if m:
+        _norm_fwd_kernel[(triton.cdiv(m, meta["R"]),)](
+            *x_op.args, weight, bias, mean, rstd, *out.args, *out.t_args, m, n, float(eps), stream_seed(seed, 0),
+            stream_seed(seed, 2), flag, code, RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
+            STATS_GIVEN=stats_given, **meta)
     return out.result(), mean, rstd
 
 
-def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, rounding, seed):
+def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, rounding, seed, with_t, op):
     dy_op, x_op = operand(dy, "dy"), operand(x, "x")
     (m, n) = check_same_shape(("dy", dy_op), ("x", x_op))
     device = x_op.data.device
+    check_int32_addressable(x_op.data, "x")
     check_vector(weight, "weight", n, device)
     check_stats(rstd, "rstd", m, device)
     if not rms:
         check_stats(mean, "mean", m, device)
-    out = Output((m, n), device, out_dtype, out_block, rounding)
-    meta = band_launch(n, out.qr, out.qc)
-    programs = _persistent_programs(triton.cdiv(m, meta["ROWS"]), device)
-    dw_part = torch.zeros((programs, n), dtype=torch.float32, device=device) if weight is not None else None
-    db_part = torch.zeros((programs, n), dtype=torch.float32, device=device) if not rms else None
-    _norm_bwd_kernel[(programs,)](
-        *dy_op.args, *x_op.args, weight, mean, rstd, *out.args, dw_part, db_part, m, n, stream_seed(seed, 0),
-        RMS=rms, HAS_W=weight is not None, **meta)
-    dweight = dw_part.sum(dim=0) if weight is not None else None
-    dbias = db_part.sum(dim=0) if not rms else None
+    out = Output((m, n), device, out_dtype, out_block, rounding, with_t)
+    # Whole rows up to 8192 (dy, xhat, g and two column-sum rows stay in registers); wider rows walk chunks
+    # of 8-row bands, one program per SM so that the band re-read in the second walk stays in L2.
+    meta = row_launch(n, out, max_row=8192, chunk_rows=8)
+    programs = max(1, _persistent_programs(triton.cdiv(m, meta["R"]), device, 4 if meta["ONE"] else 1))
+    # ONE: each program writes its whole partial row once; chunks accumulate into it (needs zeros).
+    part = (lambda: _launch.alloc((programs, n), torch.float32, device)) if meta["ONE"] and m >= programs else \
+        (lambda: torch.zeros((programs, n), dtype=torch.float32, device=device))
+    dw_part = part() if weight is not None else None
+    db_part = part() if not rms else None
+    flag, code = nonfinite.flag_args(device, op)
+    if m:
+        _norm_bwd_kernel[(programs,)](
+            *dy_op.args, *x_op.args, weight, mean, rstd, *out.args, *out.t_args, dw_part, db_part, m, n,
+            stream_seed(seed, 0), stream_seed(seed, 2), flag, code, RMS=rms, HAS_W=weight is not None, **meta)
+        dweight = dw_part.sum(dim=0) if weight is not None else None
+        dbias = db_part.sum(dim=0) if not rms else None
+    else:
+        dweight = torch.zeros(n, dtype=torch.float32, device=device) if weight is not None else None
+        dbias = torch.zeros(n, dtype=torch.float32, device=device) if not rms else None
     return out.result(), dweight, dbias
 
 
 def layer_norm_forward(x, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                        eps: float = 1e-5, out_dtype: torch.dtype = torch.float32, out_block=None,
                        rounding: str = "nearest", seed: int = 0, *, mean: Optional[torch.Tensor] = None,
-                       rstd: Optional[torch.Tensor] = None):
-    """Returns (y, mean, rstd). Given ``mean``/``rstd`` (from the fused residual add) x is read once and they are returned as is."""
-    return _norm_forward(x, weight, bias, eps, False, mean, rstd, out_dtype, out_block, rounding, seed)
+                       rstd: Optional[torch.Tensor] = None, with_t: bool = False):
+    """Returns (y, mean, rstd): x (M, D) float or QTensor; y float (out_dtype) or QTensor (out_block), with
+    ``with_t`` the pair (y_q, y_t_q); mean/rstd float32 (M,). Given ``mean``/``rstd`` (from the fused
+    residual add) x is read once and they are returned as is."""
+    return _norm_forward(x, weight, bias, eps, False, mean, rstd, out_dtype, out_block, rounding, seed, with_t,
+                         "layer_norm_forward")
 
 
 def layer_norm_backward(dy, x, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                         out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                        seed: int = 0):
-    """Returns (dx, dweight, dbias); dweight/dbias float32 (dweight None without weight)."""
-    return _norm_backward(dy, x, weight, mean, rstd, False, out_dtype, out_block, rounding, seed)
+                        seed: int = 0, *, with_t: bool = False):
+    """Returns (dx, dweight, dbias); dweight/dbias float32 (D,) (dweight None without weight);
+    with ``with_t`` dx is the pair (dx_q, dx_t_q)."""
+    return _norm_backward(dy, x, weight, mean, rstd, False, out_dtype, out_block, rounding, seed, with_t,
+                          "layer_norm_backward")
 
 
 def rms_norm_forward(x, weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                      out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                     seed: int = 0, *, rstd: Optional[torch.Tensor] = None):
+                     seed: int = 0, *, rstd: Optional[torch.Tensor] = None, with_t: bool = False):
     """Returns (y, rstd). Given ``rstd`` (from the fused residual add) x is read once."""
-    y, _, rstd = _norm_forward(x, weight, None, eps, True, None, rstd, out_dtype, out_block, rounding, seed)
+    y, _, rstd = _norm_forward(x, weight, None, eps, True, None, rstd, out_dtype, out_block, rounding, seed, with_t,
+                               "rms_norm_forward")
     return y, rstd
 
 
 def rms_norm_backward(dy, x, weight: Optional[torch.Tensor], rstd: torch.Tensor,
                       out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                      seed: int = 0):
+                      seed: int = 0, *, with_t: bool = False):
     """Returns (dx, dweight); dweight float32 (None without weight)."""
-    dx, dweight, _ = _norm_backward(dy, x, weight, None, rstd, True, out_dtype, out_block, rounding, seed)
+    dx, dweight, _ = _norm_backward(dy, x, weight, None, rstd, True, out_dtype, out_block, rounding, seed, with_t,
+                                    "rms_norm_backward")
     return dx, dweight
 
 

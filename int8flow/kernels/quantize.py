@@ -6,14 +6,18 @@ whole blocks. Block sides need not be powers of two here (blocks are padded in r
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from ..format import BlockShape, QTensor
 from ..format.blocks import PAPER_BLOCK, BlockLike, _check_input
-from ._blockquant import cast_rne, load_tile, quantize_values, scale_from_absmax
-from . import _launch
+from ._blockquant import (
+    cast_rne, emit3, emit3_t, load_tile, quantize_values, scale_from_absmax,
+)
+from . import _launch, nonfinite
 from ._launch import (
     check_float, check_int32_addressable, check_qtensor, check_out_dtype, check_rounding, next_pow2, stream_seed,
 )
@@ -58,6 +62,28 @@ def _quantize_kernel(
 
 
 @triton.jit
+def _quant3_kernel(
+    x_ptr, M, N, stride_xr, stride_xc,  # x: (M, N) any strides
+    q_ptr, q_scale, qt_ptr, qt_scale,  # row-quantized (M, N) and transposed (N, M) outputs, contiguous
+    seed, seed_t, flag_ptr, flag_code,
+    QR: tl.constexpr, QC: tl.constexpr, ROWQ: tl.constexpr, TRANS: tl.constexpr, STOCHASTIC: tl.constexpr,
+    R: tl.constexpr, G: tl.constexpr, C: tl.constexpr,
+):
+    """One read of an [R, G, C] tile of x; writes its QR x QC blocks (ROWQ) and/or its transpose in
+    blocks of 1 x R along M (TRANS): ``quantize(x)`` / ``quantize(x.t())`` / both from the same registers."""
+    row0 = tl.program_id(0) * R
+    rows = row0 + tl.arange(0, R)
+    gcol = tl.program_id(1) * (G * C) + tl.arange(0, G) * C
+    cols = gcol[None, :, None] + tl.arange(0, C)[None, None, :]
+    mask = (rows[:, None, None] < M) & (cols < N)
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xr + cols * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    if ROWQ:
+        emit3(x, q_ptr, q_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, True, QR, QC, STOCHASTIC, R, G, C)
+    if TRANS:
+        emit3_t(x, qt_ptr, qt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+
+
+@triton.jit
 def _dequantize_kernel(
     q_ptr, scale_ptr, out_ptr,  # q: (R, C) any strides; out: contiguous (R, C)
     R, C, stride_qr, stride_qc, stride_sr, stride_sc,
@@ -79,8 +105,66 @@ def _tiling(block: BlockShape) -> tuple[int, int, int, int, int]:
     return br_p, bc_p, rb, cb, warps
 
 
-def _launch_quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, transpose: bool) -> QTensor:
+def _fast_row_block(block: BlockShape) -> bool:
+    """Blocks the 3-D tile kernel writes: power-of-two sides, columns up to 128."""
+    return _launch.is_pow2(block.rows) and _launch.is_pow2(block.cols) and block.rows <= 128 and block.cols <= 128
+
+
+def _tile3(rows: int, cols: int, n: int, elems: int = 8192) -> tuple[int, int, int]:
+    """(R, G, C) of a quantize program: R rows (a multiple of ``rows``), G groups of C = ``cols`` columns."""
+    c = cols
+    g = max(1, min(next_pow2(-(-n // c)), max(1, 1024 // c)))
+    r = max(rows, min(256, elems // (g * c)))
+    return r, g, c
+
+
+def _launch_quant3(x: torch.Tensor, row_block: Optional[BlockShape], t_len: int, rounding: str, seed: int,
+                   flag_op: str = "quantize"):
+    """Row-quantized x (``row_block``) and/or x.T in blocks of 1 x ``t_len`` (0: none), one pass over x."""
+    M, N = x.shape
+    device = x.device
+    outs = []
+    q = qs = qt = qts = None
+    if row_block is not None:
+        q = _launch.alloc((M, N), torch.int8, device)
+        qs = _launch.alloc(row_block.grid((M, N)), torch.float32, device)
+    if t_len:
+        tb = BlockShape(1, t_len)
+        qt = _launch.alloc((N, M), torch.int8, device)
+        qts = _launch.alloc(tb.grid((N, M)), torch.float32, device)
+    if x.numel():
+        if t_len:
+            c = row_block.cols if row_block is not None else 128
+            r, g = t_len, max(1, min(next_pow2(-(-N // c)), 8192 // (t_len * c)))
+            warps = 8 if r * g * c >= 8192 else 4
+        else:
+            r, g, c = _tile3(row_block.rows, row_block.cols, N)
+            warps = 8 if r * g * c >= 8192 else 4
+        flag, code = nonfinite.flag_args(device, flag_op)
+        grid = (triton.cdiv(M, r), triton.cdiv(N, g * c))
+        _quant3_kernel[grid](
+            x, M, N, x.stride(0), x.stride(1), q, qs, qt, qts, stream_seed(seed, 0), stream_seed(seed, 1 if row_block is not None else 0),
+            flag, code, QR=row_block.rows if row_block is not None else 1,
+            QC=row_block.cols if row_block is not None else 1, ROWQ=row_block is not None, TRANS=t_len > 0,
+            STOCHASTIC=rounding == "stochastic", R=r, G=g, C=c, num_warps=warps)
+    elif qs is not None or qts is not None:
+        for s_ in (qs, qts):
+            if s_ is not None:
+                s_.zero_()
+    if row_block is not None:
+        outs.append(QTensor(q, qs, row_block))
+    if t_len:
+        outs.append(QTensor(qt, qts, BlockShape(1, t_len)))
+    return outs
+
+
+def _launch_quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, transpose: bool,
+                     flag_op: str = "quantize") -> QTensor:
     """Quantize x (R, C) with ``block`` in x's layout; with ``transpose`` write x.T (blocks transposed)."""
+    if not transpose and _fast_row_block(block) and (rounding == "nearest" or block.cols >= 8):
+        return _launch_quant3(x, block, 0, rounding, seed, flag_op)[0]
+    if transpose and block.cols == 1 and _fast_row_block(block.t()):
+        return _launch_quant3(x, None, block.rows, rounding, seed, flag_op)[0]
     R, C = x.shape
     out_shape = (C, R) if transpose else (R, C)
     out_block = block.t() if transpose else block
@@ -114,14 +198,17 @@ def quantize(
     rounding: str = "nearest",
     seed: int = 0,
     check_finite: bool = True,
+    flag_op: str = "quantize",
 ) -> QTensor:
     """Kernel twin of `int8flow.format.quantize`; ``seed`` keys the stochastic rounding noise.
 
-    ``check_finite`` costs a device sync; the training hot path passes False.
+    x: (M, N) float32/bfloat16/float16, any strides; returns int8 (M, N) contiguous + float32 block scales.
+    ``check_finite`` costs an isfinite pass and a device sync; the training hot path passes False and relies
+    on the device flag (`int8flow.kernels.nonfinite`), where a NaN/Inf block is recorded as ``flag_op``.
     """
     block = BlockShape.parse(block)
     _check_args(x, rounding, seed, check_finite)
-    return _launch_quantize(x, block, rounding, seed, transpose=False)
+    return _launch_quantize(x, block, rounding, seed, transpose=False, flag_op=flag_op)
 
 
 def quantize_transposed(
@@ -130,14 +217,40 @@ def quantize_transposed(
     rounding: str = "nearest",
     seed: int = 0,
     check_finite: bool = True,
+    flag_op: str = "quantize_transposed",
 ) -> QTensor:
     """Kernel twin of `int8flow.format.quantize_transposed`: x.T quantized with ``block``, data contiguous.
 
-    One pass: x is read in its own layout (blocks ``block.t()``) and written transposed.
+    One pass: x is read in its own layout (blocks ``block.t()``) and written transposed (N, M).
     """
     block = BlockShape.parse(block)
     _check_args(x, rounding, seed, check_finite)
-    return _launch_quantize(x, block.t(), rounding, seed, transpose=True)
+    return _launch_quantize(x, block.t(), rounding, seed, transpose=True, flag_op=flag_op)
+
+
+def quantize_dual(
+    x: torch.Tensor,
+    block: BlockLike = "1x128",
+    rounding: str = "nearest",
+    seed: int = 0,
+    check_finite: bool = True,
+    flag_op: str = "quantize_dual",
+) -> tuple[QTensor, QTensor]:
+    """Both layouts of x from one read: ``(quantize(x, block), quantize_transposed(x, block))``.
+
+    x: (M, N) float32/bfloat16/float16, any strides. ``block`` must be ``1xK`` (K a power of two <= 128):
+    x_q (M, N) int8 in 1xK blocks along N (the next GEMM's operand) and x_t_q (N, M) int8, contiguous,
+    in 1xK blocks along M (the K-major copy the weight-gradient GEMM reads). Square blocks need no second
+    copy: ``quantize(x, block).t()`` is already that tensor. Stochastic rounding draws independent noise
+    for each copy from the same stream positions as ``quantize`` / ``quantize_transposed``.
+    """
+    block = BlockShape.parse(block)
+    if block.rows != 1 or not _fast_row_block(block) or block.cols < 8:
+        raise ValueError(f"quantize_dual writes 1xK blocks (K a power of two, 8 <= K <= 128, e.g. '1x128'), got {block}; "
+                         "square blocks are their own transpose: use quantize(x, block).t()")
+    _check_args(x, rounding, seed, check_finite)
+    x_q, x_t_q = _launch_quant3(x, block, block.cols, rounding, seed, flag_op)
+    return x_q, x_t_q
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -158,4 +271,4 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return out
 
 
-__all__ = ["quantize", "quantize_transposed", "dequantize"]
+__all__ = ["quantize", "quantize_dual", "quantize_transposed", "dequantize"]

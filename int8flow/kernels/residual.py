@@ -15,9 +15,11 @@ import triton.language as tl
 
 from ..format import QTensor
 from ..reference.nonlinear import ResidualAdd
-from . import _launch
-from ._blockquant import cast_rne, emit_tile, load_operand, row_stats_update, tile_coords
-from ._launch import Output, band_launch, check_eps, check_same_shape, elementwise_launch, operand, stream_seed
+from . import _launch, nonfinite
+from ._blockquant import cast_rne, emit3, emit3_t, load3, row_stats3, tile3
+from ._launch import (
+    Output, check_eps, check_int32_addressable, check_same_shape, operand, row_launch, stream_seed, tile3_launch,
+)
 
 NORM_STATS = (None, "layernorm", "rmsnorm")
 
@@ -25,27 +27,35 @@ NORM_STATS = (None, "layernorm", "rmsnorm")
 @triton.jit
 def _residual_add_kernel(r_ptr, d_ptr, d_scale, D_Q: tl.constexpr, D_QR: tl.constexpr, D_QC: tl.constexpr,
                          h_ptr, hq_ptr, hq_scale, HQ: tl.constexpr, HQ_QR: tl.constexpr, HQ_QC: tl.constexpr,
-                         STOCHASTIC: tl.constexpr, mean_ptr, rstd_ptr, M, N, eps, seed,
-                         STATS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows [pid*ROWS, +ROWS): h = r + d, optional INT8 h_q, STATS 0 none / 1 LayerNorm / 2 RMSNorm."""
-    row0 = tl.program_id(0) * ROWS
-    rows = row0 + tl.arange(0, ROWS)
+                         STOCHASTIC: tl.constexpr, hqt_ptr, hqt_scale, WITH_T: tl.constexpr,
+                         mean_ptr, rstd_ptr, M, N, eps, seed, seed_t, flag_ptr, flag_code,
+                         STATS: tl.constexpr, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """Rows [pid*R, +R): h = r + d, optional INT8 h_q (and its transpose), STATS 0 none / 1 LayerNorm / 2 RMSNorm.
+
+    One walk over column chunks of G * C: h and h_q written as they are made, statistics merged per chunk.
+    """
+    BD: tl.constexpr = G * C
+    row0 = tl.program_id(0) * R
+    rows = row0 + tl.arange(0, R)
     row_ok = rows < M
-    mean = tl.zeros((ROWS,), tl.float32)
-    m2 = tl.zeros((ROWS,), tl.float32)
-    for c0 in range(0, N, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols < N)[None, :]
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    gcol0 = tl.arange(0, G) * C
+    mean = tl.zeros((R,), tl.float32)
+    m2 = tl.zeros((R,), tl.float32)
+    for c0 in range(0, N, BD):
+        gcol = c0 + gcol0
+        _, mask, offs = tile3(rows, gcol, M, N, C)
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = load_operand(d_ptr, d_scale, rows, cols, M, N, D_Q, D_QR, D_QC)
+        d = load3(d_ptr, d_scale, rows, gcol, M, N, D_Q, D_QR, D_QC, C)
         h = cast_rne(r + d, h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs, h, mask=mask)
         h = h.to(tl.float32)
         if HQ:
-            emit_tile(h, hq_ptr, hq_scale, row0, c0, M, N, seed, ROWS, BLOCK_D, True, HQ_QR, HQ_QC, STOCHASTIC)
+            emit3(h, hq_ptr, hq_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, True, HQ_QR, HQ_QC, STOCHASTIC,
+                  R, G, C)
+            if WITH_T:
+                emit3_t(h, hqt_ptr, hqt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
         if STATS != 0:
-            mean, m2 = row_stats_update(mean, m2, h, c0, N, BLOCK_D, STATS == 2)
+            mean, m2 = row_stats3(mean, m2, h, c0, N, BD, STATS == 2, C)
     if STATS != 0:
         tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(m2 / N + eps), mask=row_ok)
     if STATS == 1:
@@ -55,25 +65,42 @@ def _residual_add_kernel(r_ptr, d_ptr, d_scale, D_Q: tl.constexpr, D_QR: tl.cons
 @triton.jit
 def _convert_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                     out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
-                    STOCHASTIC: tl.constexpr, M, N, seed, BM: tl.constexpr, BN: tl.constexpr):
-    """out = x in another format (float <-> per-block INT8, any block shapes)."""
-    row0, col0, rows, cols = tile_coords(BM, BN)
-    x = load_operand(x_ptr, x_scale, rows, cols, M, N, X_Q, X_QR, X_QC)
-    emit_tile(x, out_ptr, out_scale, row0, col0, M, N, seed, BM, BN, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC)
+                    STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
+                    M, N, seed, seed_t, flag_ptr, flag_code, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+    """out = x in another format (float <-> per-block INT8, any block shapes), optionally also transposed."""
+    row0 = tl.program_id(0) * R
+    rows = row0 + tl.arange(0, R)
+    gcol = tl.program_id(1) * (G * C) + tl.arange(0, G) * C
+    x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
+    emit3(x, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
+          R, G, C)
+    if WITH_T:
+        emit3_t(x, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
-def convert(x, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest", seed: int = 0):
-    """x (float or QTensor) re-emitted as out_dtype or INT8 with out_block blocks, in one pass."""
+def convert(x, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest", seed: int = 0,
+            *, with_t: bool = False):
+    """x (float or QTensor, (M, N)) re-emitted as out_dtype or INT8 with out_block blocks, in one pass;
+    with ``with_t`` (1xK out_block) the pair (x_q, x_t_q)."""
     x_op = operand(x, "x")
-    out = Output(x_op.shape, x_op.data.device, out_dtype, out_block, rounding)
-    grid, meta = elementwise_launch(x_op.shape, out)
-    _convert_kernel[grid](*x_op.args, *out.args, *x_op.shape, stream_seed(seed, 0), **meta)
+    check_int32_addressable(x_op.data, "x")
+    device = x_op.data.device
+    out = Output(x_op.shape, device, out_dtype, out_block, rounding, with_t)
+    grid, meta = tile3_launch(x_op.shape, out)
+    flag, code = nonfinite.flag_args(device, "convert")
+    if x_op.data.numel():
+        _convert_kernel[grid](*x_op.args, *out.args, *out.t_args, *x_op.shape, stream_seed(seed, 0),
+                              stream_seed(seed, 2), flag, code, **meta)
     return out.result()
 
 
 def residual_add_forward(residual: torch.Tensor, delta, stats=None, eps: float = 1e-5, out_block=None,
-                         rounding: str = "nearest", seed: int = 0) -> ResidualAdd:
-    """h = residual + delta (float (M, D) residual; delta float or QTensor) -> ResidualAdd(h, h_q, mean, rstd)."""
+                         rounding: str = "nearest", seed: int = 0, *, with_t: bool = False) -> ResidualAdd:
+    """h = residual + delta (float (M, D) residual; delta float or QTensor) -> ResidualAdd(h, h_q, mean, rstd).
+
+    h has the residual's dtype; h_q INT8 in ``out_block`` blocks (with ``with_t``: the pair (h_q, h_t_q));
+    mean/rstd float32 (M,) statistics of h for the next norm (``stats``).
+    """
     if stats not in NORM_STATS:
         raise ValueError(f"stats must be one of {NORM_STATS}, got {stats!r}")
     if isinstance(residual, QTensor):
@@ -82,16 +109,24 @@ def residual_add_forward(residual: torch.Tensor, delta, stats=None, eps: float =
     check_eps(eps)
     r_op, d_op = operand(residual, "residual"), operand(delta, "delta")
     (m, n) = check_same_shape(("residual", r_op), ("delta", d_op))
+    check_int32_addressable(residual, "residual")
     device = residual.device
     h = _launch.alloc((m, n), residual.dtype, device)
-    h_q = Output((m, n), device, out_block=out_block, rounding=rounding) if out_block is not None else None
+    if with_t and out_block is None:
+        raise ValueError("with_t=True needs out_block (the INT8 copy of h to transpose), e.g. out_block='1x128'")
+    h_q = Output((m, n), device, out_block=out_block, rounding=rounding, with_t=with_t) if out_block is not None else None
     hq_args = h_q.args if h_q is not None else (None, None, False, 1, 1, False)
+    ht_args = h_q.t_args if h_q is not None else (None, None, False)
     rstd = _launch.alloc(m, torch.float32, device) if stats else None
     mean = _launch.alloc(m, torch.float32, device) if stats == "layernorm" else None
-    meta = band_launch(n, hq_args[3], hq_args[4])
-    _residual_add_kernel[(triton.cdiv(m, meta["ROWS"]),)](
-        residual, *d_op.args, h, *hq_args, mean, rstd, m, n, float(eps), stream_seed(seed, 0),
-        STATS=NORM_STATS.index(stats), **meta)
+    probe = h_q if h_q is not None else Output((0, 0), device)
+    meta = row_launch(n, probe)
+    meta.pop("ONE")
+    flag, code = nonfinite.flag_args(device, "residual_add_forward")
+    if m:
+        _residual_add_kernel[(triton.cdiv(m, meta["R"]),)](
+            residual, *d_op.args, h, *hq_args, *ht_args, mean, rstd, m, n, float(eps), stream_seed(seed, 0),
+            stream_seed(seed, 2), flag, code, STATS=NORM_STATS.index(stats), **meta)
     return ResidualAdd(h, h_q.result() if h_q is not None else None, mean, rstd)
 
 

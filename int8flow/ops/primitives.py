@@ -38,7 +38,14 @@ def unpack(data: torch.Tensor, scale: torch.Tensor, block: BlockShape) -> Option
 def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
              what: str) -> QTensor:
     """Quantize on the dispatched backend; under ``nonfinite='raise'`` a NaN/Inf is refused with a
-    ``NonFiniteError`` naming x as ``what`` ("fc1 weight", "output gradient"), the op added by `running`."""
+    ``NonFiniteError`` naming x as ``what`` ("fc1 weight", "output gradient"), the op added by `running`.
+    On the CUDA kernel path the refusal moves to the step boundary (device flag, no sync here)."""
+    if backend.uses_kernel("quantize", x.device):
+        # No eager check on the kernel path (it would cost an isfinite pass and a host sync per call): the
+        # kernel records a NaN/Inf block in the device flag, checked once at the step boundary
+        # (`int8flow.guards.check_device_nonfinite`), where 'raise' raises naming ``what``.
+        return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed,
+                            check_finite=False, flag_op=what)
     try:
         return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed,
                             check_finite=cfg.nonfinite == "raise")

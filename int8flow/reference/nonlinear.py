@@ -12,11 +12,24 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..format import QTensor
+from ..format import BlockShape, QTensor, quantize_transposed
 from .gemm import emit
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 NORM_STATS = (None, "layernorm", "rmsnorm")
+
+
+def _emit(y: torch.Tensor, with_t: bool = False, **out):
+    """``emit``; with ``with_t`` (a 1xK ``out_block``) also the transposed copy, ``quantize_transposed`` of y:
+    the pair (y_q, y_t_q) the kernels' dual-layout producers return."""
+    q = emit(y, **out)
+    if not with_t:
+        return q
+    block = out.get("out_block")
+    if block is None or BlockShape.parse(block).rows != 1:
+        raise ValueError(f"with_t=True writes the transposed copy in 1xK blocks along M: out_block must be '1xK' "
+                         f"(e.g. '1x128'), got {block!r}; square blocks are their own transpose (use q.t())")
+    return q, quantize_transposed(y, block, out.get("rounding", "nearest"), out.get("generator"), check_finite=False)
 
 
 def as_float(x, name: str = "x") -> torch.Tensor:
@@ -76,7 +89,7 @@ def layer_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *, mean=Non
         y = y * weight.float()
     if bias is not None:
         y = y + bias.float()
-    return emit(y, **out), mean, rstd
+    return _emit(y, **out), mean, rstd
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd, **out):
@@ -87,7 +100,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, **out):
     wdy = dyf * weight.float() if weight is not None else dyf
     dx = rstd[:, None] * (wdy - wdy.mean(dim=1, keepdim=True) - xhat * (wdy * xhat).mean(dim=1, keepdim=True))
     dweight = (dyf * xhat).sum(dim=0) if weight is not None else None
-    return emit(dx, **out), dweight, dyf.sum(dim=0)
+    return _emit(dx, **out), dweight, dyf.sum(dim=0)
 
 
 # --- RMSNorm ----------------------------------------------------------------------------------
@@ -104,7 +117,7 @@ def rms_norm_forward(x, weight=None, eps: float = 1e-6, *, rstd=None, **out):
     y = xf * rstd[:, None]
     if weight is not None:
         y = y * weight.float()
-    return emit(y, **out), rstd
+    return _emit(y, **out), rstd
 
 
 def rms_norm_backward(dy, x, weight, rstd, **out):
@@ -115,7 +128,7 @@ def rms_norm_backward(dy, x, weight, rstd, **out):
     wdy = dyf * weight.float() if weight is not None else dyf
     dx = rstd[:, None] * (wdy - xhat * (wdy * xhat).mean(dim=1, keepdim=True))
     dweight = (dyf * xhat).sum(dim=0) if weight is not None else None
-    return emit(dx, **out), dweight
+    return _emit(dx, **out), dweight
 
 
 # --- GELU -------------------------------------------------------------------------------------
@@ -136,7 +149,7 @@ def gelu_forward(x, approximate: str = "none", **out):
         y = 0.5 * xf * (1.0 + torch.erf(xf * math.sqrt(0.5)))
     else:
         y = 0.5 * xf * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (xf + _TANH_C * xf**3)))
-    return emit(y, **out)
+    return _emit(y, **out)
 
 
 def gelu_backward(dy, x, approximate: str = "none", **out):
@@ -150,7 +163,7 @@ def gelu_backward(dy, x, approximate: str = "none", **out):
     else:
         t = torch.tanh(_SQRT_2_OVER_PI * (xf + _TANH_C * xf**3))
         dydx = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * xf * xf)
-    return emit(dyf * dydx, **out)
+    return _emit(dyf * dydx, **out)
 
 
 # --- SwiGLU -----------------------------------------------------------------------------------
@@ -160,7 +173,7 @@ def swiglu_forward(gate, up, **out):
     """y = silu(gate) * up (Llama's MLP activation)."""
     gf, uf = as_float(gate, "gate"), as_float(up, "up")
     _same_shape(gate=gf, up=uf)
-    return emit(gf * torch.sigmoid(gf) * uf, **out)
+    return _emit(gf * torch.sigmoid(gf) * uf, **out)
 
 
 def swiglu_backward(dy, gate, up, **out):
@@ -170,7 +183,7 @@ def swiglu_backward(dy, gate, up, **out):
     sig = torch.sigmoid(gf)
     dgate = dyf * uf * sig * (1.0 + gf * (1.0 - sig))
     dup = dyf * gf * sig
-    return emit(dgate, **out), emit(dup, **out)
+    return _emit(dgate, **out), _emit(dup, **out)
 
 
 # --- Dropout ----------------------------------------------------------------------------------
@@ -186,14 +199,14 @@ def dropout_forward(x, p: float, generator: Optional[torch.Generator] = None, **
     _check_p(p)
     xf = as_float(x)
     keep = torch.rand(xf.shape, generator=generator, device=xf.device) >= p
-    return emit(xf * keep / (1.0 - p), **out), keep
+    return _emit(xf * keep / (1.0 - p), **out), keep
 
 
 def dropout_backward(dy, keep: torch.Tensor, p: float, **out):
     _check_p(p)
     dyf = as_float(dy, "dy")
     _same_shape(dy=dyf, keep=keep)
-    return emit(dyf * keep / (1.0 - p), **out)
+    return _emit(dyf * keep / (1.0 - p), **out)
 
 
 # --- Residual add with the next norm's statistics ---------------------------------------------
@@ -207,7 +220,7 @@ class ResidualAdd(NamedTuple):
 
 
 def residual_add_forward(residual: torch.Tensor, delta, stats=None, eps: float = 1e-5, out_block=None,
-                         rounding: str = "nearest", generator=None) -> ResidualAdd:
+                         rounding: str = "nearest", generator=None, with_t: bool = False) -> ResidualAdd:
     """h = residual + delta, plus what the next norm needs, computed while h is in registers (Jetfire fuses this)."""
     if stats not in NORM_STATS:
         raise ValueError(f"stats must be one of {NORM_STATS}, got {stats!r}")
@@ -222,7 +235,7 @@ def residual_add_forward(residual: torch.Tensor, delta, stats=None, eps: float =
         rstd = torch.rsqrt(((hf - mean[:, None]) ** 2).mean(dim=1) + eps)
     elif stats == "rmsnorm":
         rstd = torch.rsqrt((hf * hf).mean(dim=1) + eps)
-    h_q = emit(hf, out_block=out_block, rounding=rounding, generator=generator) if out_block is not None else None
+    h_q = _emit(hf, with_t, out_block=out_block, rounding=rounding, generator=generator) if out_block is not None else None
     return ResidualAdd(h, h_q, mean, rstd)
 
 
@@ -230,4 +243,4 @@ def residual_add_backward(dh, **out):
     """Returns (dresidual, ddelta): the gradient flows unchanged into both; ddelta may be re-quantized."""
     dhf = as_float(dh, "dh")
     dres = dh if isinstance(dh, torch.Tensor) else dhf
-    return dres, emit(dhf, **out)
+    return dres, _emit(dhf, **out)
