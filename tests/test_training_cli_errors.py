@@ -54,6 +54,10 @@ def test_cuda_on_a_machine_without_it(argv, needles, capsys, tmp_path, monkeypat
     (["train", "nopreset"], ["unknown run preset 'nopreset'"]),
     (["train", "--config", "/nonexistent.toml"], ["/nonexistent.toml", "does not exist"]),
     (["train", "resume=true", "overwrite=true"], ["resume=true and overwrite=true"]),
+    (["train", "data=/nonexistent"], ["data=/nonexistent", "does not exist"]),
+    (["train", "tokenizer=/nope.json"], ["tokenizer=/nope.json", "does not exist"]),
+    (["train", "model=gpt-nope"], ["unknown model preset 'gpt-nope'"]),
+    (["train", "model.n_layer=0"], ["n_layer", "positive"]),
 ])
 def test_bad_options_give_one_line_and_status_2(argv, needles, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -301,6 +301,18 @@ def _check_model(cfg: TrainConfig, build_fn: Callable, presets: dict) -> None:
         raise ValueError(f"model={cfg.model} with model.* settings {cfg.model_args}: {err}") from None
 
 
+def _check_data_settings(cfg: TrainConfig) -> None:
+    """data= and tokenizer= name something that exists (before any data preparation)."""
+    from ..data import EMBEDDED_CORPORA
+
+    if cfg.data not in EMBEDDED_CORPORA and not Path(cfg.data).expanduser().exists():
+        raise FileNotFoundError(f"data={cfg.data}: does not exist; pass {' or '.join(EMBEDDED_CORPORA)} (embedded), "
+                                "a text file or folder, or a folder made by `int8flow prepare`")
+    if cfg.tokenizer not in ("bpe", "gpt2", "auto") and not Path(cfg.tokenizer).expanduser().exists():
+        raise FileNotFoundError(f"tokenizer={cfg.tokenizer}: does not exist; pass bpe, gpt2, auto, a folder holding "
+                                "encoder.json + vocab.bpe, or a tokenizers JSON file")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
 
@@ -382,6 +394,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     _check_run_dir(cfg)
     if not custom_build:  # a caller's build_fn may not run on meta; it is still built before anything is written
         _check_model(cfg, build_fn, presets)
+    _check_data_settings(cfg)
     data = load_data(cfg, info, say)
     _check_tokenizer(cfg, data)
 
