@@ -61,10 +61,10 @@ def _existing(option: str, path: str, what: str) -> Path:
 
 
 def _precision(value: str | None) -> None:
-    from .config import PRECISIONS
+    from .config import RECIPES
 
-    if value is not None and value not in PRECISIONS:
-        raise UsageError(f"--precision {value!r}: expected one of {', '.join(PRECISIONS)}")
+    if value is not None and value not in RECIPES:
+        raise UsageError(f"--precision {value!r}: expected one of {', '.join(RECIPES)}")
 
 
 def _device(value: str) -> None:

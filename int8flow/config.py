@@ -127,14 +127,14 @@ GEOMETRIES = {
 }
 
 RECIPES = {
-    "jetfire": dict(precision="int8", **GEOMETRIES["jetfire"]),
+    "bf16": dict(precision="bf16"),
+    "int8-linear": dict(precision="int8-linear"),
     "int8": dict(precision="int8"),
     "int8+fallback": dict(precision="int8+fallback"),
-    "int8-linear": dict(precision="int8-linear"),
+    "jetfire": dict(precision="int8", **GEOMETRIES["jetfire"]),
     "int8-1x128": dict(precision="int8", **GEOMETRIES["1x128"]),
     "int8+fallback-1x128": dict(precision="int8+fallback", **GEOMETRIES["1x128"]),
     "int8-linear-1x128": dict(precision="int8-linear", **GEOMETRIES["1x128"]),
-    "bf16": dict(precision="bf16"),
 }
 
 

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from ..config import PRECISIONS
+from ..config import RECIPES
 from .common import device_info, parse_choices, require_cuda, write_json
 
 # name -> (run preset, overrides)
@@ -60,7 +60,7 @@ def main(args) -> int:
         require_cuda()
     table = CPU_MODELS if cpu else MODELS
     names = parse_choices(args.models, table, "--models") or list(table)
-    modes = parse_choices(args.modes, PRECISIONS, "--modes")
+    modes = parse_choices(args.modes, RECIPES, "--modes")
     if modes[0] != "bf16":
         raise SystemExit("--modes must start with bf16: the other modes are compared with it")
     out, runs = Path(args.out), Path(args.runs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import PRECISIONS
+from ..config import PRECISIONS, RECIPES
 from ..guards import POLICIES as NONFINITE
 
 __all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "make_config", "parse_overrides", "load_toml",
@@ -37,7 +37,8 @@ class TrainConfig:
     # model
     model: str = _setting("gpt-tiny", "model preset (int8flow.models.MODEL_PRESETS); model.X=... overrides a field")
     model_args: dict = _setting(dict, "build_model overrides, set as model.X=value or a [model] TOML table")
-    precision: str = _setting("bf16", "bf16 | int8-linear | int8 | int8+fallback (see docs/models.md)")
+    precision: str = _setting("bf16", "bf16 | int8-linear | int8 | int8+fallback, or a recipe: jetfire (32x32 blocks), "
+                                        "int8-1x128 / int8+fallback-1x128 / int8-linear-1x128 (docs/models.md)")
     # data
     data: str = _setting("shakespeare", "the embedded corpus, a text file/folder (prepared and cached) or a "
                                         "folder made by `int8flow prepare`")
@@ -89,7 +90,7 @@ class TrainConfig:
         def bad(key, value, expected):
             raise ValueError(f"{key}={value!r}: expected {expected}")
 
-        for key, choices in (("precision", PRECISIONS), ("parallel", PARALLEL), ("nonfinite", NONFINITE)):
+        for key, choices in (("precision", tuple(RECIPES)), ("parallel", PARALLEL), ("nonfinite", NONFINITE)):
             if getattr(self, key) not in choices:
                 bad(key, getattr(self, key), f"one of {', '.join(choices)}")
         for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
