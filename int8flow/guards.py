@@ -117,8 +117,8 @@ def device_nonfinite(device, flag_values=None) -> Optional[NonFiniteEvent]:
     if recorded is None:
         return None
     nonfinite.reset(device)
-    return NonFiniteEvent(recorded.op, "INT8 output blocks", note=f"NaN/Inf in {recorded.programs} kernel "
-                          "programs' blocks (recorded on the device)")
+    return NonFiniteEvent(recorded.op, "INT8 output blocks", note=f"NaN/Inf in {recorded.blocks} output blocks "
+                          "(recorded on the device)")
 
 
 def check_device_nonfinite(device, policy: str = "raise", events: Optional[list] = None,

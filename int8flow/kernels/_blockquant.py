@@ -200,17 +200,16 @@ def i8_to_f32(q):
 
 @triton.jit
 def flag_nonfinite(amax, flag_ptr, flag_code):
-    """Record a NaN/Inf block absmax in the device flag: flag[0] = first op code (atomic CAS), flag[1] += 1.
+    """Record NaN/Inf block maxima in the device flag: flag[1] += 1 per such block, and the block whose add
+    found flag[1] == 0 (the first, device-wide) writes this op's code to flag[0].
 
-    One scalar reduction over this program's block maxima; the atomics run only when one is non-finite.
+    Masked atomics on the [R, G] block maxima themselves: no cross-warp reduction or barrier, and no memory
+    operation at all while every block is finite (the predicate is off).
     """
-    if _INTERPRETING:
-        worst = tl.where(tl.sum((amax != amax).to(tl.float32)) > 0, float("nan"), tl.max(amax))
-    else:
-        worst = tl.reduce(amax, None, _max_nan)
-    if not (worst < float("inf")):
-        tl.atomic_cas(flag_ptr, 0, flag_code)
-        tl.atomic_add(flag_ptr + 1, 1)
+    bad = (amax < float("inf")) == 0  # NaN or Inf (amax >= 0)
+    zero = tl.zeros(amax.shape, tl.int32)
+    old = tl.atomic_add(flag_ptr + 1 + zero, zero + 1, mask=bad, sem="relaxed")
+    tl.store(flag_ptr + zero, zero + flag_code, mask=bad & (old == 0))
 
 
 @triton.jit

@@ -276,12 +276,22 @@ def elementwise_launch(shape: tuple[int, int], out: Output) -> tuple[tuple[int, 
     return grid, dict(BM=bm, BN=bn, num_warps=warps_for(bm * bn))
 
 
-def tile3_launch(shape: tuple[int, int], out: "Output", elements: int = 8192) -> tuple[tuple[int, int], dict]:
+def warps_for_tile(tile: int, per_thread: int) -> int:
+    """Warps giving each thread about ``per_thread`` values of a ``tile``-value program (4 to 32).
+
+    Fewer values a thread means fewer registers and more resident warps: the memory-bound kernels need
+    many loads in flight (sm_90 SASS: 8 -> 32 resident warps per SM for the norm backward at 4 per thread).
+    """
+    return max(4, min(32, tile // (32 * per_thread)))
+
+
+def tile3_launch(shape: tuple[int, int], out: "Output", elements: int = 4096,
+                 per_thread: int = 16) -> tuple[tuple[int, int], dict]:
     """Grid and (R, G, C) of an elementwise kernel on [R, G, C] tiles (``_blockquant.load3``/``emit3``).
 
     C = 128 (16-byte int8 vectors; narrower output blocks split a group in registers); R a multiple of the
     output block's rows; with the transposed copy R = the block's columns (one 1xK block along M per
-    column); about ``elements`` values a program.
+    column); about ``elements`` values a program, ``per_thread`` a thread.
     """
     m, n = shape
     c = 128
@@ -293,11 +303,11 @@ def tile3_launch(shape: tuple[int, int], out: "Output", elements: int = 8192) ->
         g = max(1, min(g_cap, 8))
         r = max(out.qr, min(next_pow2(m), elements // (g * c)))
     grid = (triton.cdiv(m, r), triton.cdiv(n, g * c))
-    tile = r * g * c
-    return grid, dict(R=r, G=g, C=c, num_warps=16 if tile >= 16384 else 8 if tile >= 8192 else 4)
+    return grid, dict(R=r, G=g, C=c, num_warps=warps_for_tile(r * g * c, per_thread))
 
 
-def row_launch(n: int, out: "Output", elements: int = 8192, max_row: int = 16384, chunk_rows: int = 4) -> dict:
+def row_launch(n: int, out: "Output", elements: int = 4096, max_row: int = 16384, chunk_rows: int = 4,
+               per_thread: int = 16) -> dict:
     """(R, G, C, ONE) of a row-wise kernel: ONE = a whole (padded) row per tile, else column chunks.
 
     C = 128 whatever the output block (so the row statistics, summed over the same [G, C] shape, are the
@@ -309,12 +319,10 @@ def row_launch(n: int, out: "Output", elements: int = 8192, max_row: int = 16384
     g_row = next_pow2(-(-n // c))
     if not out.with_t and out.qr == 1 and g_row * c <= max_row:
         r = max(1, min(64, elements // (g_row * c)))
-        tile = r * g_row * c
-        return dict(R=r, G=g_row, C=c, ONE=True, num_warps=16 if tile >= 16384 else 8 if tile >= 4096 else 4)
+        return dict(R=r, G=g_row, C=c, ONE=True, num_warps=warps_for_tile(r * g_row * c, per_thread))
     r = out.qc if out.with_t else max(out.qr, chunk_rows)
-    g = max(1, min(g_row, elements // (r * c)))
-    tile = r * g * c
-    return dict(R=r, G=g, C=c, ONE=False, num_warps=16 if tile >= 16384 else 8 if tile >= 4096 else 4)
+    g = max(1, min(g_row, 8192 // (r * c)))
+    return dict(R=r, G=g, C=c, ONE=False, num_warps=warps_for_tile(r * g * c, per_thread))
 
 
 def band_launch(n: int, qr: int, qc: int, elements: int = 8192) -> dict:

@@ -147,7 +147,7 @@ def _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t):
     check_int32_addressable(x_op.data, "x")
     device = x_op.data.device
     out = Output(shape, device, out_dtype, out_block, rounding, with_t)
-    grid, meta = tile3_launch(shape, out)
+    grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else 8)
     flag, code = nonfinite.flag_args(device, "gelu_forward" if dy is None else "gelu_backward")
     if shape[0] and shape[1]:
         _gelu_kernel[grid](*dy_op.args, *x_op.args, *out.args, *out.t_args, shape[0], shape[1], stream_seed(seed, 0),
@@ -177,7 +177,7 @@ def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t):
     device = g_op.data.device
     out = Output(shape, device, out_dtype, out_block, rounding, with_t)
     out2 = Output(shape, device, out_dtype, out_block, rounding, with_t) if dy is not None else out
-    grid, meta = tile3_launch(shape, out)
+    grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else 4)  # bwd: 3 inputs, 2 outputs live
     flag, code = nonfinite.flag_args(device, "swiglu_forward" if dy is None else "swiglu_backward")
     if shape[0] and shape[1]:
         _swiglu_kernel[grid](*dy_op.args, *g_op.args, *u_op.args, *out.args, *out.t_args, out2.data, out2.scale,

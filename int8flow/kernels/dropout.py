@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Union
 
+import numpy as np
+
 import torch
 import triton
 import triton.language as tl
@@ -96,8 +98,8 @@ def _run(x_op, shape, keep, mask_seed, p, out_dtype, out_block, rounding, seed, 
     grid, meta = tile3_launch(shape, out)
     flag, code = nonfinite.flag_args(device, op)
     if shape[0] and shape[1]:
-        keep_prob = float(torch.tensor(1.0 - p, dtype=torch.float32))
-        inv_keep = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(keep_prob, dtype=torch.float32))
+        keep_prob = float(np.float32(1.0 - p))  # float32 arithmetic on the host (no tensors, no device)
+        inv_keep = float(np.float32(1.0) / np.float32(keep_prob))
         _dropout_kernel[grid](*x_op.args, keep, *out.args, *out.t_args, shape[0], shape[1], _threshold(p),
                               keep_prob, inv_keep,
                               mask_seed, stream_seed(seed, 1), stream_seed(seed, 2), flag, code,

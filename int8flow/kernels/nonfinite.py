@@ -1,15 +1,17 @@
 """The device non-finite flag: NaN/Inf seen by the INT8 kernels, checked once per step without a sync.
 
 Every kernel that writes per-block INT8 computes each block's absmax anyway (NaN-propagating, see
-``_blockquant.absmax_nan``); a program whose blocks hold a NaN/Inf sets a persistent int32 tensor of
-its device: ``flag[0]`` = the code of the first op that saw one (atomic compare-and-swap from 0),
-``flag[1]`` += 1 per such program. Nothing reads it back inside a step: the caller checks it at the
+``_blockquant.absmax_nan``); a block holding a NaN/Inf sets a persistent int32 tensor of its device:
+``flag[1]`` += 1 per such block (a masked atomic add, so nothing happens while all is finite) and the block
+whose add found 0 (the first, device-wide) writes its op's code to ``flag[0]``. Nothing reads it back inside a step: the caller checks it at the
 step boundary, ideally in the same device->host copy as the loss it reads for its log::
 
     flag = nonfinite.device_flag(device)               # int32 (2,), lives as long as the process
-    loss_val, bad = torch.cat([loss.detach().float().reshape(1), flag.float()]).tolist()[:2]
-    event = nonfinite.take(device)                     # or: decode + reset without a second read
-    ...
+    values = torch.cat([loss.detach().float().reshape(1), flag.float()]).tolist()   # the step's one sync
+    loss_val, event = values[0], nonfinite.decode(values[1:])
+    if event is not None:
+        nonfinite.reset(device)                        # asynchronous
+    # or, with the policy applied: int8flow.guards.check_device_nonfinite(device, policy, flag_values=values[1:])
 
 ``int8flow.guards.device_nonfinite`` / ``check_device_nonfinite`` wrap this with the ``nonfinite``
 policies. On the CPU (interpreter tests) the flag is a CPU tensor and works the same way.
@@ -28,13 +30,13 @@ _NAMES: list[str] = []
 
 
 class DeviceNonFinite(NamedTuple):
-    """What the flag recorded: the first op that saw NaN/Inf in a block and how many programs saw one."""
+    """What the flag recorded: the first op that wrote a NaN/Inf block, and how many such blocks all ops wrote."""
 
     op: str
-    programs: int
+    blocks: int
 
     def __str__(self) -> str:
-        return f"{self.op}: NaN/Inf in its output blocks ({self.programs} kernel programs saw one)"
+        return f"{self.op}: NaN/Inf in its output blocks ({self.blocks} such blocks written since the last check)"
 
 
 def _key(device: Union[str, torch.device]) -> torch.device:
@@ -75,11 +77,11 @@ def flag_args(device: Union[str, torch.device], op: str) -> tuple[torch.Tensor, 
 
 def decode(values) -> Optional[DeviceNonFinite]:
     """Turn the flag's two values (already on the host) into an event, or None when clear."""
-    code, programs = int(values[0]), int(values[1])
-    if code == 0 and programs == 0:
+    code, blocks = int(values[0]), int(values[1])
+    if code == 0 and blocks == 0:
         return None
     name = _NAMES[code - 1] if 0 < code <= len(_NAMES) else f"op #{code}"
-    return DeviceNonFinite(name, programs)
+    return DeviceNonFinite(name, blocks)
 
 
 def reset(device: Union[str, torch.device]) -> None:

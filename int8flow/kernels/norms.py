@@ -243,7 +243,7 @@ def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, roundin
     out = Output((m, n), device, out_dtype, out_block, rounding, with_t)
     # Whole rows up to 8192 (dy, xhat, g and two column-sum rows stay in registers); wider rows walk chunks
     # of 8-row bands, one program per SM so that the band re-read in the second walk stays in L2.
-    meta = row_launch(n, out, max_row=8192, chunk_rows=8)
+    meta = row_launch(n, out, max_row=8192, chunk_rows=8, per_thread=4)
     programs = max(1, _persistent_programs(triton.cdiv(m, meta["R"]), device, 4 if meta["ONE"] else 1))
     # ONE: each program writes its whole partial row once; chunks accumulate into it (needs zeros).
     part = (lambda: _launch.alloc((programs, n), torch.float32, device)) if meta["ONE"] and m >= programs else \

@@ -136,10 +136,9 @@ def _launch_quant3(x: torch.Tensor, row_block: Optional[BlockShape], t_len: int,
         if t_len:
             c = row_block.cols if row_block is not None else 128
             r, g = t_len, max(1, min(next_pow2(-(-N // c)), 8192 // (t_len * c)))
-            warps = 8 if r * g * c >= 8192 else 4
         else:
             r, g, c = _tile3(row_block.rows, row_block.cols, N)
-            warps = 8 if r * g * c >= 8192 else 4
+        warps = _launch.warps_for_tile(r * g * c, 16)
         flag, code = nonfinite.flag_args(device, flag_op)
         grid = (triton.cdiv(M, r), triton.cdiv(N, g * c))
         _quant3_kernel[grid](

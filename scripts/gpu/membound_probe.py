@@ -1,4 +1,11 @@
-"""GPU probe of the memory-bound kernels (issue 12), one device call:
+"""GPU probe of the memory-bound kernels (issue 12), one device call, e.g. (the v1 measurement, 129 s):
+
+    export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1; P=scripts/gpu/membound_probe.py
+    (timeout 110 python $P --check > $OUT/check.log 2>&1) & (timeout 90 python $P --sync > $OUT/sync.log 2>&1) &
+    for i in $(seq 0 11); do (timeout 100 python $P --warm $i 12 >> $OUT/warm.log 2>&1) & done; wait
+    timeout $((192-SECONDS)) python $P --time $OUT/membound.json > $OUT/time.log 2>&1
+
+Modes:
 
     python scripts/gpu/membound_probe.py --warm I N   # compile shard I of N (ours + torch.compile baselines)
     python scripts/gpu/membound_probe.py --check      # kernels vs the references at real shapes
@@ -154,10 +161,12 @@ def sync() -> None:
 
     from int8flow import build_model
 
-    for name, prec in (("gpt2-124m", "int8"), ("llama-60m", "int8")):
+    for name, prec in (("gpt-tiny", "int8"), ("llama-tiny", "int8+fallback"), ("gpt2-124m", "int8")):
         try:
             model = build_model(name, prec).cuda()
-            idx = torch.randint(0, 1000, (8, 1024), device="cuda")
+            cfg = getattr(model, "config", None)
+            vocab, block = getattr(cfg, "vocab_size", 256), getattr(cfg, "block_size", getattr(cfg, "max_seq_len", 128))
+            idx = torch.randint(0, vocab, (8, min(block, 1024)), device="cuda")
 
             def step():
                 _, loss = model(idx, idx)
