@@ -25,7 +25,7 @@ def _val_table() -> dict[str, dict[int, float]]:
 
 def _cpu_seconds(label: str) -> float:
     """'<label> ... (N min M s of CPU time)' in docs/training.md's measurement paragraph."""
-    m = re.search(re.escape(label) + r".*?(\d+) min (\d+) s of CPU time", TRAINING, re.S)
+    m = re.search(re.escape(label) + r".*?(\d+) min (\d+) s\s+of\s+CPU\s+time", TRAINING, re.S)
     assert m, f"no CPU time for {label} in docs/training.md"
     return 60 * int(m.group(1)) + int(m.group(2))
 
