@@ -87,3 +87,67 @@ def test_short_training_run_loss_falls(arch, mode):
     assert all(map(lambda v: v == v, losses)), losses  # no NaN
     start, end = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert end < start - 1.0, f"{arch}/{mode}: loss {start:.3f} -> {end:.3f}"
+
+
+def _count_syncs(fn) -> list[str]:
+    """Run ``fn`` with CUDA's sync debug mode on; the host-device synchronizations it made, as warning texts."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-1x128"])
+def test_data_flow_block_step_makes_no_host_sync(mode):
+    """Forward + backward of a Llama block stack in the INT8 data flow: no host-device synchronization (the
+    non-finite checks live in a device flag read at the step boundary, seeds are CPU tensors)."""
+    from int8flow.bench.blocks import BlockStack
+
+    cfg = CONFIGS["llama"]
+    torch.manual_seed(0)
+    model = BlockStack(cfg, 2, mode).cuda().to(torch.bfloat16)
+    x = torch.randn(4, 512, cfg.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        model(x).float().square().mean().backward()
+
+    step()  # first call: compiles kernels, autotunes (those may sync; a training step after warm-up must not)
+    syncs = _count_syncs(step)
+    assert syncs == [], f"{len(syncs)} host syncs in a {mode} block step: {syncs[:3]}"
+
+
+def test_kernel_nonfinite_flag_is_read_with_the_loss():
+    """An Inf weight on CUDA: no operator raises mid-step; the loop's one read of the loss also reads the kernels'
+    device flag, which names the op, and clears it for the next step."""
+    import math
+
+    from int8flow.training.loop import _loss_and_kernel_flag
+    from int8flow.training.parallelize import DistInfo
+
+    from int8flow.kernels import nonfinite
+
+    info = DistInfo(0, 1, 0, torch.device("cuda"))
+    nonfinite.reset("cuda")  # earlier tests in this process may have left it set
+    torch.manual_seed(0)
+    model = build_model(CONFIGS["llama"], "int8").cuda()
+    x, y = _batch(_vocab(CONFIGS["llama"]), seed=2, B=2, T=128)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[3, 5] = float("inf")
+    _, loss = model(x, y)
+    loss.backward()
+    value, flagged = _loss_and_kernel_flag(loss.detach(), info)
+    assert flagged is not None and not math.isfinite(value), (value, flagged)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[3, 5] = 0.0
+    model.zero_grad(set_to_none=True)
+    _, loss = model(x, y)
+    loss.backward()
+    value, flagged = _loss_and_kernel_flag(loss.detach(), info)
+    assert flagged is None and math.isfinite(value)

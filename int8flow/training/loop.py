@@ -210,7 +210,29 @@ def _forward_backward(model, run_step: Callable, cfg: TrainConfig, info: DistInf
         loss = run_step()
     except NonFiniteError as err:
         return all_reduce_mean(torch.full((), math.nan, device=info.device), info).item(), math.nan, str(err)
-    return all_reduce_mean(loss, info).item(), _clip_grads(model, cfg), None
+    loss_val, flagged = _loss_and_kernel_flag(all_reduce_mean(loss, info), info)
+    if flagged is not None:  # an INT8 kernel wrote a NaN/Inf block this step: the step is non-finite, named
+        return math.nan, _clip_grads(model, cfg), f"{flagged}"
+    return loss_val, _clip_grads(model, cfg), None
+
+
+def _loss_and_kernel_flag(loss: torch.Tensor, info: DistInfo):
+    """(loss as a float, what the INT8 kernels flagged or None) from ONE device->host copy.
+
+    On CUDA the kernels do not check for NaN/Inf eagerly (that would cost a pass and a host sync per
+    operator); they set a device flag (`int8flow.kernels.nonfinite`), read here together with the loss the
+    loop reads anyway, and cleared asynchronously. Elsewhere the operators check eagerly: nothing to read.
+    """
+    if info.device.type != "cuda":
+        return loss.item(), None
+    try:
+        from ..kernels import nonfinite
+    except ImportError:  # no triton: the reference path checks eagerly
+        return loss.item(), None
+    from ..guards import device_nonfinite
+
+    values = torch.cat([loss.detach().float().view(1), nonfinite.device_flag(info.device).float()]).tolist()
+    return values[0], device_nonfinite(info.device, flag_values=values[1:])
 
 
 def _recompute_high_precision(model, run_step: Callable, cfg: TrainConfig, info: DistInfo) -> tuple[float, float]:
