@@ -186,8 +186,8 @@ def _close(got, want, what):
         step = expand_scale(torch.maximum(got.scale, want.scale), want.block, tuple(want.shape))
         diff = (got.dequantize() - want.dequantize()).abs()
         # one rounding flip (a step) plus |q| <= 127 times the scales' float32 difference (rtol 1e-5)
-        torch.testing.assert_close(got.scale, want.scale, rtol=1e-5, atol=0)
-        assert bool((diff <= step * (1 + 127e-5)).all()), f"{what}: max |diff|/step {float((diff / step).nan_to_num().max())}"
+        torch.testing.assert_close(got.scale, want.scale, rtol=3e-5, atol=0)  # see test_kernels_nonlinear
+        assert bool((diff <= step * (1 + 127 * 3e-5)).all()), f"{what}: max |diff|/step {float((diff / step).nan_to_num().max())}"
         assert (got.data == want.data).float().mean().item() >= 0.99, what
     else:
         assert rel_err(got.float(), want.float()) <= (2**-7 if want.dtype == torch.bfloat16 else 1e-5), what
@@ -240,8 +240,10 @@ def test_residual_and_dropout_real_shapes(d):
     delta = quantize(outliers((TOKENS, d), 5), "1x128")
     got = residual.residual_add_forward(r, delta, stats="rmsnorm", out_block="1x128")
     want = ref.residual_add_forward(r, delta, stats="rmsnorm", out_block="1x128")
-    # h: the kernel may fuse residual + q * scale into one FMA (one rounding): within one bf16 ulp
-    torch.testing.assert_close(got.h.float(), want.h.float(), rtol=2**-7, atol=0)
+    # h: the kernel may fuse residual + q * scale into one FMA (one rounding): within one bf16 ulp of h plus one
+    # float32 ulp of the terms (where residual and delta cancel, an ulp of the terms exceeds an ulp of h)
+    bound = 2**-7 * want.h.float().abs() + 2.0**-23 * (r.float().abs() + delta.dequantize().abs())
+    assert bool(((got.h.float() - want.h.float()).abs() <= bound).all()), "residual h: more than one rounding off"
     # rstd: a float32 sum of d squares in another order (~sqrt(d) * 2**-24 relative, rare rows a few times
     # that), halved by the square root: 5e-5 bounds it
     torch.testing.assert_close(got.rstd, want.rstd, rtol=5e-5, atol=0)

@@ -101,7 +101,8 @@ def _count_syncs(fn) -> list[str]:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    return [str(w.message) for w in caught
+            if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-1x128"])

@@ -66,11 +66,14 @@ def assert_matches(got, want):
     """Kernel output vs reference output, by the rules in the module docstring."""
     if isinstance(want, QTensor):
         assert isinstance(got, QTensor) and got.block == want.block
-        torch.testing.assert_close(got.scale, want.scale, rtol=1e-5, atol=1e-30)
+        # Scales: float32 results of another summation order. LayerNorm's backward subtracts row means
+        # (dx = rstd * (g - mean(g) - xhat * mean(g * xhat))), so near cancellation its relative error reaches
+        # ~1e-5 (1.14e-5 seen on the H200); 3e-5 bounds it.
+        torch.testing.assert_close(got.scale, want.scale, rtol=3e-5, atol=1e-30)
         step = expand_scale(torch.maximum(got.scale, want.scale), want.block, tuple(want.shape))
         diff = (got.dequantize() - want.dequantize()).abs()
-        # one rounding flip (a step) plus q * (scale difference), |q| <= 127 and scales within rtol 1e-5
-        assert bool((diff <= step * (1 + 127e-5)).all()), f"max |diff| / step = {float((diff / step).nan_to_num().max())}"
+        # one rounding flip (a step) plus q * (scale difference), |q| <= 127 and scales within rtol 3e-5
+        assert bool((diff <= step * (1 + 127 * 3e-5)).all()), f"max |diff| / step = {float((diff / step).nan_to_num().max())}"
         same = (got.data == want.data).float().mean().item()
         assert same >= 0.99, f"only {same:.4f} of the int8 codes agree"
     else:
@@ -201,15 +204,17 @@ def test_swiglu(poisoned, shape, out, dtype, quantized, dist):
 # --- residual add --------------------------------------------------------------------------------
 
 
-def _assert_residual_sum(got, want):
+def _assert_residual_sum(got, want, res, delta):
     """h = residual + dequantized delta: the reference rounds q * scale, then the sum; the compiled kernel may fuse
-    them into one FMA (one rounding, more accurate). Either way h is within one unit in the last place of h's
-    dtype of the other: exact in the interpreter (no FMA contraction), one ulp at most on the GPU."""
+    them into one FMA (one rounding, more accurate). Exact in the interpreter (no FMA contraction); on the GPU the
+    two differ by the rounding of q * scale, at most one float32 ulp of |delta| (which exceeds an ulp of h where
+    residual and delta cancel), plus one ulp of h's dtype when h is stored narrower than float32."""
     if INTERPRET:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    else:
-        ulp = torch.finfo(want.dtype).eps
-        torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=0)
+        return
+    d = delta.dequantize() if isinstance(delta, QTensor) else delta.float()
+    bound = torch.finfo(want.dtype).eps * want.float().abs() + 2.0**-23 * (res.float().abs() + d.abs())
+    assert bool(((got.float() - want.float()).abs() <= bound).all()), "h differs by more than one rounding"
 
 
 @pytest.mark.parametrize("stats", [None, "layernorm", "rmsnorm"])
@@ -220,7 +225,7 @@ def test_residual_add(poisoned, stats, shape, out, dtype, quantized, dist):
     out_block = out if "x" in out else None
     got = residual.residual_add_forward(res, delta, stats, out_block=out_block)
     want = ref.residual_add_forward(res, delta, stats, out_block=out_block)
-    _assert_residual_sum(got.h, want.h)
+    _assert_residual_sum(got.h, want.h, res, delta)
     if out_block is None:
         assert got.h_q is None
     else:
@@ -539,5 +544,5 @@ def test_gpu_llm_shapes(d):
     r = torch.randn(m, d, device=DEVICE, dtype=torch.bfloat16)
     got, want = residual.residual_add_forward(r, x, "rmsnorm", out_block="32x32"), ref.residual_add_forward(
         r, x, "rmsnorm", out_block="32x32")
-    _assert_residual_sum(got.h, want.h)
+    _assert_residual_sum(got.h, want.h, r, x)
     torch.testing.assert_close(got.rstd, want.rstd, rtol=5e-5, atol=0)

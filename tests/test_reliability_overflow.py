@@ -58,4 +58,9 @@ def test_kernel_worst_case_against_exact_integers(impl, geometry):
     for sign_b in (1, -1):
         a, b = _full(2, K, QMAX, ba, device), _full(3, K, sign_b * QMAX, bb, device)
         y = kg.block_gemm(a, b, impl=impl)
-        assert torch.equal(y.double().cpu(), _exact(a, b).double().cpu()), (impl, geometry, sign_b)
+        exact = _exact(a, b).double().cpu()
+        assert bool((torch.sign(y.cpu()) == torch.sign(exact)).all()), (impl, geometry, sign_b)  # no int32 wrap
+        if device == "cpu":  # K = 1024: every partial sum < 2^24, so float32 holds it exactly
+            assert torch.equal(y.double().cpu(), exact), (impl, geometry, sign_b)
+        else:  # K = 2^18: 4.2e9 is past float32's exact integers; float32 summation error as for the reference
+            torch.testing.assert_close(y.double().cpu(), exact, rtol=K * 2.0**-24, atol=0)
