@@ -88,7 +88,11 @@ def check_finite(t: torch.Tensor, where: str, what: str = "tensor", policy: str 
     n_nan, n_inf = count_nonfinite(t)
     if not (n_nan or n_inf):
         return True
-    event = NonFiniteEvent(where, what, n_nan, n_inf, t.numel())
+    return _apply_policy(NonFiniteEvent(where, what, n_nan, n_inf, t.numel()), policy, events)
+
+
+def _apply_policy(event: NonFiniteEvent, policy: str, events: Optional[list]) -> bool:
+    """Record ``event``; under ``raise`` raise it as a NonFiniteError; else return False (not clear)."""
     if events is not None:
         events.append(event)
     if policy == "raise":
@@ -130,14 +134,7 @@ def check_device_nonfinite(device, policy: str = "raise", events: Optional[list]
     if policy != "propagate":
         check_policy(policy)
     event = device_nonfinite(device, flag_values)
-    if event is None:
-        return True
-    if events is not None:
-        events.append(event)
-    if policy == "raise":
-        raise NonFiniteError(f"{event}; lower the learning rate, check the data, or set the non-finite policy to "
-                             "'skip' or 'bf16'")
-    return False
+    return True if event is None else _apply_policy(event, policy, events)
 
 
 def _tensors(x) -> Iterator[tuple[int, torch.Tensor]]:
