@@ -160,3 +160,25 @@ def test_backward_keeps_int8_input_and_no_int8_weight(weight_block):
     w_q = quantize(w.detach(), weight_block)
     w_t_q = quantize(w.detach().t(), weight_block)
     assert torch.equal(w_t_q.data, w_q.t().data) and torch.equal(w_t_q.scale, w_q.t().scale)
+
+
+def test_transposed_operand_on_the_kernel_path_equals_the_reference(monkeypatch):
+    """A 1x128 operand's transposed copy for wgrad: the kernel path (one-pass quantize_transposed of the kernel's
+    dequantized values, here through the Triton interpreter) gives the reference's numbers bit for bit."""
+    pytest.importorskip("triton")
+    from int8flow.format import quantize
+    from int8flow.ops import backend, primitives as P
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter route is for CPU machines; the GPU tier covers the compiled kernels")
+    cfg = Int8TrainingConfig(precision="int8", activation_block="1x128", grad_block="1x128", weight_block="128x128")
+    x = sample((200, 300), "outlier_channels", seed=9)
+    q = quantize(x, "1x128")
+    want = P.transposed(q, None, "nearest", 0, cfg, "x")  # reference path on CPU
+    monkeypatch.setattr(backend, "uses_kernel", lambda name, device: name in ("quantize_transposed", "dequantize"))
+    got = P.transposed(q, None, "nearest", 0, cfg, "x")
+    assert got.data.is_contiguous() and tuple(got.shape) == (300, 200)
+    assert torch.equal(got.data, want.data) and torch.equal(got.scale, want.scale)
+    w = torch.randn(256, 130)  # the weight's K-major transposed copy for dgrad, from the parameter
+    assert torch.equal(P.quantize_transposed(w, cfg.weight_block, "nearest", 0, cfg, "w").data,
+                       quantize(w, "128x128").t().data)

@@ -16,6 +16,8 @@ import torch
 # operator name -> module of int8flow.kernels that implements it
 _KERNEL_MODULE = {
     "quantize": "quantize",
+    "quantize_transposed": "quantize",
+    "dequantize": "quantize",
     "block_gemm": "gemm",
     "layer_norm_forward": "norms",
     "layer_norm_backward": "norms",
@@ -40,13 +42,16 @@ def _kernel(name: str) -> Optional[Callable]:
 
 @functools.lru_cache(maxsize=None)
 def _reference(name: str) -> Callable:
-    if name == "quantize":
-        from ..format import quantize
+    if name in ("quantize", "quantize_transposed", "dequantize"):
+        from .. import format
 
-        return quantize
+        return getattr(format, name)
     from ..reference import gemm, nonlinear
 
     return getattr(gemm, name, None) or getattr(nonlinear, name)
+
+
+_SEEDLESS = ("dequantize",)  # deterministic operators: no seed / generator argument
 
 
 def uses_kernel(name: str, device: torch.device) -> bool:
@@ -59,6 +64,8 @@ def generator(seed: int, device: torch.device) -> torch.Generator:
 
 def call(name: str, *args, device: torch.device, seed: int = 0, **kwargs):
     """Run operator ``name`` on the kernel for ``device`` if there is one, else on the reference."""
+    if name in _SEEDLESS:
+        return (_kernel(name) if uses_kernel(name, device) else _reference(name))(*args, **kwargs)
     if uses_kernel(name, device):
         return _kernel(name)(*args, seed=seed, **kwargs)
     gen = generator(seed, device) if kwargs.get("rounding") == "stochastic" else None

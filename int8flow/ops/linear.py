@@ -79,7 +79,7 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
             dy_q = P.quantize(dy, c.grad_block, c.grad_rounding, backend.subseed(s, 0), c, "output gradient")
         if c.quantize_dgrad:
             # w.T quantized straight into K-major storage (the forward's INT8 weight, transposed, for square blocks)
-            w_t = P.quantize(w_saved.t(), c.weight_block, "nearest", 0, c, "weight (transposed)")
+            w_t = P.quantize_transposed(w_saved, c.weight_block, "nearest", 0, c, "weight (transposed)")
             dx = P.gemm([dy_q], w_t, out_dtype=x_dtype, cfg=c)
         else:
             dx = (dy.float() @ w_saved.float()).to(x_dtype)

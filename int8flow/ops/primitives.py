@@ -137,8 +137,21 @@ def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: int,
     from ``hp`` (or from ``q`` dequantized when the high-precision tensor was not kept)."""
     if q.block.is_square:
         return q.t()
-    src = hp if hp is not None else q.dequantize(torch.float32)
-    return quantize(src.t(), q.block, rounding, seed, cfg, f"{what} (transposed)")
+    src = hp if hp is not None else backend.call("dequantize", q, device=q.device)
+    return quantize_transposed(src, q.block, rounding, seed, cfg, f"{what} (transposed)")
+
+
+def quantize_transposed(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
+                        what: str) -> QTensor:
+    """``x.T`` quantized with ``block`` into contiguous storage: the K-major operand of a dgrad / wgrad GEMM.
+
+    On the kernel path one pass reads x in its own layout and writes the transpose (a strided read of ``x.t()``
+    would not coalesce); NaN/Inf go to the device flag as ``what``. Elsewhere the reference quantizes ``x.t()``
+    (the same numbers under nearest rounding; stochastic rounding draws other, equally distributed noise)."""
+    if backend.uses_kernel("quantize_transposed", x.device):
+        return backend.call("quantize_transposed", x, block, rounding=rounding, device=x.device, seed=seed,
+                            check_finite=False, flag_op=what)
+    return quantize(x.t(), block, rounding, seed, cfg, what)
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
