@@ -31,3 +31,14 @@ def test_gpu_check_refuses_without_cuda():
     proc = subprocess.run([sys.executable, "-m", "int8flow.bench", "gpu-check"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_result_files_are_named_by_device():
+    import os
+
+    from int8flow.bench.common import device_slug, result_path
+
+    assert device_slug("NVIDIA H200") == "h200" and device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert result_path({"device": "NVIDIA H200"}, "train") == os.path.join("bench", "results", "h200_train.json")
+    assert result_path({"device": "cpu (x86_64, 2 cores, 2 threads)"}, "blocks") == os.path.join(
+        "bench", "results", "cpu_blocks.json")

@@ -4,7 +4,7 @@ Protocol: for each model, BF16 first; its measured tokens/s sets the token budge
 training), then every other mode trains on the same data, seed, batch order and number of steps. Runs live in
 ``--runs`` (one folder per model/mode, with JSONL logs and checkpoints), finished records are appended to the JSON
 as they complete and skipped on the next call, so the whole table can be built over several calls. The loss curves
-of each model are overlaid in ``bench/results/h100_accuracy_<model>.png``.
+of each model are overlaid in ``bench/results/<gpu>_accuracy_<model>.png``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from ..config import RECIPES
-from .common import device_info, parse_choices, require_cuda, write_json
+from .common import device_info, parse_choices, require_cuda, result_path, write_json
 
 # name -> (run preset, overrides)
 MODELS = {"gpt2-124m": ("gpt2-124m", []), "llama-60m": ("llama-60m", [])}
@@ -23,7 +23,7 @@ MODES = ("bf16", "int8", "int8+fallback")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench/results/h100_accuracy.json")
+    p.add_argument("--out", default=None, help="JSON file (default bench/results/<gpu>_accuracy.json, <gpu> from the device name)")
     p.add_argument("--runs", default="runs/accuracy", help="folder of the training runs")
     p.add_argument("--models", default="", help=f"comma-separated; default: all of {list(MODELS)} "
                    f"(with --cpu: {list(CPU_MODELS)})")
@@ -63,9 +63,9 @@ def main(args) -> int:
     modes = parse_choices(args.modes, RECIPES, "--modes")
     if modes[0] != "bf16":
         raise SystemExit("--modes must start with bf16: the other modes are compared with it")
-    out, runs = Path(args.out), Path(args.runs)
-    records = _load(out)
     info = device_info()
+    out, runs = Path(args.out or result_path(info, "accuracy")), Path(args.runs)
+    records = _load(out)
     for name in names:
         preset, extra = table[name]
         extra = [*extra, *args.set, f"device={device}", "progress=false"]

@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from .common import copy_gbps, device_info, print_table, require_cuda, time_ms, write_json
+from .common import copy_gbps, device_info, print_table, require_cuda, result_path, time_ms, write_json
 
 M_TOKENS = 16384
 DEVICE = "cuda"  # the CPU smoke test points it at the interpreter
@@ -36,7 +36,7 @@ MODES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="two linear shapes instead of five (about a minute)")
-    p.add_argument("--out", default="bench/results/h200_kernels.json", help="JSON file of the records")
+    p.add_argument("--out", default=None, help="JSON file (default bench/results/<gpu>_kernels.json, <gpu> from the device name)")
 
 
 def k_major_t(q):
@@ -159,7 +159,8 @@ def main(args) -> int:
     copy = copy_gbps()
     print(f"  device-to-device copy: {copy:.0f} GB/s", flush=True)
     records = quantize_records(copy) + gemm_records(shapes) + fallback_records(shapes) + membound(copy)
-    write_json(args.out, records, info)
-    print(f"wrote {len(records)} records to {args.out}")
+    out = args.out or result_path(info, "kernels")
+    write_json(out, records, info)
+    print(f"wrote {len(records)} records to {out}")
     print_table(records)
     return 0

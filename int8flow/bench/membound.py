@@ -171,10 +171,10 @@ def main(argv=None) -> None:
     """Standalone run: ``python -m int8flow.bench.membound [--out FILE] [--dims 768,4096] [--ops a,b]``."""
     import argparse
 
-    from .common import copy_gbps, device_info, print_table, require_cuda, time_ms
+    from .common import copy_gbps, device_info, print_table, require_cuda, result_path, time_ms
 
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="bench/results/h200_kernels.json")
+    p.add_argument("--out", default=None, help="JSON file (default bench/results/<gpu>_kernels.json, <gpu> from the device name)")
     p.add_argument("--dims", default=",".join(map(str, DIMS)))
     p.add_argument("--ops", default="")
     args = p.parse_args(argv)
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     print(f"{info['device']}  copy {copy:.0f} GB/s", flush=True)
     records = membound_records(time_ms, copy, [int(x) for x in args.dims.split(",")],
                                [o for o in args.ops.split(",") if o] or None)
-    merge_records(args.out, records, info)
+    merge_records(args.out or result_path(info, "kernels"), records, info)
     print_table(records)
 
 

@@ -2,7 +2,7 @@
 
 Each (model, mode) pair runs the real training loop (`int8flow.training.train`) for a fixed number of steps on
 the same data, seed and batch; tokens/s is the median over the steps after the first ``warmup`` (compilation and
-autotuning happen there). Writes ``bench/results/h100_train.json``.
+autotuning happen there). Writes ``bench/results/<gpu>_train.json``.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import tempfile
 
 import torch
 
-from .common import device_info, parse_choices, require_cuda, write_json
+from .common import device_info, parse_choices, require_cuda, result_path, write_json
 
 MODELS = {"gpt2-124m": ["batch_size=16", "grad_accum=1"], "llama-1b": ["batch_size=4", "grad_accum=1", "parallel=none"]}
 MODES = ("bf16", "int8", "int8+fallback", "int8-linear")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench/results/h100_train.json")
+    p.add_argument("--out", default=None, help="JSON file (default bench/results/<gpu>_train.json, <gpu> from the device name)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--steps", type=int, default=30)
@@ -67,5 +67,6 @@ def main(args) -> int:
                   + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""), flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    write_json(args.out, records, device_info())
+    info = device_info()
+    write_json(args.out or result_path(info, "train"), records, info)
     return 0
