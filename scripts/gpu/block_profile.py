@@ -76,7 +76,6 @@ def run(mode: str, shape: str, layers: int, out: str) -> dict:
            "launches": launches, "syncs": syncs, "dtoh": dtoh, "warmup_s": warm_s,
            "top_kernels": [(e.key[:90], e.count, e.self_device_time_total / 1e3) for e in top],
            "top_cpu": [(e.key[:90], e.count, e.self_cpu_time_total / 1e3) for e in cpu_top]}
-    del model, x
     torch.cuda.empty_cache()
     return rec
 
