@@ -247,7 +247,15 @@ def test_residual_and_dropout_real_shapes(d):
     # rstd: a float32 sum of d squares in another order (~sqrt(d) * 2**-24 relative, rare rows a few times
     # that), halved by the square root: 5e-5 bounds it
     torch.testing.assert_close(got.rstd, want.rstd, rtol=5e-5, atol=0)
-    _close(got.h_q, want.h_q, "residual h_q")
+    # h_q is quantized from the kernel's own h, which may sit one rounding (the bound above) from the reference's,
+    # and a block's absmax with it (seen on the H200: 1 block of 44k off by 2**-8 relative). So: block scales within
+    # that rounding of the reference's, and every code within half a step of the kernel's own h (plus h's bf16
+    # rounding, 2**-8 relative, when the kernel quantizes the float32 value before rounding it to bf16)
+    torch.testing.assert_close(got.h_q.scale, want.h_q.scale, rtol=2**-7, atol=0)
+    step = expand_scale(got.h_q.scale, got.h_q.block, tuple(got.h_q.shape))
+    off = (got.h_q.dequantize() - got.h.float()).abs()
+    assert bool((off <= 0.5 * step * (1 + 1e-5) + 2**-8 * got.h.float().abs()).all()), "residual h_q: off its own h"
+    assert (got.h_q.data == want.h_q.data).float().mean().item() >= 0.99, "residual h_q codes"
 
     p = 0.1
     x = outliers((TOKENS, d), 6)

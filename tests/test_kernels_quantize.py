@@ -167,3 +167,17 @@ def test_nonfinite_input_sets_the_device_flag_without_a_check():
     event = nonfinite.take(DEVICE)
     assert event is not None and event.op == "fc1 input" and event.blocks >= 2  # the NaN and the Inf block
     assert nonfinite.take(DEVICE) is None  # take() cleared it
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (100, 130), (130, 257)])
+@pytest.mark.parametrize("block", ["128x128", "32x32", "1x128"])
+def test_transpose_qtensor_is_the_transposed_copy(block, shape):
+    # the K-major copy of a transposed view: data and scales equal q.t() element for element, contiguous, blocks
+    # transposed; tails of both tiles (64 x 128) included; the source a strided view as the GEMM path passes it
+    q = fmt.quantize(heavy_tailed(shape, seed=400 + shape[1]), block)
+    got = kq.transpose_qtensor(q)
+    want = q.t().k_major()
+    assert got.block == want.block and got.shape == (shape[1], shape[0])
+    assert_same_qtensor(got, want)
+    back = kq.transpose_qtensor(q.t())  # a transposed view in (primitives.k_major's case): q itself out
+    assert_same_qtensor(back, q)

@@ -11,10 +11,13 @@ from .blocks import (
     dequantize,
     expand_scale,
     quantize,
+    quantize_dual,
     quantize_transposed,
+    transpose_qtensor,
 )
 
 __all__ = [
     "PAPER_BLOCK", "QMAX", "ROUNDING_MODES", "BlockLike", "BlockShape", "NonFiniteError", "QTensor",
-    "block_absmax", "dequantize", "expand_scale", "quantize", "quantize_transposed",
+    "block_absmax", "dequantize", "expand_scale", "quantize", "quantize_dual", "quantize_transposed",
+    "transpose_qtensor",
 ]

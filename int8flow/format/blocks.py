@@ -246,6 +246,24 @@ def quantize_transposed(
     return quantize(x.t().contiguous(), block, rounding, generator, check_finite=False)
 
 
+def quantize_dual(
+    x: torch.Tensor,
+    block: BlockLike = "1x128",
+    rounding: str = "nearest",
+    generator: Optional[torch.Generator] = None,
+    check_finite: bool = True,
+) -> tuple[QTensor, QTensor]:
+    """``(quantize(x, block), quantize_transposed(x, block))``: the operand of the next GEMM and the K-major
+    transposed copy the weight-gradient GEMM reads (the kernel writes both from one read of x)."""
+    return (quantize(x, block, rounding, generator, check_finite),
+            quantize_transposed(x, block, rounding, generator, check_finite=False))
+
+
+def transpose_qtensor(q: QTensor) -> QTensor:
+    """``q.t()`` in contiguous (K-major) storage; the numbers are unchanged."""
+    return q.t().k_major()
+
+
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int8 * scale, computed in float32, returned in ``dtype``."""
     if not isinstance(q, QTensor):

@@ -77,6 +77,10 @@ def default_consumers(b_per_col: bool) -> int:
 
 
 OUT_FLOAT, OUT_INT8 = 0, 1
+# STOCHASTIC (the kernel's rounding switch): 0 nearest; NOISE_PHILOX7X8 the default stochastic noise (``_noise16``);
+# NOISE_PHILOX10 the previous one, a Philox4x32-10 per element (~4x the epilogue's integer work), for measurements.
+NOISE_PHILOX7X8, NOISE_PHILOX10 = 1, 2
+NOISES = {"philox7x8": NOISE_PHILOX7X8, "philox10": NOISE_PHILOX10}
 _TORCH_TO_GL = {}
 
 
@@ -172,7 +176,9 @@ if gluon is not None:
 
     @gluon.jit
     def _philox_uniform(seed, offsets):
-        """``tl.rand(seed, offsets)`` for int32 offsets: Philox-4x32-10, first word, mapped to [0, 1)."""
+        """``tl.rand(seed, offsets)`` for int32 offsets: Philox-4x32-10, first word, mapped to [0, 1).
+
+        The epilogue's noise before ``_noise16`` (``NOISE=0``), kept selectable for measurements only."""
         c0 = offsets.to(gl.uint32, bitcast=True)
         zero = c0 * 0
         c1 = zero
@@ -195,13 +201,94 @@ if gluon is not None:
         return x.to(gl.float32) * 4.6566127342e-10
 
     @gluon.jit
+    def _mul_wide(a, B: gl.constexpr):
+        """(lo, hi) 32-bit words of a * 0xCD9E8D57 (B) or a * 0xD2511F53: one ``mul.wide.u32`` (IMAD.WIDE.U32)."""
+        if B:
+            asm: gl.constexpr = "{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$0, $1}, t; }"
+        else:
+            asm: gl.constexpr = "{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$0, $1}, t; }"
+        return gl.inline_asm_elementwise(asm, "=r,=r,r", [a], dtype=(gl.uint32, gl.uint32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _philox7(c0, seed, WIDE: gl.constexpr):
+        """Philox4x32-7 of counter (c0, 0, 0, 0) under key ``seed``: ``tl.randint4x(seed, c0, 7)``, four words.
+
+        WIDE: each round's two products as ``mul.wide.u32`` (inline PTX), else ``umulhi`` and a multiply each."""
+        seed64 = seed.to(gl.uint64)
+        k0 = (seed64 & 0xFFFFFFFF).to(gl.uint32)
+        k1 = ((seed64 >> 32) & 0xFFFFFFFF).to(gl.uint32)
+        c1 = c0 * 0
+        c2 = c1
+        c3 = c1
+        for _ in gl.static_range(7):
+            if WIDE:
+                lo_b, hi_b = _mul_wide(c2, True)
+                lo_a, hi_a = _mul_wide(c0, False)
+                c0 = hi_b ^ c1 ^ k0
+                c2 = hi_a ^ c3 ^ k1
+                c1 = lo_b
+                c3 = lo_a
+            else:
+                _c0 = c0
+                _c2 = c2
+                c0 = gl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+                c2 = gl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+                c1 = _c2 * 0xCD9E8D57
+                c3 = _c0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @gluon.jit
+    def _noise16(seed, row0, col0, N, mma: gl.constexpr, HALF: gl.constexpr, BN: gl.constexpr,
+                 WIDE: gl.constexpr):
+        """Centred stochastic-rounding noise of the [HALF, BN] tile at (row0, col0), in the accumulator layout.
+
+        The stream of ``_blockquant.noise3`` / ``uniform16`` (the memory-bound kernels'), keyed by (seed, row,
+        column) only: one Philox4x32-7 per 8 consecutive elements of a row (counter row * cdiv(N, 8) + col // 8),
+        its four words split into eight 16-bit uniforms k, noise c = (k - 32767.5) / 2**16 in (-1/2, 1/2), so
+        that round-half-even(v + c) = floor(v + u) with u = c + 1/2 ~ U(0, 1), mean exactly 1/2.
+
+        In the wgmma accumulator layout a group of 8 columns of a row lies on the 4 lanes of a quad, 2 each:
+        lane t (= 2h + x) holds elements 2t, 2t + 1, which ``uniform16`` gives half h of words x and 2 + x.
+        So each lane computes 8 of its quad's 32 groups (group n on lane n % 4: a [HALF, BN / 8] tensor in
+        layout ``LG``), packs for every lane t of the quad the 32 bits it needs, and a quad transpose (a
+        convert_layout within the warp: shuffles, no shared memory) hands them over. 1/8 Philox call per
+        element instead of a Philox4x32-10 per element.
+        """
+        gl.static_assert(HALF == 64 and BN == 128, "noise layouts are written for 64 x 128 tiles on 4 warps")
+        LG: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[8, 0], [0, 4], [0, 8]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 16])
+        LD: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[8, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 8, 0]],
+            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 16, 4])
+        r = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, LG))
+        g = col0 // 8 + gl.arange(0, BN // 8, layout=gl.SliceLayout(0, LG))
+        k = gl.expand_dims(r * gl.cdiv(N, 8), 1) + gl.expand_dims(g, 0)
+        w0, w1, w2, w3 = _philox7(k.to(gl.uint32, bitcast=True), seed, WIDE)
+        # lane t = 2h + x of the quad: low half = half h of word x (element 2t), high half = half h of word 2 + x
+        p0 = (w0 & 0xFFFF) | (w2 << 16)
+        p1 = (w1 & 0xFFFF) | (w3 << 16)
+        p2 = (w0 >> 16) | (w2 & 0xFFFF0000)
+        p3 = (w1 >> 16) | (w3 & 0xFFFF0000)
+        p = gl.reshape(gl.join(gl.join(p0, p2), gl.join(p1, p3)), [HALF, BN // 8, 4])  # [..., t] = p_t
+        p = gl.reshape(gl.convert_layout(p, LD), [HALF, BN // 2])  # element pair (row, col // 2)
+        lo = (p & 0xFFFF) | 0x4B000000  # 2**23 + k as float bits
+        hi = (p >> 16) | 0x4B000000
+        k16 = gl.convert_layout(gl.reshape(gl.join(lo, hi), [HALF, BN]), mma, assert_trivial=True)
+        return gl.fma(k16.to(gl.float32, bitcast=True), 1.0 / 65536.0, -(8388608.0 + 32767.5) / 65536.0)
+
+    @gluon.jit
     def _rint(v):
         """Round to the nearest integer, ties to even: one ``cvt.rni`` (FRND) per element."""
         return gl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=r,r", [v], dtype=gl.float32, is_pure=True,
                                          pack=1)
 
     @gluon.jit
-    def _quantize_rows(y, rows, cols, N, seed, STOCHASTIC: gl.constexpr, SCALE_MAX: gl.constexpr):
+    def _quantize_rows(y, rows, cols, row0, col0, N, seed, STOCHASTIC: gl.constexpr, SCALE_MAX: gl.constexpr,
+                       mma: gl.constexpr):
         """1 x BN blocks (one per row of the tile): int8 codes and per-row scales, as ``quantize_tile``.
 
         ``y / scale`` is one multiply by the row's reciprocal plus one Newton step on the exact residual
@@ -217,9 +304,11 @@ if gluon is not None:
         i2 = gl.expand_dims(inv, 1)
         v = y * i2
         v = gl.fma(gl.fma(-v, s2, y), i2, v)  # zero-scale rows: inv = 0 gives v = 0
-        if STOCHASTIC:
+        if STOCHASTIC == 2:  # NOISE_PHILOX10, the old noise: one Philox4x32-10 per element (measurements only)
             offs = gl.expand_dims(rows, 1) * N + gl.expand_dims(cols, 0)
             q = gl.floor(v + _philox_uniform(seed, offs))
+        elif STOCHASTIC:  # round-half-even(v + c) = floor(v + U(0, 1)), the memory-bound kernels' stream
+            q = _rint(v + _noise16(seed, row0, col0, N, mma, y.shape[0], y.shape[1], STOCHASTIC == 3))
         else:
             q = _rint(v)
         q = gl.minimum(gl.maximum(q, -127.0), 127.0)
@@ -307,7 +396,7 @@ if gluon is not None:
                 acc = acc + gl.expand_dims(bias, 0)
             tma.store_wait(0)  # this warpgroup's previous tile has left c_smem
             if OUT_MODE == 1:
-                q, scale = _quantize_rows(acc, rows, cols, N, seed, STOCHASTIC, SCALE_MAX)
+                q, scale = _quantize_rows(acc, rows, cols, row0, pid_n * BN, N, seed, STOCHASTIC, SCALE_MAX, mma)
                 c_smem.store(q)
                 gl.store(sc_ptr + rows * stride_scm + pid_n, scale, mask=row_in)
             else:
@@ -482,7 +571,7 @@ def _desc(t: torch.Tensor, block: list[int]):
 
 def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
                out_block=None, rounding: str = "nearest", seed: int = 0, magic: bool = False,
-               overlap: int = 0, consumers: Optional[int] = None, checked: bool = False):
+               overlap: int = 0, consumers: Optional[int] = None, checked: bool = False, noise: str = "philox7x8"):
     """``a @ b.T (+ bias)`` with the warp-specialized kernel; float ``out_dtype`` or 1x128-block INT8 QTensor.
 
     a (M, K) and b (N, K) must be K-major QTensors with K blocks of 128 (a: any rows per block, e.g. 1 or
@@ -490,12 +579,15 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     ValueError naming the fix when the call cannot run here (``unsupported``); `gemm.block_gemm` checks
     first and routes such calls to the Triton kernel (and passes ``checked=True``). ``magic``, ``overlap``
     and ``consumers`` are measured variants (module docstring, docs/notes/gemm_h200.md); the defaults are
-    the fastest measured.
+    the fastest measured. ``noise`` picks the stochastic-rounding noise: "philox7x8" (default; the memory-bound
+    kernels' stream, ``_noise16``) or "philox10" (the previous one, ``tl.rand`` per element; measurements only).
     """
     from ._launch import alloc, num_sms, stream_seed
     from ..format.blocks import _SCALE_MAX
 
     out_block = None if out_block is None else BlockShape.parse(out_block)
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {tuple(NOISES)}, got {noise!r}")
     why = None if checked else unsupported(a, b, out_dtype, out_block)
     if why:
         raise ValueError(f"gluon_gemm.block_gemm cannot run this call: {why}")
@@ -529,7 +621,7 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
         stream_seed(seed),
         A_BR=a.block.rows, B_BR=b.block.rows, B_PER_COL=b_per_col,
         HAS_BIAS=bias is not None, OUT_MODE=OUT_INT8 if out_quant else OUT_FLOAT,
-        STOCHASTIC=rounding == "stochastic", MAGIC=magic, OVERLAP=int(overlap), SCALE_MAX=float(_SCALE_MAX),
+        STOCHASTIC=NOISES[noise] if rounding == "stochastic" else 0, MAGIC=magic, OVERLAP=int(overlap), SCALE_MAX=float(_SCALE_MAX),
         STAGES=stages, GROUP_M=GROUP_M, NC=nc, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
         num_warps=4, maxnreg=maxnreg)
     return QTensor(c, sc, out_block) if out_quant else c

@@ -17,7 +17,9 @@ import torch
 _KERNEL_MODULE = {
     "quantize": "quantize",
     "quantize_transposed": "quantize",
+    "quantize_dual": "quantize",
     "dequantize": "quantize",
+    "transpose_qtensor": "quantize",
     "block_gemm": "gemm",
     "layer_norm_forward": "norms",
     "layer_norm_backward": "norms",
@@ -42,7 +44,7 @@ def _kernel(name: str) -> Optional[Callable]:
 
 @functools.lru_cache(maxsize=None)
 def _reference(name: str) -> Callable:
-    if name in ("quantize", "quantize_transposed", "dequantize"):
+    if name in ("quantize", "quantize_transposed", "quantize_dual", "dequantize", "transpose_qtensor"):
         from .. import format
 
         return getattr(format, name)
@@ -51,7 +53,7 @@ def _reference(name: str) -> Callable:
     return getattr(gemm, name, None) or getattr(nonlinear, name)
 
 
-_SEEDLESS = ("dequantize",)  # deterministic operators: no seed / generator argument
+_SEEDLESS = ("dequantize", "transpose_qtensor")  # deterministic operators: no seed / generator argument
 
 
 def uses_kernel(name: str, device: torch.device) -> bool:

@@ -137,6 +137,31 @@ def _norm_output(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig
     return n_q, None, mean, rstd, _no_fallback(d)
 
 
+def _norm_output_t(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig) -> list:
+    """The wgrad operand(s) of the norm output, recomputed in backward from the saved normalized input: with 1xK
+    blocks and no fallback the producer writes the transposed copy itself (one pass, one rounding of the float
+    output); otherwise the INT8 output (and fallback term) transposed as `_t_terms`."""
+    if _writes_t(c.activation_block) and not c.uses_fallback:
+        (_, n_t), *_ = _norm_forward(norm, x_q, weight, bias, eps, x_q.device, *_unit_stats(norm, x_q),
+                                     out_block=c.activation_block, with_t=True)
+        return [n_t]
+    n_q, n2_q, *_ = _norm_output(x_q, norm, weight, bias, eps, c, *_unit_stats(norm, x_q))
+    return _t_terms([n_q, n2_q], c)
+
+
+def _activation_t(f_q, g_q, activation: str, c: Int8TrainingConfig) -> list:
+    """The wgrad operand(s) of the fc2 input, recomputed in backward as `_norm_output_t` does the norm's."""
+    if _writes_t(c.activation_block) and not c.uses_fallback:
+        d, out = f_q.device, dict(out_block=c.activation_block, with_t=True)
+        if activation == "swiglu":
+            _, a_t = backend.call("swiglu_forward", g_q, f_q, device=d, **out)
+        else:
+            _, a_t = backend.call("gelu_forward", f_q, ACTIVATIONS[activation], device=d, **out)
+        return [a_t]
+    a_q, a2_q, _ = _activate(f_q, g_q, activation, c)
+    return _t_terms([a_q, a2_q], c)
+
+
 def _activate(f_q, g_q, activation: str, c: Int8TrainingConfig):
     """act(fc1 output) -> INT8 fc2 input (+ fallback term). Returns (a_q, a2_q, rate); recomputed in backward
     from the saved INT8 fc1 (and gate) outputs instead of being saved."""
@@ -153,6 +178,26 @@ def _activate(f_q, g_q, activation: str, c: Int8TrainingConfig):
 
 def _grad_q(dy: Tensor, seed: int, c: Int8TrainingConfig):
     return P.quantize(dy, c.grad_block, c.grad_rounding, seed, c, "output gradient")
+
+
+def _writes_t(block) -> bool:
+    """Whether producers write the transposed copy of an output in ``block`` from the same pass: 1xK blocks (the
+    transpose needs re-quantizing along M); square blocks are their own transpose (``q.t()``, a view)."""
+    return block.rows == 1 and block.cols >= 8
+
+
+def _grad_pair(dy: Tensor, seed: int, c: Int8TrainingConfig, what: str = "output gradient"):
+    """(dy_q, dy_t): the output gradient for dgrad and its transposed operand for wgrad, one read of dy for 1xK
+    gradient blocks (`primitives.quantize_dual`)."""
+    if _writes_t(c.grad_block):
+        return P.quantize_dual(dy, c.grad_block, c.grad_rounding, seed, c, what)
+    dy_q = P.quantize(dy, c.grad_block, c.grad_rounding, seed, c, what)
+    return dy_q, P.transposed(dy_q, dy, c.grad_rounding, backend.subseed(seed, 1), c, what)
+
+
+def _t_terms(terms, c: Int8TrainingConfig) -> list:
+    """The wgrad operands of saved INT8 activation terms (views for square blocks, else re-quantized)."""
+    return [P.transposed(t, None, "nearest", 0, c, "saved activation") for t in terms if t is not None]
 
 
 def _stats(t: Optional[Tensor], device) -> Tensor:
@@ -225,18 +270,17 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
     with P.running("norm_linear", d):
         x_q = P.unpack(x_i8, x_s, c.activation_block)
         w_qs = [P.unpack(w_saved[2 * i], w_saved[2 * i + 1], c.weight_block) for i in range(len(ws))]
-        n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, x_q))
+        n_ts = _norm_output_t(x_q, norm, norm_w, norm_b, eps, c)  # wgrad operand(s) of the norm output
         segments = _segments(ws, c)
         dn, dws = [], []
         names = _weight_names(ws)
         for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(_segment_weights(w_qs, ws, segments), segments)):
             dy_j = dy[:, lo:hi]
-            dy_q = _grad_q(dy_j, backend.subseed(s, 0 if j == 0 else 3 + 2 * j), c)
+            dy_q, dy_t = _grad_pair(dy_j, backend.subseed(s, 0 if j == 0 else 3 + 2 * j), c)
             w_t = P.weight_t(w_q, w_hp, c, names[j] if len(segments) > 1 else "weight")
             dn.append(P.gemm([dy_q], w_t, cfg=c) if len(segments) > 1 else
                       P.gemm([dy_q], w_t, out_block=gb, rounding=c.grad_rounding, seed=backend.subseed(s, 1), cfg=c))
-            dws.append(P.weight_grad(dy_q, dy_j, [n_q, n2_q], backend.subseed(s, 2 if j == 0 else 4 + 2 * j), c,
-                                     torch.float32, "output gradient"))
+            dws.append(P.wgrad(dy_t, n_ts, c, torch.float32))
         dn_q = dn[0] if len(dn) == 1 else P.emit(sum(dn), torch.float32, gb, c.grad_rounding, backend.subseed(s, 1), c,
                                                  "norm output gradient")
         dx, dnw, dnb = _norm_input_grad(norm, dn_q, x_q, norm_w, rstd, x_dtype)
@@ -359,29 +403,39 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
     with P.running("mlp_residual", d):
         h_q, f_q, g_q = P.unpack(h_i8, h_s, blk), P.unpack(f_i8, f_s, blk), P.unpack(g_i8, g_s, blk)
         wi_q, wo_q = P.unpack(wi_i8, wi_s, c.weight_block), P.unpack(wo_i8, wo_s, c.weight_block)
-        # recompute what the forward did not save: the norm output and the fc2 input (memory-bound)
-        n_q, n2_q, *_ = _norm_output(h_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, h_q))
-        a_q, a2_q, _ = _activate(f_q, g_q, activation, c)
+        # recompute what the forward did not save, as the wgrad operands it feeds: the norm output and the fc2
+        # input (memory-bound; with 1xK blocks the producers write the transposed copies themselves)
+        n_ts = _norm_output_t(h_q, norm, norm_w, norm_b, eps, c)
+        a_ts = _activation_t(f_q, g_q, activation, c)
         # fc2
-        dy_q = _grad_q(dout, backend.subseed(s, 0), c)
+        dy_q, dy_t = _grad_pair(dout, backend.subseed(s, 0), c)
         da_q = P.gemm([dy_q], P.weight_t(wo_q, [w_out], c, "fc2 weight"), seed=backend.subseed(s, 1), cfg=c,
                       **grad_out)
-        dw_out = P.weight_grad(dy_q, dout, [a_q, a2_q], backend.subseed(s, 2), c, wd, "output gradient")
-        # activation, then fc1 (and gate)
+        dw_out = P.wgrad(dy_t, a_ts, c, wd)
+        # activation, then fc1 (and gate): the gradients with their transposed copies from the same pass (1xK)
+        pair = _writes_t(gb)
+
+        def _t(q, seed, what):  # the wgrad operand of a gradient the producer wrote without its transpose
+            return P.transposed(q, None, c.grad_rounding, seed, c, what)
+
         if activation == "swiglu":
-            dg_q, df_q = backend.call("swiglu_backward", da_q, g_q, f_q, device=d, seed=backend.subseed(s, 3), **grad_out)
+            out = backend.call("swiglu_backward", da_q, g_q, f_q, device=d, seed=backend.subseed(s, 3), with_t=pair,
+                               **grad_out)
+            (dg_q, dg_t), (df_q, df_t) = out if pair else ((out[0], _t(out[0], backend.subseed(s, 5), "gate output gradient")),
+                                                          (out[1], _t(out[1], backend.subseed(s, 6), "fc1 output gradient")))
             wg_q = P.unpack(wg_i8, wg_s, c.weight_block)
             dn = (P.gemm([df_q], P.weight_t(wi_q, [w_in], c, "fc1 weight"), cfg=c)
                   + P.gemm([dg_q], P.weight_t(wg_q, [w_gate], c, "gate weight"), cfg=c))
             dn_q = P.quantize(dn, gb, c.grad_rounding, backend.subseed(s, 4), c, "norm output gradient")
-            dw_gate = P.weight_grad(dg_q, None, [n_q, n2_q], backend.subseed(s, 5), c, wd, "gate output gradient")
+            dw_gate = P.wgrad(dg_t, n_ts, c, wd)
         else:
-            df_q = backend.call("gelu_backward", da_q, f_q, ACTIVATIONS[activation], device=d,
-                                seed=backend.subseed(s, 3), **grad_out)
+            out = backend.call("gelu_backward", da_q, f_q, ACTIVATIONS[activation], device=d,
+                               seed=backend.subseed(s, 3), with_t=pair, **grad_out)
+            df_q, df_t = out if pair else (out, _t(out, backend.subseed(s, 6), "fc1 output gradient"))
             dn_q = P.gemm([df_q], P.weight_t(wi_q, [w_in], c, "fc1 weight"), seed=backend.subseed(s, 4), cfg=c,
                           **grad_out)
             dw_gate = P.empty(d, wd)
-        dw_in = P.weight_grad(df_q, None, [n_q, n2_q], backend.subseed(s, 6), c, wd, "fc1 output gradient")
+        dw_in = P.wgrad(df_t, n_ts, c, wd)
         # norm, then the residual branch
         dh, dnw, dnb = _norm_input_grad(norm, dn_q, h_q, norm_w, rstd, torch.float32)
         dh = (dh + dout.float()).to(dout.dtype)

@@ -30,8 +30,13 @@ from . import primitives as P
 def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: str, out_dtype: torch.dtype,
                 save_input: bool, static_storage: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
+    keep_t = _keeps_transposed_input(c, save_input)
     with P.running("int8_linear", x.device):
-        x_q, x2_q, rate = P.quantize_activation(x, c, "input")
+        if keep_t:  # the GEMM's operand and the wgrad operand backward keeps, from one read of x
+            x_q, x_t = P.quantize_dual(x, c.activation_block, "nearest", 0, c, "input")
+            x2_q, rate = None, torch.zeros((), dtype=torch.float32, device=x.device)
+        else:
+            x_q, x2_q, rate = P.quantize_activation(x, c, "input")
         w_q = P.quantize(w, c.weight_block, "nearest", 0, c, "weight")
         if c.quantize_fprop:
             y = P.gemm([x_q, x2_q], w_q, b, out_dtype=out_dtype, cfg=c)
@@ -40,7 +45,8 @@ def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: st
     keep = _keeps_int8_input(c, save_input)
     d = x.device
     capacity = P.fallback_capacity(x.shape, c) if static_storage else None
-    return [y, *P.pack(x_q if keep else None, d), *P.pack_compact(x2_q if keep else None, d, capacity), rate]
+    return [y, *P.pack((x_t if keep_t else x_q) if keep else None, d),
+            *P.pack_compact(x2_q if keep else None, d, capacity), rate]
 
 
 def _keeps_int8_input(c: Int8TrainingConfig, save_input: bool) -> bool:
@@ -48,12 +54,21 @@ def _keeps_int8_input(c: Int8TrainingConfig, save_input: bool) -> bool:
     return c.quantize_wgrad and not save_input
 
 
+def _keeps_transposed_input(c: Int8TrainingConfig, save_input: bool) -> bool:
+    """Whether the INT8 x backward gets is its transposed copy (K, M) in 1xK blocks along M - the only form
+    wgrad reads, written by the forward's quantize from the same read of x - rather than x_q (M, K), which
+    backward would have to dequantize and re-quantize transposed. 1xK activation blocks without fallback."""
+    b = c.activation_block
+    return _keeps_int8_input(c, save_input) and b.rows == 1 and b.cols >= 8 and not c.uses_fallback
+
+
 @_linear_fwd.register_fake
 def _(x, w, b, seed, cfg, out_dtype, save_input, static_storage):
     c = P.decode_config(cfg)
     M, N = x.shape[0], w.shape[0]
     keep = _keeps_int8_input(c, save_input)
-    x_keep = P.fake_q(x, x.shape, c.activation_block) if keep else P.fake_absent(x)
+    x_shape = (x.shape[1], x.shape[0]) if _keeps_transposed_input(c, save_input) else x.shape
+    x_keep = P.fake_q(x, x_shape, c.activation_block) if keep else P.fake_absent(x)
     if keep and c.uses_fallback and not static_storage:
         raise NotImplementedError("int8_linear: an exact-size fallback store has a data-dependent shape; "
                                   "trace with static_storage=True (int8_linear does so under torch.compile)")
@@ -69,13 +84,20 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
     c = P.decode_config(cfg)
     s = int(seed.item())
     with P.running("int8_linear", dy.device):
-        if x_saved.dtype == torch.int8:
-            x_q = P.unpack(x_saved, x_scale, c.activation_block)
-            x2_q = P.unpack_compact(x2_index, x2_blocks, x2_scale, x_saved.shape, c.activation_block)
+        blk, x_ts = c.activation_block, None
+        if x_saved.dtype == torch.int8 and _keeps_transposed_input(c, save_input=False):
+            x_ts = [P.unpack(x_saved, x_scale, blk)]  # the forward kept x's transposed copy (K, M)
+        elif x_saved.dtype == torch.int8:
+            x_q = P.unpack(x_saved, x_scale, blk)
+            x2_q = P.unpack_compact(x2_index, x2_blocks, x2_scale, x_saved.shape, blk)
+        elif c.quantize_wgrad and blk.rows == 1 and blk.cols >= 8 and not c.uses_fallback:
+            x_ts = [P.quantize_transposed(x_saved, blk, "nearest", 0, c, "saved input")]  # one pass over x
         elif c.quantize_wgrad:  # x itself was kept (held anyway): the forward's INT8 operands, recomputed
             x_q, x2_q, _ = P.quantize_activation(x_saved, c, "saved input")
-        dy_q = None
-        if c.quantize_dgrad or c.quantize_wgrad:
+        dy_q = dy_t = None
+        if c.quantize_wgrad and c.grad_block.rows == 1 and c.grad_block.cols >= 8:
+            dy_q, dy_t = P.quantize_dual(dy, c.grad_block, c.grad_rounding, backend.subseed(s, 0), c, "output gradient")
+        elif c.quantize_dgrad or c.quantize_wgrad:
             dy_q = P.quantize(dy, c.grad_block, c.grad_rounding, backend.subseed(s, 0), c, "output gradient")
         if c.quantize_dgrad:
             # w.T quantized straight into K-major storage (the forward's INT8 weight, transposed, for square blocks)
@@ -84,7 +106,11 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
         else:
             dx = (dy.float() @ w_saved.float()).to(x_dtype)
         if c.quantize_wgrad:
-            dw = P.weight_grad(dy_q, dy, [x_q, x2_q], backend.subseed(s, 1), c, w_dtype, "output gradient")
+            dy_t = dy_t if dy_t is not None else P.transposed(dy_q, dy, c.grad_rounding, backend.subseed(s, 1), c,
+                                                              "output gradient")
+            x_ts = x_ts if x_ts is not None else [P.transposed(t, None, "nearest", 0, c, "saved input")
+                                                  for t in (x_q, x2_q) if t is not None]
+            dw = P.wgrad(dy_t, x_ts, c, w_dtype)
         else:
             dw = (dy.float().t() @ x_saved.float()).to(w_dtype)
         db = dy.float().sum(0).to(w_dtype) if has_bias else P.empty(dy.device, w_dtype)
