@@ -13,9 +13,12 @@ Structure (one persistent CTA per SM, one warp-specialized region):
   ``acc += float(p) * (sa[row] * sb)`` in float32 (sb a per-tile scalar for 128x128 weight blocks, a
   per-column vector otherwise). The tensor cores serve one warpgroup at a time, so the warpgroups fall out
   of step and the others' wgmma runs while one promotes (DeepGEMM's overlap).
-* epilogue in the consumers: bias, then float (fp32/bf16) or 1x128-block INT8 (nearest or stochastic, the
-  same numerics and random stream as ``_blockquant.quantize_tile``) through shared memory and a TMA store,
-  which overlaps the next tile's main loop.
+* epilogue in the consumers: bias, then float (fp32/bf16) or 1x128-block INT8 through shared memory and a TMA
+  store, which overlaps the next tile's main loop. Nearest rounding: the numerics of
+  ``_blockquant.quantize_tile``. Stochastic: the numerics and random stream of the memory-bound kernels
+  (``_blockquant.noise3`` / ``quantize_by_scale``: one Philox4x32-7 per 8 elements of a row), so
+  ``kernels.quantize.quantize(y, "1x128", rounding="stochastic", seed=s)`` of this kernel's float output gives
+  its INT8 output; the Triton GEMM's epilogue draws another stream (``tl.rand`` per element), same distribution.
 
 Promotion, measured on the H200 (docs/notes/gemm_h200.md): plain ``cvt.rn.f32.s32`` (SASS I2FP) + FFMA
 beats the magic-number route (int32 product seeded with 0x4B400000, the bits of 1.5 * 2**23, so
@@ -77,10 +80,11 @@ def default_consumers(b_per_col: bool) -> int:
 
 
 OUT_FLOAT, OUT_INT8 = 0, 1
-# STOCHASTIC (the kernel's rounding switch): 0 nearest; NOISE_PHILOX7X8 the default stochastic noise (``_noise16``);
-# NOISE_PHILOX10 the previous one, a Philox4x32-10 per element (~4x the epilogue's integer work), for measurements.
-NOISE_PHILOX7X8, NOISE_PHILOX10 = 1, 2
-NOISES = {"philox7x8": NOISE_PHILOX7X8, "philox10": NOISE_PHILOX10}
+# STOCHASTIC (the kernel's rounding switch): 0 nearest; 1 the default stochastic noise (``_noise16``: one Philox4x32-7
+# per 8 elements, the memory-bound kernels' stream; ~10 SASS instructions per element on sm_90); 3 the same stream
+# with each round's products as mul.wide.u32 (~8.5); 2 the previous noise, a Philox4x32-10 per element (~54, and
+# spills with 3 consumers). 2 and 3 are for measurements (scripts/gpu/gemm_noise_probe.py).
+NOISES = {"philox7x8": 1, "philox10": 2, "philox7x8w": 3}
 _TORCH_TO_GL = {}
 
 
@@ -178,7 +182,7 @@ if gluon is not None:
     def _philox_uniform(seed, offsets):
         """``tl.rand(seed, offsets)`` for int32 offsets: Philox-4x32-10, first word, mapped to [0, 1).
 
-        The epilogue's noise before ``_noise16`` (``NOISE=0``), kept selectable for measurements only."""
+        The epilogue's noise before ``_noise16`` (``noise="philox10"``), kept for measurements only."""
         c0 = offsets.to(gl.uint32, bitcast=True)
         zero = c0 * 0
         c1 = zero
@@ -304,7 +308,7 @@ if gluon is not None:
         i2 = gl.expand_dims(inv, 1)
         v = y * i2
         v = gl.fma(gl.fma(-v, s2, y), i2, v)  # zero-scale rows: inv = 0 gives v = 0
-        if STOCHASTIC == 2:  # NOISE_PHILOX10, the old noise: one Philox4x32-10 per element (measurements only)
+        if STOCHASTIC == 2:  # "philox10", the old noise: one Philox4x32-10 per element (measurements only)
             offs = gl.expand_dims(rows, 1) * N + gl.expand_dims(cols, 0)
             q = gl.floor(v + _philox_uniform(seed, offs))
         elif STOCHASTIC:  # round-half-even(v + c) = floor(v + U(0, 1)), the memory-bound kernels' stream
@@ -579,8 +583,9 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     ValueError naming the fix when the call cannot run here (``unsupported``); `gemm.block_gemm` checks
     first and routes such calls to the Triton kernel (and passes ``checked=True``). ``magic``, ``overlap``
     and ``consumers`` are measured variants (module docstring, docs/notes/gemm_h200.md); the defaults are
-    the fastest measured. ``noise`` picks the stochastic-rounding noise: "philox7x8" (default; the memory-bound
-    kernels' stream, ``_noise16``) or "philox10" (the previous one, ``tl.rand`` per element; measurements only).
+    the fastest measured. ``noise`` picks the stochastic-rounding noise (``NOISES``): "philox7x8" (default; the
+    memory-bound kernels' stream, ``_noise16``), "philox7x8w" (the same bits through mul.wide.u32) or "philox10"
+    (the previous one, ``tl.rand`` per element); the last two for measurements.
     """
     from ._launch import alloc, num_sms, stream_seed
     from ..format.blocks import _SCALE_MAX
@@ -621,7 +626,8 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
         stream_seed(seed),
         A_BR=a.block.rows, B_BR=b.block.rows, B_PER_COL=b_per_col,
         HAS_BIAS=bias is not None, OUT_MODE=OUT_INT8 if out_quant else OUT_FLOAT,
-        STOCHASTIC=NOISES[noise] if rounding == "stochastic" else 0, MAGIC=magic, OVERLAP=int(overlap), SCALE_MAX=float(_SCALE_MAX),
+        STOCHASTIC=NOISES[noise] if rounding == "stochastic" else 0, MAGIC=magic, OVERLAP=int(overlap),
+        SCALE_MAX=float(_SCALE_MAX),
         STAGES=stages, GROUP_M=GROUP_M, NC=nc, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
         num_warps=4, maxnreg=maxnreg)
     return QTensor(c, sc, out_block) if out_quant else c
