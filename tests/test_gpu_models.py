@@ -27,7 +27,7 @@ CONFIGS = {
     "llama": LlamaConfig(vocab_size=32000, dim=512, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=1376,
                          max_seq_len=512),
 }
-MODES = ["bf16", "int8-linear", "int8", "int8+fallback"]
+MODES = ["bf16", "int8-linear", "int8", "int8+fallback", "int8-1x128", "int8-linear-1x128", "int8+fallback-1x128"]
 
 
 def _batch(vocab, seed, B=8, T=512):
@@ -67,7 +67,7 @@ def test_loss_and_every_gradient_match_fp32_twin(arch, mode):
     assert sqnr_db(torch.cat(grads_ref), torch.cat(grads)) >= 20.0
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8+fallback"])
+@pytest.mark.parametrize("mode", ["int8", "int8+fallback", "int8-1x128"])
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_short_training_run_loss_falls(arch, mode):
     """40 AdamW steps on the GPU over 4 fixed batches: the loss falls well below its start."""

@@ -357,18 +357,22 @@ def emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed, flag_ptr, fla
     ``row0`` (a multiple of R) form one block per column. The transpose goes through shared memory
     (Triton's layout conversion), so both stores are coalesced.
     """
+    G: tl.constexpr = y.shape[1]
     cols, mask, _ = tile3(rows, gcol, M, N, C)
     y = tl.where(mask, y, 0.0)
     am = absmax_nan(y, 0)  # [G, C]: one block per column
     flag_nonfinite(am, flag_ptr, flag_code)
     scale = scale_from_absmax(am)
-    offs_t = cols * M + rows[:, None, None]  # x[row, col] -> outt[col, row]
     noise = 0.0
     if STOCHASTIC:  # keyed by the element's (row, col) of x, with the copy's own seed
-        noise = noise3(seed, rows, gcol, N, R, y.shape[1], C)
+        noise = noise3(seed, rows, gcol, N, R, G, C)
     q = quantize_by_scale(y, scale[None, :, :], noise, STOCHASTIC)
-    tl.store(outt_ptr + tl.permute(offs_t, (1, 2, 0)), tl.permute(q, (1, 2, 0)), mask=tl.permute(mask, (1, 2, 0)))
-    cols2 = gcol[:, None] + tl.arange(0, C)[None, :]
+    # a 2-D [G*C, R] transpose: Triton lowers it to one shared-memory round trip with both sides vectorized; the
+    # 3-D permute of v1 stored at ~0.5 TB/s on the H200 (quantize_dual 252 us for 8192 x 4096 bf16)
+    cols2 = gcol[:, None] + tl.arange(0, C)[None, :]  # [G, C]
+    colf = tl.reshape(cols2, (G * C,))
+    qt = tl.trans(tl.reshape(q, (R, G * C)))
+    tl.store(outt_ptr + colf[:, None] * M + rows[None, :], qt, mask=(colf[:, None] < N) & (rows[None, :] < M))
     tl.store(outt_scale + cols2 * tl.cdiv(M, R) + row0 // R, scale, mask=cols2 < N)
 
 

@@ -84,7 +84,9 @@ def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC
                 x = load3(x_ptr, x_scale, rows, c0 + gcol0, M, N, X_Q, X_QR, X_QC, C)
                 mean, m2 = row_stats3(mean, m2, x, c0, N, BD, RMS, C)
             rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        for c0 in range(0, N, BD):
+        # given the statistics, programs along grid axis 1 split the columns (a [rows, N] band would otherwise be
+        # one program's serial walk: 64 programs for 8192 rows in 128-row bands); else axis 1 has one program
+        for c0 in range(tl.program_id(1) * BD, N, BD * tl.num_programs(1)):
             gcol = c0 + gcol0
             x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
             y = _normalize(x, mean, rstd, w_ptr, b_ptr, gcol, N, HAS_W, HAS_B, C)
@@ -224,7 +226,9 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
     meta = row_launch(n, out)
     flag, code = nonfinite.flag_args(device, op)
     if m:
-        _norm_fwd_kernel[(triton.cdiv(m, meta["R"]),)](
+        split = stats_given and not meta["ONE"]  # column chunks need no row reduction: one program each
+        grid = (triton.cdiv(m, meta["R"]), triton.cdiv(n, meta["G"] * meta["C"]) if split else 1)
+        _norm_fwd_kernel[grid](
             *x_op.args, weight, bias, mean, rstd, *out.args, *out.t_args, m, n, float(eps), stream_seed(seed, 0),
             stream_seed(seed, 2), flag, code, RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
             STATS_GIVEN=stats_given, **meta)
