@@ -68,7 +68,7 @@ def _tile(R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
     return row0, row0 + tl.arange(0, R), tl.program_id(1) * (G * C) + tl.arange(0, G) * C
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed', 'seed_t'])
 def _gelu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                  x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                  out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
@@ -99,7 +99,7 @@ def _gelu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_Q
         emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed', 'seed2', 'seed_t', 'seed2_t'])
 def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                    g_ptr, g_scale, G_Q: tl.constexpr, G_QR: tl.constexpr, G_QC: tl.constexpr,
                    u_ptr, u_scale, U_Q: tl.constexpr, U_QR: tl.constexpr, U_QC: tl.constexpr,

@@ -32,7 +32,7 @@ def _keep3(mask_seed, rows, gcol, N, thresh, R: tl.constexpr, G: tl.constexpr, C
     return uniform16(mask_seed, rows, gcol, N, R, G, C) >= thresh
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['mask_seed', 'seed', 'seed_t'])
 def _dropout_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                     keep_ptr, out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
                     STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
@@ -56,7 +56,7 @@ def _dropout_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC:
         emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['mask_seed'])
 def _keep_mask_kernel(keep_ptr, M, N, thresh, mask_seed, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
     rows = tl.program_id(0) * R + tl.arange(0, R)
     gcol = tl.program_id(1) * (G * C) + tl.arange(0, G) * C

@@ -142,7 +142,7 @@ def _fallback_group(acc, a2_desc, a2_ptr, b_desc, b_ptr, sa2_rows, sb, pid_m, pi
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed'])
 def _block_gemm_kernel(
     a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, sc_ptr,
     a2_ptr, sa2_ptr, flag_ptr,  # fallback term of a (int8 + scales) and its band flags (uint8)

@@ -448,7 +448,7 @@ if gluon is not None:
                   0, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                   BM, BN, BK, HALF, STAGES, GROUP_M)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=['seed'])  # a new random seed per call must not pick a new specialization
     def block_gemm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                           M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                           A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
@@ -575,7 +575,7 @@ def _desc(t: torch.Tensor, block: list[int]):
 
 def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
                out_block=None, rounding: str = "nearest", seed: int = 0, magic: bool = False,
-               overlap: int = 0, consumers: Optional[int] = None, checked: bool = False, noise: str = "philox7x8"):
+               overlap: int = 0, consumers: Optional[int] = None, checked: bool = False, noise: str = "philox7x8w"):
     """``a @ b.T (+ bias)`` with the warp-specialized kernel; float ``out_dtype`` or 1x128-block INT8 QTensor.
 
     a (M, K) and b (N, K) must be K-major QTensors with K blocks of 128 (a: any rows per block, e.g. 1 or
@@ -583,9 +583,10 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     ValueError naming the fix when the call cannot run here (``unsupported``); `gemm.block_gemm` checks
     first and routes such calls to the Triton kernel (and passes ``checked=True``). ``magic``, ``overlap``
     and ``consumers`` are measured variants (module docstring, docs/notes/gemm_h200.md); the defaults are
-    the fastest measured. ``noise`` picks the stochastic-rounding noise (``NOISES``): "philox7x8" (default; the
-    memory-bound kernels' stream, ``_noise16``), "philox7x8w" (the same bits through mul.wide.u32) or "philox10"
-    (the previous one, ``tl.rand`` per element); the last two for measurements.
+    the fastest measured. ``noise`` picks the stochastic-rounding noise (``NOISES``): "philox7x8w" (default: the
+    memory-bound kernels' stream, ``_noise16``, its Philox products through mul.wide.u32; +5-10% over nearest
+    rounding on the H200, the fastest measured), "philox7x8" (the same bits through umulhi) or "philox10"
+    (the previous one, ``tl.rand`` per element, +27-70%); the last two for measurements.
     """
     from ._launch import alloc, num_sms, stream_seed
     from ..format.blocks import _SCALE_MAX

@@ -51,7 +51,7 @@ def _normalize(x, mean, rstd, w_ptr, b_ptr, gcol, N, HAS_W: tl.constexpr, HAS_B:
     return y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed', 'seed_t'])
 def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                      w_ptr, b_ptr, mean_ptr, rstd_ptr,
                      y_ptr, y_scale, Y_Q: tl.constexpr, Y_QR: tl.constexpr, Y_QC: tl.constexpr,
@@ -125,7 +125,7 @@ def _dx(g, xhat, rstd, mean_g, mean_gx, RMS: tl.constexpr):
     return rstd[:, None, None] * (g - mean_g[:, None, None] - xhat * mean_gx[:, None, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed', 'seed_t'])
 def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                      x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                      w_ptr, mean_ptr, rstd_ptr,

@@ -26,7 +26,7 @@ from ._launch import (
 _TILE_ELEMS = 4096
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed'])
 def _quantize_kernel(
     x_ptr, q_ptr, scale_ptr,  # x: (R, C) any strides; q: contiguous (R, C) or (C, R) when TRANSPOSE
     R, C, stride_xr, stride_xc,
@@ -61,7 +61,7 @@ def _quantize_kernel(
         tl.store(scale_ptr + blk_r * ld_scale + blk_c, scale, mask=blk_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed', 'seed_t'])
 def _quant3_kernel(
     x_ptr, M, N, stride_xr, stride_xc,  # x: (M, N) any strides
     q_ptr, q_scale, qt_ptr, qt_scale,  # row-quantized (M, N) and transposed (N, M) outputs, contiguous

@@ -24,7 +24,7 @@ from ._launch import (
 NORM_STATS = (None, "layernorm", "rmsnorm")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed', 'seed_t'])
 def _residual_add_kernel(r_ptr, d_ptr, d_scale, D_Q: tl.constexpr, D_QR: tl.constexpr, D_QC: tl.constexpr,
                          h_ptr, hq_ptr, hq_scale, HQ: tl.constexpr, HQ_QR: tl.constexpr, HQ_QC: tl.constexpr,
                          STOCHASTIC: tl.constexpr, hqt_ptr, hqt_scale, WITH_T: tl.constexpr,
@@ -62,7 +62,7 @@ def _residual_add_kernel(r_ptr, d_ptr, d_scale, D_Q: tl.constexpr, D_QR: tl.cons
         tl.store(mean_ptr + rows, mean, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['seed', 'seed_t'])
 def _convert_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                     out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
                     STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
