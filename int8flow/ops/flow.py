@@ -113,13 +113,17 @@ def _unit_stats(norm: str, xhat_q) -> tuple[Optional[Tensor], Tensor]:
     return mean, torch.ones(rows, dtype=torch.float32, device=d)
 
 
-def _norm_input_grad(norm: str, dn_q, xhat_q, weight, rstd: Tensor, out_dtype: torch.dtype):
+def _norm_input_grad(norm: str, dn_q, xhat_q, weight, rstd: Tensor, out_dtype: torch.dtype,
+                     residual_grad: Optional[Tensor] = None):
     """(dx, dweight, dbias) from the normalized input: the norm backward at unit statistics, times rstd per row
-    (``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``g = dy * w``)."""
+    (``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``g = dy * w``), plus ``residual_grad`` (the
+    residual branch's gradient) when given: one fused multiply-add pass, then the cast."""
     d = dn_q.device
     mean1, rstd1 = _unit_stats(norm, xhat_q)
     dx, dw, db = _norm_backward(norm, dn_q, xhat_q, weight, mean1, rstd1, d, out_dtype=torch.float32)
-    return (dx * rstd[:, None]).to(out_dtype), dw, db
+    if residual_grad is None:
+        return (dx * rstd[:, None]).to(out_dtype), dw, db
+    return torch.addcmul(residual_grad, dx, rstd[:, None]).to(out_dtype), dw, db
 
 
 def _norm_output(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig, mean=None, rstd=None):
@@ -437,8 +441,7 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
             dw_gate = P.empty(d, wd)
         dw_in = P.wgrad(df_t, n_ts, c, wd)
         # norm, then the residual branch
-        dh, dnw, dnb = _norm_input_grad(norm, dn_q, h_q, norm_w, rstd, torch.float32)
-        dh = (dh + dout.float()).to(dout.dtype)
+        dh, dnw, dnb = _norm_input_grad(norm, dn_q, h_q, norm_w, rstd, dout.dtype, residual_grad=dout)
         db_in = df_q.dequantize(torch.float32).sum(0) if has_b_in else None
         db_out = dout.float().sum(0) if has_b_out else None
         dnw, dnb, db_in, db_out = _param_grads(d, wd, [(dnw, norm_w is not None), (dnb, norm_b is not None),
