@@ -378,8 +378,10 @@ def _mlp_fwd(h: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w_in
             w_gate_q = P.quantize(w_gate, c.weight_block, "nearest", 0, c, "gate weight")
             g_q = P.gemm([n_q, n2_q], w_gate_q, None, out_block=blk, cfg=c, what="gate output")
         a_q, a2_q, rate = _activate(f_q, g_q, activation, c)
-        y = P.gemm([a_q, a2_q], w_out_q, b_out, out_dtype=torch.float32, cfg=c)
-        out = (h.float() + y).to(h.dtype)
+        # fc2's output in the residual stream's dtype, then the residual add: as the BF16 model rounds its linear
+        # output before the add, and no (M, D) float32 temporaries (the output, h.float(), their sum)
+        y = P.gemm([a_q, a2_q], w_out_q, b_out, out_dtype=h.dtype, cfg=c)
+        out = h + y
     return [out, *P.pack(h_q, d), _stats(mean, d), rstd, *P.pack(f_q, d), *P.pack(g_q, d), *P.pack(w_in_q, d),
             *P.pack(w_gate_q, d), *P.pack(w_out_q, d), rate]
 
