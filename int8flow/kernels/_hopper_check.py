@@ -34,15 +34,49 @@ def _resources(cubin: bytes) -> dict:
     return {"regs": int(m.group(1)), "stack_bytes": int(m.group(2))} if m else {}
 
 
-def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
-    """Compile ``fn`` (a @triton.jit kernel) for sm_90; other int arguments are i32."""
+def _sass_count(cubin: bytes) -> int:
+    """Number of SASS instructions in a cubin (every kernel in it)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(r"/\*[0-9a-f]{4,6}\*/\s+\S", out))
+
+
+def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, num_warps: int, num_stages: int,
+                       divisible: tuple = ()) -> dict:
+    """Compile ``fn`` (a @triton.jit kernel) for sm_90; other int arguments are i32.
+
+    Specialized as a real launch would be: pointers 16-byte aligned, the ints named in ``divisible`` multiples
+    of 16 (pass a unit stride as a constexpr 1). Without these Triton cannot vectorize the memory accesses, and
+    the register and instruction counts of the memory-bound kernels come out 2-3x too high."""
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: pointer_types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or n in divisible}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     kernel = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = kernel.asm["ptx"]
     return {**_resources(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
+            "sass": _sass_count(kernel.asm["cubin"]),
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx)))}
+
+
+def quant3_variant(rowq: bool, trans: bool, stochastic: bool, R: int, G: int, C: int, num_warps: int) -> dict:
+    """The one-pass quantizer (`quantize._quant3_kernel`) on a bf16 input: row-quantized 1x128 copy (``rowq``)
+    and/or the transposed 1xR copy (``trans``), an [R, G, C] tile per program. Adds SASS instructions per
+    element and resident warps per SM (registers, shared memory and the 64-warp cap): the two numbers that
+    decided the memory-bound kernels' speed on the H200 (docs/notes/membound_h200.md)."""
+    consts = dict(stride_xc=1, QR=1, QC=128 if rowq else 1, ROWQ=rowq, TRANS=trans, STOCHASTIC=stochastic,
+                  R=R, G=G, C=C)
+    ptrs = {"x_ptr": "*bf16", "q_ptr": "*i8", "q_scale": "*fp32", "qt_ptr": "*i8", "qt_scale": "*fp32",
+            "flag_ptr": "*i32"}
+    r = compile_for_hopper(quantize._quant3_kernel, ptrs, consts, num_warps, 1, divisible=("M", "N", "stride_xr"))
+    ctas = min(65536 // max(1, r["regs"] * 32 * num_warps), 64 // num_warps,
+               (228 * 1024) // max(1, r["shared_bytes"]))
+    return {"kernel": "quant3", "rowq": rowq, "trans": trans, "stochastic": stochastic, "tile": [R, G, C],
+            "warps": num_warps, **r, "sass_per_element": round(r["sass"] * 32 * num_warps / (R * G * C), 1),
+            "warps_per_sm": ctas * num_warps}
 
 
 def gemm_variant(dequant: bool, out_quant: bool, group: int, a_br: int, b_br: int, cfg, layout: int = 0,
@@ -132,6 +166,9 @@ def main(quick: bool = False) -> list[dict]:
     reports += [gemm_variant(False, True, 128, 1, 128, c, fallback=True) for c in int8_cfgs[:2]]
     reports += [gemm_variant(True, True, 32, 32, 32, deq_cfgs[0], fallback=True)]
     reports += [quantize_variant(b, t) for b in ("32x32", "1x128", "128x128") for t in (False, True)]
+    # the launches of quantize / quantize_transposed / quantize_dual (kernels.quantize._launch_quant3)
+    reports += [quant3_variant(True, False, False, 8, 8, 128, 16)]
+    reports += [quant3_variant(rq, True, st, 128, 1, 128, 32) for rq in (False, True) for st in (False, True)]
     from . import gluon_gemm
     if gluon_gemm.available():
         reports += gluon_variants(quick)
