@@ -160,7 +160,8 @@ def _checkpointed(fn):
     return lambda *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
 
-@pytest.mark.parametrize("arch,precision", [("gpt", "int8"), ("llama", "int8+fallback"), ("gpt", "int8-linear")])
+@pytest.mark.parametrize("arch,precision", [("gpt", "int8"), ("llama", "int8+fallback"), ("gpt", "int8-linear"),
+                                           ("llama", "int8-1x128"), ("gpt", "int8-linear-1x128")])
 def test_compiles_without_graph_breaks(arch, precision):
     torch._dynamo.reset()
     torch.manual_seed(0)
