@@ -2,7 +2,8 @@
 
     python scripts/gpu/dual_probe.py [--out DIR] [--warps 0]
 
-Times (triton.testing.do_bench medians) at M = 8192 tokens, N in {4096, 11008}: quantize (row 1x128),
+Times (triton.testing.do_bench medians) at M = 8192 tokens, N in {4096, 11008}: quantize (row 1x128; and
+128x128, the weights' blocks),
 quantize_transposed, quantize_dual, the INT8 transpose kernel, RMSNorm forward with given statistics with and
 without the transposed copy, SwiGLU forward/backward with and without it; GB/s by the least bytes each must move,
 and the fraction of a same-run bf16 copy's bandwidth. ``--warps W`` overrides the warps of the [128, G, 128] tiles
@@ -47,6 +48,7 @@ def main() -> int:
         sc = e // 128 * 4  # bytes of one 1x128 scale grid
         cases = [
             ("quantize bf16->1x128", lambda: kq.quantize(x, "1x128", check_finite=False), 3 * e + sc),
+            ("quantize bf16->128x128", lambda: kq.quantize(x, "128x128", check_finite=False), 3 * e + e // 16384 * 4),
             ("quantize_transposed", lambda: kq.quantize_transposed(x, "1x128", check_finite=False), 3 * e + sc),
             ("quantize_dual", lambda: kq.quantize_dual(x, "1x128", check_finite=False), 4 * e + 2 * sc),
             ("quantize_dual stochastic", lambda: kq.quantize_dual(x, "1x128", "stochastic", 5, check_finite=False),
