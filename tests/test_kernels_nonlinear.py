@@ -466,6 +466,38 @@ def test_with_t_writes_the_transposed_copy(poisoned, op, block, shape):
     assert bool(((y_t_q.dequantize().t() - y_q.dequantize()).abs() <= step).all())
 
 
+@pytest.mark.parametrize("op,block,shape", [("layer_norm_fwd", "1x32", (70, 96)), ("rms_norm_fwd_stats", "1x128", (130, 300)),
+                                            ("gelu_fwd", "1x32", (40, 160)), ("swiglu_fwd", "1x128", (150, 77))])
+def test_with_t_only_writes_the_transposed_copy_alone(poisoned, op, block, shape):
+    """with_t='only' (the wgrad operand of a recomputed output): exactly the transposed copy of with_t=True, bit for
+    bit (kernel and reference), and no row-quantized output; tails in both dimensions, buffers poisoned."""
+    m, d = shape
+    x = _x((m, d), "outlier_channels", torch.float32, False, seed=110, scale=2.0)
+    u = _x((m, d), "heavy_tailed", torch.float32, False, seed=111)
+    w = (1 + 0.1 * sample((d,), seed=112)).to(DEVICE)
+    rstd = (1 + 0.1 * sample((m,), seed=113).abs()).to(DEVICE)
+    fns = {
+        "layer_norm_fwd": lambda mod, **o: mod.layer_norm_forward(x, w, w, **o)[0],
+        "rms_norm_fwd_stats": lambda mod, **o: mod.rms_norm_forward(x, w, rstd=rstd, **o)[0],
+        "gelu_fwd": lambda mod, **o: mod.gelu_forward(x, "tanh", **o),
+        "swiglu_fwd": lambda mod, **o: mod.swiglu_forward(x, u, **o),
+    }
+    fn = fns[op]
+    kernel = norms if "norm" in op else activations
+    only, (_, pair_t) = fn(kernel, out_block=block, with_t="only"), fn(kernel, out_block=block, with_t=True)
+    assert isinstance(only, QTensor) and only.shape == (d, m) and only.data.is_contiguous()
+    assert torch.equal(only.data, pair_t.data) and torch.equal(only.scale, pair_t.scale)
+    assert_matches(only, fn(ref, out_block=block, with_t="only"))
+
+
+def test_with_t_only_is_refused_where_a_kernel_cannot_skip_the_row_copy():
+    x = _x((33, 77), "gaussian", torch.float32, False, seed=114)
+    with pytest.raises(ValueError, match="with_t=True here"):
+        activations.swiglu_backward(x, x, x, out_block="1x128", with_t="only")
+    with pytest.raises(ValueError, match="'only'"):
+        activations.gelu_forward(x, out_block="1x128", with_t="both")
+
+
 def test_with_t_needs_a_1xk_block():
     x = _x((33, 77), "gaussian", torch.float32, False, seed=103)
     for kw in (dict(out_block="32x32", with_t=True), dict(out_dtype=torch.float32, with_t=True)):

@@ -203,10 +203,16 @@ class Output:
     """
 
     def __init__(self, shape: tuple[int, int], device: torch.device, out_dtype: torch.dtype = torch.float32,
-                 out_block=None, rounding: str = "nearest", with_t: bool = False):
+                 out_block=None, rounding: str = "nearest", with_t=False, t_only_ok: bool = False):
         check_rounding(rounding)
+        if with_t not in (False, True, "only"):
+            raise ValueError(f"with_t must be False, True or 'only' (the transposed copy alone), got {with_t!r}")
+        if with_t == "only" and not t_only_ok:
+            raise ValueError("with_t='only' (the transposed copy without the row-quantized output) is offered by the "
+                             "norm forward and the activation forward kernels; use with_t=True here")
         self.block = None if out_block is None else BlockShape.parse(out_block)
         self.with_t = bool(with_t)
+        self.row = with_t != "only"  # the kernel's ROW_OUT: write the row-major output too
         self.t_data = self.t_scale = None
         if self.with_t:
             if self.block is None or self.block.rows != 1:
@@ -216,7 +222,9 @@ class Output:
             check_block(self.block, "out_block")
             self.t_data = alloc((shape[1], shape[0]), torch.int8, device)
             self.t_scale = alloc(self.block.grid((shape[1], shape[0])), torch.float32, device)
-        if self.block is None:
+        if not self.row:  # placeholders: a ROW_OUT=False kernel never touches them
+            self.data, self.scale = self.t_data, self.t_scale
+        elif self.block is None:
             check_out_dtype(out_dtype)
             self.data = alloc(shape, out_dtype, device)
             self.scale = self.data
@@ -247,7 +255,10 @@ class Output:
         return (self.t_data, self.t_scale, self.with_t) if self.with_t else (self.data, self.scale, False)
 
     def result(self):
-        """A Tensor, a QTensor, or with ``with_t`` the pair (QTensor (M, N), QTensor (N, M) of the transpose)."""
+        """A Tensor, a QTensor, with ``with_t`` the pair (QTensor (M, N), QTensor (N, M) of the transpose), with
+        ``with_t='only'`` the transpose's QTensor alone."""
+        if not self.row:
+            return QTensor(self.t_data, self.t_scale, self.block)
         if self.block is None:
             return self.data
         q = QTensor(self.data, self.scale, self.block)
@@ -295,6 +306,11 @@ def tile3_launch(shape: tuple[int, int], out: "Output", elements: int = 4096,
     """
     m, n = shape
     c = 128
+    if out.with_t and not out.row:
+        # the transposed copy alone needs no 128-wide row blocks: [K, 1, 64] tiles at 32 values a thread compile to
+        # ~69 SASS instructions per element for SwiGLU forward (vs ~116 at [128, 1, 128] x 32 warps) with 16 warps
+        # resident per SM, for kernels that are issue-bound (docs/notes/membound_h200.md)
+        c, per_thread = 64, max(per_thread, 32)
     g_cap = next_pow2(-(-n // c))
     if out.with_t:
         r = out.qc

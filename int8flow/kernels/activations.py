@@ -74,8 +74,9 @@ def _gelu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_Q
                  out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
                  STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
                  M, N, seed, seed_t, flag_ptr, flag_code, BACKWARD: tl.constexpr, TANH: tl.constexpr,
-                 R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
-    """out = gelu(x) (forward) or dy * gelu'(x) (BACKWARD); all tensors (M, N) row-major; [R, G, C] tiles."""
+                 R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ROW_OUT: tl.constexpr = True):
+    """out = gelu(x) (forward) or dy * gelu'(x) (BACKWARD); all tensors (M, N) row-major; [R, G, C] tiles.
+    ROW_OUT=False: only the transposed copy (``with_t='only'``)."""
     row0, rows, gcol = _tile(R, G, C)
     x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
     if TANH:  # 0.5 (1 + tanh z) = sigmoid(2 z): one exp2, one reciprocal
@@ -93,8 +94,9 @@ def _gelu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_Q
         y = dy * dydx
     else:
         y = x * cdf
-    emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
-          R, G, C)
+    if ROW_OUT:
+        emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
+              R, G, C)
     if WITH_T:
         emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
@@ -107,8 +109,9 @@ def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY
                    STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
                    out2_ptr, out2_scale, out2t_ptr, out2t_scale,
                    M, N, seed, seed2, seed_t, seed2_t, flag_ptr, flag_code, BACKWARD: tl.constexpr,
-                   R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
-    """out = silu(g) * u (forward) or (out, out2) = (dgate, dup) (BACKWARD); out2 has out's format."""
+                   R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ROW_OUT: tl.constexpr = True):
+    """out = silu(g) * u (forward) or (out, out2) = (dgate, dup) (BACKWARD); out2 has out's format.
+    ROW_OUT=False (forward): only the transposed copy (``with_t='only'``)."""
     row0, rows, gcol = _tile(R, G, C)
     g = load3(g_ptr, g_scale, rows, gcol, M, N, G_Q, G_QR, G_QC, C)
     u = load3(u_ptr, u_scale, rows, gcol, M, N, U_Q, U_QR, U_QC, C)
@@ -128,8 +131,9 @@ def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY
                     R, C)
     else:
         y = g * sig * u
-        emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
-              R, G, C)
+        if ROW_OUT:
+            emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
+                  STOCHASTIC, R, G, C)
         if WITH_T:
             emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
@@ -146,20 +150,21 @@ def _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t):
     shape = check_same_shape(("dy", dy_op), ("x", x_op))
     check_int32_addressable(x_op.data, "x")
     device = x_op.data.device
-    out = Output(shape, device, out_dtype, out_block, rounding, with_t)
+    out = Output(shape, device, out_dtype, out_block, rounding, with_t, t_only_ok=dy is None)
     grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else 8)
     flag, code = nonfinite.flag_args(device, "gelu_forward" if dy is None else "gelu_backward")
     if shape[0] and shape[1]:
         _gelu_kernel[grid](*dy_op.args, *x_op.args, *out.args, *out.t_args, shape[0], shape[1], stream_seed(seed, 0),
                            stream_seed(seed, 2), flag, code, BACKWARD=dy is not None, TANH=approximate == "tanh",
-                           **meta)
+                           ROW_OUT=out.row, **meta)
     return out.result()
 
 
 def gelu_forward(x, approximate: str = "none", out_dtype: torch.dtype = torch.float32, out_block=None,
-                 rounding: str = "nearest", seed: int = 0, *, with_t: bool = False):
+                 rounding: str = "nearest", seed: int = 0, *, with_t=False):
     """gelu(x); x float (M, D) or QTensor; returns a float tensor of out_dtype or a QTensor (out_block);
-    with ``with_t`` (1xK out_block) the pair (y_q, y_t_q), y_t_q = quantize_transposed(y) from the same pass."""
+    with ``with_t`` (1xK out_block) the pair (y_q, y_t_q), y_t_q = quantize_transposed(y) from the same pass;
+    with ``with_t='only'`` y_t_q alone (the wgrad operand, when y itself is not needed)."""
     return _gelu(None, x, approximate, out_dtype, out_block, rounding, seed, with_t)
 
 
@@ -175,20 +180,22 @@ def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t):
     shape = check_same_shape(("dy", dy_op), ("gate", g_op), ("up", u_op))
     check_int32_addressable(g_op.data, "gate")
     device = g_op.data.device
-    out = Output(shape, device, out_dtype, out_block, rounding, with_t)
+    out = Output(shape, device, out_dtype, out_block, rounding, with_t, t_only_ok=dy is None)
     out2 = Output(shape, device, out_dtype, out_block, rounding, with_t) if dy is not None else out
     grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else 4)  # bwd: 3 inputs, 2 outputs live
     flag, code = nonfinite.flag_args(device, "swiglu_forward" if dy is None else "swiglu_backward")
     if shape[0] and shape[1]:
         _swiglu_kernel[grid](*dy_op.args, *g_op.args, *u_op.args, *out.args, *out.t_args, out2.data, out2.scale,
                              *out2.t_args[:2], shape[0], shape[1], stream_seed(seed, 0), stream_seed(seed, 1),
-                             stream_seed(seed, 2), stream_seed(seed, 3), flag, code, BACKWARD=dy is not None, **meta)
+                             stream_seed(seed, 2), stream_seed(seed, 3), flag, code, BACKWARD=dy is not None,
+                             ROW_OUT=out.row, **meta)
     return out.result() if dy is None else (out.result(), out2.result())
 
 
 def swiglu_forward(gate, up, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                   seed: int = 0, *, with_t: bool = False):
-    """silu(gate) * up (Llama's MLP activation); gate/up float (M, D) or QTensors."""
+                   seed: int = 0, *, with_t=False):
+    """silu(gate) * up (Llama's MLP activation); gate/up float (M, D) or QTensors; ``with_t`` as `gelu_forward`
+    (True: the pair (y_q, y_t_q); 'only': y_t_q alone)."""
     return _swiglu(None, gate, up, out_dtype, out_block, rounding, seed, with_t)
 
 

@@ -58,8 +58,10 @@ def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC
                      STOCHASTIC: tl.constexpr, yt_ptr, yt_scale, WITH_T: tl.constexpr,
                      M, N, eps, seed, seed_t, flag_ptr, flag_code,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, STATS_GIVEN: tl.constexpr,
-                     R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ONE: tl.constexpr):
-    """y = (x - mean) * rstd * w + b (RMS: x * rstd * w) for rows [pid*R, +R); stores mean/rstd (M,)."""
+                     R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ONE: tl.constexpr,
+                     ROW_OUT: tl.constexpr = True):
+    """y = (x - mean) * rstd * w + b (RMS: x * rstd * w) for rows [pid*R, +R); stores mean/rstd (M,).
+    ROW_OUT=False: only the transposed copy (``with_t='only'``)."""
     BD: tl.constexpr = G * C
     row0 = tl.program_id(0) * R
     rows = row0 + tl.arange(0, R)
@@ -90,7 +92,9 @@ def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC
             gcol = c0 + gcol0
             x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
             y = _normalize(x, mean, rstd, w_ptr, b_ptr, gcol, N, HAS_W, HAS_B, C)
-            emit3(y, y_ptr, y_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, Y_Q, Y_QR, Y_QC, STOCHASTIC, R, G, C)
+            if ROW_OUT:
+                emit3(y, y_ptr, y_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, Y_Q, Y_QR, Y_QC, STOCHASTIC,
+                      R, G, C)
             if WITH_T:
                 emit3_t(y, yt_ptr, yt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
     if not STATS_GIVEN:
@@ -222,7 +226,7 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
             raise ValueError("mean= was given without rstd=; pass both (from residual_add_forward) or neither")
         rstd = _launch.alloc(m, torch.float32, device)
         mean = None if rms else _launch.alloc(m, torch.float32, device)
-    out = Output((m, n), device, out_dtype, out_block, rounding, with_t)
+    out = Output((m, n), device, out_dtype, out_block, rounding, with_t, t_only_ok=True)
     meta = row_launch(n, out)
     flag, code = nonfinite.flag_args(device, op)
     if m:
@@ -231,7 +235,7 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
         _norm_fwd_kernel[grid](
             *x_op.args, weight, bias, mean, rstd, *out.args, *out.t_args, m, n, float(eps), stream_seed(seed, 0),
             stream_seed(seed, 2), flag, code, RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
-            STATS_GIVEN=stats_given, **meta)
+            STATS_GIVEN=stats_given, ROW_OUT=out.row, **meta)
     return out.result(), mean, rstd
 
 
@@ -270,9 +274,9 @@ def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, roundin
 def layer_norm_forward(x, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                        eps: float = 1e-5, out_dtype: torch.dtype = torch.float32, out_block=None,
                        rounding: str = "nearest", seed: int = 0, *, mean: Optional[torch.Tensor] = None,
-                       rstd: Optional[torch.Tensor] = None, with_t: bool = False):
+                       rstd: Optional[torch.Tensor] = None, with_t=False):
     """Returns (y, mean, rstd): x (M, D) float or QTensor; y float (out_dtype) or QTensor (out_block), with
-    ``with_t`` the pair (y_q, y_t_q); mean/rstd float32 (M,). Given ``mean``/``rstd`` (from the fused
+    ``with_t`` the pair (y_q, y_t_q) (``with_t='only'``: y_t_q alone); mean/rstd float32 (M,). Given ``mean``/``rstd`` (from the fused
     residual add) x is read once and they are returned as is."""
     return _norm_forward(x, weight, bias, eps, False, mean, rstd, out_dtype, out_block, rounding, seed, with_t,
                          "layer_norm_forward")
@@ -289,7 +293,7 @@ def layer_norm_backward(dy, x, weight: Optional[torch.Tensor], mean: torch.Tenso
 
 def rms_norm_forward(x, weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                      out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                     seed: int = 0, *, rstd: Optional[torch.Tensor] = None, with_t: bool = False):
+                     seed: int = 0, *, rstd: Optional[torch.Tensor] = None, with_t=False):
     """Returns (y, rstd). Given ``rstd`` (from the fused residual add) x is read once."""
     y, _, rstd = _norm_forward(x, weight, None, eps, True, None, rstd, out_dtype, out_block, rounding, seed, with_t,
                                "rms_norm_forward")

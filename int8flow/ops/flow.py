@@ -146,8 +146,8 @@ def _norm_output_t(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConf
     blocks and no fallback the producer writes the transposed copy itself (one pass, one rounding of the float
     output); otherwise the INT8 output (and fallback term) transposed as `_t_terms`."""
     if _writes_t(c.activation_block) and not c.uses_fallback:
-        (_, n_t), *_ = _norm_forward(norm, x_q, weight, bias, eps, x_q.device, *_unit_stats(norm, x_q),
-                                     out_block=c.activation_block, with_t=True)
+        n_t, *_ = _norm_forward(norm, x_q, weight, bias, eps, x_q.device, *_unit_stats(norm, x_q),
+                                out_block=c.activation_block, with_t="only")
         return [n_t]
     n_q, n2_q, *_ = _norm_output(x_q, norm, weight, bias, eps, c, *_unit_stats(norm, x_q))
     return _t_terms([n_q, n2_q], c)
@@ -156,12 +156,10 @@ def _norm_output_t(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConf
 def _activation_t(f_q, g_q, activation: str, c: Int8TrainingConfig) -> list:
     """The wgrad operand(s) of the fc2 input, recomputed in backward as `_norm_output_t` does the norm's."""
     if _writes_t(c.activation_block) and not c.uses_fallback:
-        d, out = f_q.device, dict(out_block=c.activation_block, with_t=True)
+        d, out = f_q.device, dict(out_block=c.activation_block, with_t="only")  # the transposed copy alone
         if activation == "swiglu":
-            _, a_t = backend.call("swiglu_forward", g_q, f_q, device=d, **out)
-        else:
-            _, a_t = backend.call("gelu_forward", f_q, ACTIVATIONS[activation], device=d, **out)
-        return [a_t]
+            return [backend.call("swiglu_forward", g_q, f_q, device=d, **out)]
+        return [backend.call("gelu_forward", f_q, ACTIVATIONS[activation], device=d, **out)]
     a_q, a2_q, _ = _activate(f_q, g_q, activation, c)
     return _t_terms([a_q, a2_q], c)
 

@@ -19,17 +19,20 @@ GELU_APPROXIMATIONS = ("none", "tanh")
 NORM_STATS = (None, "layernorm", "rmsnorm")
 
 
-def _emit(y: torch.Tensor, with_t: bool = False, **out):
+def _emit(y: torch.Tensor, with_t=False, **out):
     """``emit``; with ``with_t`` (a 1xK ``out_block``) also the transposed copy, ``quantize_transposed`` of y:
-    the pair (y_q, y_t_q) the kernels' dual-layout producers return."""
-    q = emit(y, **out)
+    the pair (y_q, y_t_q) the kernels' dual-layout producers return; ``with_t='only'``: y_t_q alone."""
+    if with_t not in (False, True, "only"):
+        raise ValueError(f"with_t must be False, True or 'only' (the transposed copy alone), got {with_t!r}")
+    q = emit(y, **out) if with_t != "only" else None
     if not with_t:
         return q
     block = out.get("out_block")
     if block is None or BlockShape.parse(block).rows != 1:
         raise ValueError(f"with_t=True writes the transposed copy in 1xK blocks along M: out_block must be '1xK' "
                          f"(e.g. '1x128'), got {block!r}; square blocks are their own transpose (use q.t())")
-    return q, quantize_transposed(y, block, out.get("rounding", "nearest"), out.get("generator"), check_finite=False)
+    q_t = quantize_transposed(y, block, out.get("rounding", "nearest"), out.get("generator"), check_finite=False)
+    return q_t if q is None else (q, q_t)
 
 
 def as_float(x, name: str = "x") -> torch.Tensor:
