@@ -111,7 +111,7 @@ def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY
                    M, N, seed, seed2, seed_t, seed2_t, flag_ptr, flag_code, BACKWARD: tl.constexpr,
                    R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ROW_OUT: tl.constexpr = True):
     """out = silu(g) * u (forward) or (out, out2) = (dgate, dup) (BACKWARD); out2 has out's format.
-    ROW_OUT=False (forward): only the transposed copy (``with_t='only'``)."""
+    ROW_OUT=False: only the transposed copies (``with_t='only'``)."""
     row0, rows, gcol = _tile(R, G, C)
     g = load3(g_ptr, g_scale, rows, gcol, M, N, G_Q, G_QR, G_QC, C)
     u = load3(u_ptr, u_scale, rows, gcol, M, N, U_Q, U_QR, U_QC, C)
@@ -119,13 +119,15 @@ def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY
     if BACKWARD:
         dy = load3(dy_ptr, dy_scale, rows, gcol, M, N, DY_Q, DY_QR, DY_QC, C)
         dgate = dy * u * sig * (1.0 + g * one_minus)
-        emit3(dgate, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
-              STOCHASTIC, R, G, C)
+        if ROW_OUT:
+            emit3(dgate, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
+                  STOCHASTIC, R, G, C)
         if WITH_T:
             emit3_t(dgate, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
         dup = dy * g * sig
-        emit3(dup, out2_ptr, out2_scale, rows, gcol, M, N, seed2, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
-              STOCHASTIC, R, G, C)
+        if ROW_OUT:
+            emit3(dup, out2_ptr, out2_scale, rows, gcol, M, N, seed2, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
+                  STOCHASTIC, R, G, C)
         if WITH_T:
             emit3_t(dup, out2t_ptr, out2t_scale, row0, rows, gcol, M, N, seed2_t, flag_ptr, flag_code, STOCHASTIC,
                     R, C)
