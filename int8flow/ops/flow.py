@@ -97,6 +97,10 @@ def _normalized_input(x: Tensor, norm: str, eps: float, c: Int8TrainingConfig):
     xhat_q costs the same bytes as an INT8 x. On the GPU the residual-add kernel, which writes x, can emit
     these statistics (Jetfire's fusion)."""
     d, blk = x.device, c.activation_block
+    if backend.uses_kernel(f"{'layer' if norm == 'layernorm' else 'rms'}_norm_forward", d):
+        # one pass: the kernel normalizes in float32 and writes xhat_q itself (the same numbers as quantizing its
+        # float32 output, without that (M, D) float32 temporary); NaN/Inf go to the device flag
+        return _norm_forward(norm, x, None, None, eps, d, out_block=blk)
     xhat, mean, rstd = _norm_forward(norm, x, None, None, eps, d, out_dtype=torch.float32)
     try:
         xhat_q = P.quantize(xhat, blk, "nearest", 0, c, "input")
