@@ -2,9 +2,11 @@
 
 Forward: ``y = x_q @ w_q.T + b`` with x and w quantized per block (nearest rounding).
 Backward: ``dy`` quantized with stochastic rounding; ``dx = dy_q @ w_q`` uses ``w_q.t()`` and
-``dw = dy_q.T @ x_q`` uses ``dy_q.t()`` and ``x_q.t()``: exact copies for square blocks, re-quantized
-otherwise; the GEMM reads every operand K-major (`primitives.gemm`). What is saved for backward is the
-INT8 ``x_q`` (not the high-precision x) - the memory saving of INT8 training - and the weight parameter
+``dw = dy_q.T @ x_q`` uses ``dy_q.t()`` and ``x_q.t()``: exact copies for square blocks; for 1xK blocks the
+transposed operands are quantized from the high-precision values in the same pass as the row copies
+(`primitives.quantize_dual`); the GEMM reads every operand K-major (`primitives.gemm`). What is saved for
+backward is INT8 - ``x_q``, or for 1xK activation blocks without fallback x's transposed copy, the only form
+wgrad reads - not the high-precision x (the memory saving of INT8 training), and the weight parameter
 itself (which exists anyway): backward quantizes ``w.T`` straight into the K-major layout dgrad reads,
 with nearest rounding, so for square weight blocks it is the forward's INT8 weight, transposed, bit for
 bit, and no INT8 copy of a weight is kept between forward and backward. With fallback quantization the
