@@ -193,8 +193,8 @@ def _writes_t(block) -> bool:
 
 
 def _grad_pair(dy: Tensor, seed: int, c: Int8TrainingConfig, what: str = "output gradient"):
-    """(dy_q, dy_t): the output gradient for dgrad and its transposed operand for wgrad, one read of dy for 1xK
-    gradient blocks (`primitives.quantize_dual`)."""
+    """(dy_q, dy_t): the output gradient for dgrad and its transposed operand for wgrad, both quantized from dy
+    for 1xK gradient blocks (`primitives.quantize_dual`)."""
     if _writes_t(c.grad_block):
         return P.quantize_dual(dy, c.grad_block, c.grad_rounding, seed, c, what)
     dy_q = P.quantize(dy, c.grad_block, c.grad_rounding, seed, c, what)

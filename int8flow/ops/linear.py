@@ -34,7 +34,7 @@ def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: st
     c = P.decode_config(cfg)
     keep_t = _keeps_transposed_input(c, save_input)
     with P.running("int8_linear", x.device):
-        if keep_t:  # the GEMM's operand and the wgrad operand backward keeps, from one read of x
+        if keep_t:  # the GEMM's operand and the wgrad operand backward keeps, both from x
             x_q, x_t = P.quantize_dual(x, c.activation_block, "nearest", 0, c, "input")
             x2_q, rate = None, torch.zeros((), dtype=torch.float32, device=x.device)
         else:

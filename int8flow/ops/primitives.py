@@ -56,7 +56,7 @@ def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: 
 def quantize_dual(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
                   what: str) -> tuple[QTensor, QTensor]:
     """``(quantize(x), quantize_transposed(x))`` in a 1xK ``block``: the next GEMM's operand and the K-major
-    copy the weight-gradient GEMM reads, from one read of x on the kernel path. NaN/Inf as in `quantize`."""
+    copy the weight-gradient GEMM reads (two kernel launches on the kernel path). NaN/Inf as in `quantize`."""
     if backend.uses_kernel("quantize_dual", x.device):
         return backend.call("quantize_dual", x, block, rounding=rounding, device=x.device, seed=seed,
                             check_finite=False, flag_op=what)
