@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from int8flow.config import Int8TrainingConfig
-from int8flow.format import BlockShape, NonFiniteError
+from int8flow.format import BlockShape, NonFiniteError, quantize
+from int8flow.ops import primitives as P
 from int8flow.ops import NormSpec, linear_residual, mlp_residual, norm_linear
 
 from _inputs import sample, sqnr_db
@@ -98,6 +99,29 @@ def test_mlp_residual_matches_float64(precision, kind, dist):
                   sample(SHAPE, dist, 2), p)
     for k, v in sq.items():
         assert v >= FLOORS[k], (k, v)
+
+
+@pytest.mark.parametrize("recipe,ff", [("int8", 192), ("int8-1x128", 256)])
+def test_swiglu_dgrad_as_one_k_concatenated_gemm_matches_float64(recipe, ff):
+    """ffn a multiple of the blocks along K: the norm-output gradient df @ w_in + dg @ w_gate runs as one GEMM over
+    [df | dg] and [w_in.T | w_gate.T] (`primitives.concat_k`), INT8 from its epilogue; same floors as above."""
+    cfg = Int8TrainingConfig.from_recipe_name(recipe)
+    g = torch.Generator().manual_seed(7)
+    p = {"norm_w": 1 + 0.1 * torch.randn(D, generator=g), "w_in": torch.randn(ff, D, generator=g) / D**0.5,
+         "w_gate": torch.randn(ff, D, generator=g) / D**0.5, "w_out": torch.randn(D, ff, generator=g) / ff**0.5}
+    p = {k: v.requires_grad_() for k, v in p.items()}
+    assert P.concat_k([quantize(torch.randn(8, ff), cfg.grad_block)] * 2) is not None  # the path under test
+    sq = _compare(lambda l: (_mlp_int8("rmsnorm", l["x"], l, cfg), l), lambda l: _mlp_ref("rmsnorm", l["x"], l),
+                  sample(SHAPE, "heavy_tailed", 8), p)
+    for k, v in sq.items():
+        assert v >= FLOORS[k], (k, v)
+
+
+def test_concat_k_refuses_a_block_straddling_two_operands():
+    a, b = quantize(torch.randn(8, 200), "32x32"), quantize(torch.randn(8, 64), "32x32")
+    assert P.concat_k([a, b]) is None  # 200 = 6 x 32 + 8: the 7th block would mix a and b
+    both = P.concat_k([b, a])
+    assert both.shape == (8, 264) and torch.equal(both.dequantize(), torch.cat([b.dequantize(), a.dequantize()], 1))
 
 
 def test_linear_residual_matches_float64():

@@ -432,9 +432,15 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
             (dg_q, dg_t), (df_q, df_t) = out if pair else ((out[0], _t(out[0], backend.subseed(s, 5), "gate output gradient")),
                                                           (out[1], _t(out[1], backend.subseed(s, 6), "fc1 output gradient")))
             wg_q = P.unpack(wg_i8, wg_s, c.weight_block)
-            dn = (P.gemm([df_q], P.weight_t(wi_q, [w_in], c, "fc1 weight"), cfg=c)
-                  + P.gemm([dg_q], P.weight_t(wg_q, [w_gate], c, "gate weight"), cfg=c))
-            dn_q = P.quantize(dn, gb, c.grad_rounding, backend.subseed(s, 4), c, "norm output gradient")
+            wi_t, wg_t = P.weight_t(wi_q, [w_in], c, "fc1 weight"), P.weight_t(wg_q, [w_gate], c, "gate weight")
+            a_cat, b_cat = P.concat_k([df_q, dg_q]), P.concat_k([wi_t, wg_t])
+            if a_cat is not None and b_cat is not None:
+                # dn = df @ w_in + dg @ w_gate as one GEMM over K = 2 x ffn, INT8 straight from its epilogue (no two
+                # (M, D) float32 products, their sum and a quantize pass)
+                dn_q = P.gemm([a_cat], b_cat, seed=backend.subseed(s, 4), cfg=c, **grad_out)
+            else:  # ffn not a multiple of the blocks along K: two GEMMs, summed in float32
+                dn = P.gemm([df_q], wi_t, cfg=c) + P.gemm([dg_q], wg_t, cfg=c)
+                dn_q = P.quantize(dn, gb, c.grad_rounding, backend.subseed(s, 4), c, "norm output gradient")
             dw_gate = P.wgrad(dg_t, n_ts, c, wd)
         else:
             out = backend.call("gelu_backward", da_q, f_q, ACTIVATIONS[activation], device=d,

@@ -115,6 +115,17 @@ def stack_rows(qs: Sequence[QTensor]) -> QTensor:
     return QTensor(torch.cat([q.data for q in qs]), torch.cat([q.scale for q in qs]), qs[0].block)
 
 
+def concat_k(qs: Sequence[QTensor]) -> Optional[QTensor]:
+    """GEMM operands side by side along K (``[a1 | a2]``, so ``[a1 | a2] @ [b1 | b2].T = a1 @ b1.T + a2 @ b2.T``):
+    K-major copies concatenated (INT8 data and scales; 1 byte per element). None when a block would straddle two
+    operands (every operand but the last must end on a block boundary along K) or the blocks differ."""
+    block = qs[0].block
+    if any(q.block != block for q in qs) or any(q.shape[1] % block.cols for q in qs[:-1]):
+        return None
+    qs = [k_major(q) for q in qs]
+    return QTensor(torch.cat([q.data for q in qs], dim=1), torch.cat([q.scale for q in qs], dim=1), block)
+
+
 def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape], rounding: str, seed: int,
          cfg: Int8TrainingConfig, what: str):
     if out_block is None:
