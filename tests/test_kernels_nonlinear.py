@@ -155,6 +155,40 @@ def test_norm_without_affine(rms):
         torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("shape,out", [((70, 96), "bfloat16"), ((33, 300), "float32"), ((130, 160), "1x32"),
+                                       ((66, 200), "32x32")])  # the last: chunked launch
+def test_norm_backward_scales_rows_and_adds_the_residual(poisoned, rms, shape, out):
+    """dx_scale / residual: dx * dx_scale[:, None] + residual written by the same kernel (whole-row and chunked
+    launches, tails), equal to the reference within the module's rules, and to the two-step form."""
+    m, d = shape
+    x = _x(shape, "outlier_channels", torch.float32, True, seed=120, scale=2.0)
+    dy = _x(shape, "heavy_tailed", torch.float32, True, seed=121)
+    w = (1 + 0.1 * sample((d,), seed=122)).to(DEVICE)
+    mean, rstd = torch.zeros(m, device=DEVICE), torch.ones(m, device=DEVICE)  # the unit statistics of a normalized x
+    scale = (0.5 + sample((m,), seed=123).abs()).to(DEVICE)
+    res = _x(shape, "gaussian", torch.bfloat16, False, seed=124)
+    kw = dict(dx_scale=scale, residual=res, **_out_kwargs(out))
+
+    def run(mod, **o):
+        return (mod.rms_norm_backward(dy, x, w, rstd, **o) if rms else mod.layer_norm_backward(dy, x, w, mean, rstd, **o))[0]
+
+    got, want = run(norms, **kw), run(ref, **kw)
+    assert_matches(got, want)
+    if out == "float32":  # the fused form is the two-step one, up to the float32 rounding of one multiply-add
+        plain = run(norms, out_dtype=torch.float32)
+        torch.testing.assert_close(got, plain * scale[:, None] + res.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_norm_backward_residual_must_be_a_float_tensor():
+    x = _x((8, 64), "gaussian", torch.float32, False, seed=125)
+    one = torch.ones(8, device=DEVICE)
+    with pytest.raises(TypeError, match="residual must be a float tensor"):
+        norms.rms_norm_backward(x, x, None, one, residual=quantize(x, "1x32"))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        norms.rms_norm_backward(x, x, None, one, residual=x[:, :32].contiguous())
+
+
 def test_layer_norm_backward_matches_autograd_float64():
     """dx uses the full width D in its means (the paper's kernel divided by D while summing 128 columns)."""
     m, d = 5, 300  # several column chunks

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..format import QTensor
 from . import _launch, nonfinite
 from ._blockquant import emit3, emit3_t, load3, row_stats3
 from ._launch import (
@@ -129,6 +130,17 @@ def _dx(g, xhat, rstd, mean_g, mean_gx, RMS: tl.constexpr):
     return rstd[:, None, None] * (g - mean_g[:, None, None] - xhat * mean_gx[:, None, None])
 
 
+@triton.jit
+def _finish_dx(dx, dxs_ptr, res_ptr, rows, gcol, M, N, HAS_DXS: tl.constexpr, HAS_RES: tl.constexpr,
+               C: tl.constexpr):
+    """``dx * dxs[row] + res``: the per-row factor and the residual branch's gradient, in registers."""
+    if HAS_DXS:
+        dx = dx * tl.load(dxs_ptr + rows, mask=rows < M, other=0.0)[:, None, None]
+    if HAS_RES:
+        dx = dx + load3(res_ptr, res_ptr, rows, gcol, M, N, False, 1, 1, C)
+    return dx
+
+
 @triton.jit(do_not_specialize=['seed', 'seed_t'])
 def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                      x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
@@ -138,8 +150,10 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
                      dw_part_ptr, db_part_ptr,
                      M, N, seed, seed_t, flag_ptr, flag_code,
                      RMS: tl.constexpr, HAS_W: tl.constexpr,
-                     R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ONE: tl.constexpr):
-    """dx for bands pid, pid + P, ...; column sums of dy * xhat and dy into partial row pid of (P, N)."""
+                     R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ONE: tl.constexpr,
+                     dxs_ptr=None, res_ptr=None, HAS_DXS: tl.constexpr = False, HAS_RES: tl.constexpr = False):
+    """dx for bands pid, pid + P, ...; column sums of dy * xhat and dy into partial row pid of (P, N).
+    HAS_DXS / HAS_RES: dx * dxs[row] + res (float or bf16 (M, N)) before dx is written."""
     BD: tl.constexpr = G * C
     pid = tl.program_id(0)
     part_row = pid * N
@@ -159,7 +173,8 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
             dy, xhat, g = _bwd_tile(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, gcol0, M, N,
                                     DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W, C)
             sum_g, sum_gx = _row_sums(g, xhat)
-            dx = _dx(g, xhat, rstd, sum_g / N, sum_gx / N, RMS)
+            dx = _finish_dx(_dx(g, xhat, rstd, sum_g / N, sum_gx / N, RMS), dxs_ptr, res_ptr, rows, gcol0, M, N,
+                            HAS_DXS, HAS_RES, C)
             emit3(dx, dx_ptr, dx_scale, rows, gcol0, M, N, seed, flag_ptr, flag_code, DX_Q, DX_QR, DX_QC,
                   STOCHASTIC, R, G, C)
             if HAS_W:
@@ -181,7 +196,8 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
                 gcol = c0 + gcol0
                 dy, xhat, g = _bwd_tile(dy_ptr, dy_scale, x_ptr, x_scale, w_ptr, mean, rstd, rows, gcol, M, N,
                                         DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W, C)
-                dx = _dx(g, xhat, rstd, mean_g, mean_gx, RMS)
+                dx = _finish_dx(_dx(g, xhat, rstd, mean_g, mean_gx, RMS), dxs_ptr, res_ptr, rows, gcol, M, N,
+                                HAS_DXS, HAS_RES, C)
                 emit3(dx, dx_ptr, dx_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, DX_Q, DX_QR, DX_QC,
                       STOCHASTIC, R, G, C)
                 if WITH_T:
@@ -239,7 +255,8 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
     return out.result(), mean, rstd
 
 
-def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, rounding, seed, with_t, op):
+def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, rounding, seed, with_t, op,
+                   dx_scale=None, residual=None):
     dy_op, x_op = operand(dy, "dy"), operand(x, "x")
     (m, n) = check_same_shape(("dy", dy_op), ("x", x_op))
     device = x_op.data.device
@@ -248,6 +265,13 @@ def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, roundin
     check_stats(rstd, "rstd", m, device)
     if not rms:
         check_stats(mean, "mean", m, device)
+    if dx_scale is not None:
+        check_stats(dx_scale, "dx_scale", m, device)
+    if residual is not None:
+        if isinstance(residual, QTensor):
+            raise TypeError("residual must be a float tensor (the residual branch's gradient), got a QTensor; "
+                            "pass residual.dequantize()")
+        check_same_shape(("dy", dy_op), ("residual", operand(residual, "residual")))
     out = Output((m, n), device, out_dtype, out_block, rounding, with_t)
     # Whole rows up to 8192 (dy, xhat, g and two column-sum rows stay in registers); wider rows walk chunks
     # of 8-row bands, one program per SM so that the band re-read in the second walk stays in L2.
@@ -262,7 +286,8 @@ def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, roundin
     if m:
         _norm_bwd_kernel[(programs,)](
             *dy_op.args, *x_op.args, weight, mean, rstd, *out.args, *out.t_args, dw_part, db_part, m, n,
-            stream_seed(seed, 0), stream_seed(seed, 2), flag, code, RMS=rms, HAS_W=weight is not None, **meta)
+            stream_seed(seed, 0), stream_seed(seed, 2), flag, code, RMS=rms, HAS_W=weight is not None, **meta,
+            dxs_ptr=dx_scale, res_ptr=residual, HAS_DXS=dx_scale is not None, HAS_RES=residual is not None)
         dweight = dw_part.sum(dim=0) if weight is not None else None
         dbias = db_part.sum(dim=0) if not rms else None
     else:
@@ -284,11 +309,13 @@ def layer_norm_forward(x, weight: Optional[torch.Tensor] = None, bias: Optional[
 
 def layer_norm_backward(dy, x, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                         out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                        seed: int = 0, *, with_t: bool = False):
+                        seed: int = 0, *, with_t: bool = False, dx_scale: Optional[torch.Tensor] = None,
+                        residual: Optional[torch.Tensor] = None):
     """Returns (dx, dweight, dbias); dweight/dbias float32 (D,) (dweight None without weight);
-    with ``with_t`` dx is the pair (dx_q, dx_t_q)."""
+    with ``with_t`` dx is the pair (dx_q, dx_t_q). ``dx_scale`` float32 (M,) / ``residual`` float (M, D),
+    contiguous: dx becomes ``dx * dx_scale[:, None] + residual`` in registers before it is written."""
     return _norm_backward(dy, x, weight, mean, rstd, False, out_dtype, out_block, rounding, seed, with_t,
-                          "layer_norm_backward")
+                          "layer_norm_backward", dx_scale, residual)
 
 
 def rms_norm_forward(x, weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
@@ -302,10 +329,12 @@ def rms_norm_forward(x, weight: Optional[torch.Tensor] = None, eps: float = 1e-6
 
 def rms_norm_backward(dy, x, weight: Optional[torch.Tensor], rstd: torch.Tensor,
                       out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                      seed: int = 0, *, with_t: bool = False):
-    """Returns (dx, dweight); dweight float32 (None without weight)."""
+                      seed: int = 0, *, with_t: bool = False, dx_scale: Optional[torch.Tensor] = None,
+                      residual: Optional[torch.Tensor] = None):
+    """Returns (dx, dweight); dweight float32 (None without weight); ``dx_scale`` / ``residual`` as
+    `layer_norm_backward`."""
     dx, dweight, _ = _norm_backward(dy, x, weight, None, rstd, True, out_dtype, out_block, rounding, seed, with_t,
-                                    "rms_norm_backward")
+                                    "rms_norm_backward", dx_scale, residual)
     return dx, dweight
 
 

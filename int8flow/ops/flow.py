@@ -121,13 +121,14 @@ def _norm_input_grad(norm: str, dn_q, xhat_q, weight, rstd: Tensor, out_dtype: t
                      residual_grad: Optional[Tensor] = None):
     """(dx, dweight, dbias) from the normalized input: the norm backward at unit statistics, times rstd per row
     (``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, ``g = dy * w``), plus ``residual_grad`` (the
-    residual branch's gradient) when given: one fused multiply-add pass, then the cast."""
+    residual branch's gradient) when given, in the same kernel (`dx_scale`, `residual`)."""
     d = dn_q.device
     mean1, rstd1 = _unit_stats(norm, xhat_q)
-    dx, dw, db = _norm_backward(norm, dn_q, xhat_q, weight, mean1, rstd1, d, out_dtype=torch.float32)
-    if residual_grad is None:
-        return (dx * rstd[:, None]).to(out_dtype), dw, db
-    return torch.addcmul(residual_grad, dx, rstd[:, None]).to(out_dtype), dw, db
+    res = None if residual_grad is None else residual_grad.contiguous()
+    # the kernel applies rstd and adds the residual's gradient in registers and writes dx in out_dtype: no (M, D)
+    # float32 dx between passes
+    return _norm_backward(norm, dn_q, xhat_q, weight, mean1, rstd1, d, out_dtype=out_dtype, dx_scale=rstd,
+                          residual=res)
 
 
 def _norm_output(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig, mean=None, rstd=None):

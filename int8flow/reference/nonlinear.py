@@ -95,15 +95,30 @@ def layer_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *, mean=Non
     return _emit(y, **out), mean, rstd
 
 
-def layer_norm_backward(dy, x, weight, mean, rstd, **out):
-    """Returns (dx, dweight, dbias); dweight/dbias are float32 (None when the forward had none)."""
+def _finish_dx(dx: torch.Tensor, dx_scale, residual) -> torch.Tensor:
+    """``dx * dx_scale[:, None] + residual`` (each optional): a per-row factor (the forward's rstd when x was
+    the normalized input) and the residual branch's gradient, applied before the output is written."""
+    if dx_scale is not None:
+        _check_stats(dx_scale, "dx_scale", dx.shape[0])
+        dx = dx * dx_scale[:, None].float()
+    if residual is not None:
+        r = as_float(residual, "residual")
+        _same_shape(dx=dx, residual=r)
+        dx = dx + r
+    return dx
+
+
+def layer_norm_backward(dy, x, weight, mean, rstd, *, dx_scale=None, residual=None, **out):
+    """Returns (dx, dweight, dbias); dweight/dbias are float32 (None when the forward had none).
+    ``dx_scale`` (M,) / ``residual`` (M, D): dx becomes ``dx * dx_scale[:, None] + residual`` before it is
+    written (the normalized-input form of the data flow, and the residual branch, in the same pass)."""
     dyf, xf = as_float(dy, "dy"), as_float(x)
     _same_shape(dy=dyf, x=xf)
     xhat = (xf - mean[:, None]) * rstd[:, None]
     wdy = dyf * weight.float() if weight is not None else dyf
     dx = rstd[:, None] * (wdy - wdy.mean(dim=1, keepdim=True) - xhat * (wdy * xhat).mean(dim=1, keepdim=True))
     dweight = (dyf * xhat).sum(dim=0) if weight is not None else None
-    return _emit(dx, **out), dweight, dyf.sum(dim=0)
+    return _emit(_finish_dx(dx, dx_scale, residual), **out), dweight, dyf.sum(dim=0)
 
 
 # --- RMSNorm ----------------------------------------------------------------------------------
@@ -123,15 +138,15 @@ def rms_norm_forward(x, weight=None, eps: float = 1e-6, *, rstd=None, **out):
     return _emit(y, **out), rstd
 
 
-def rms_norm_backward(dy, x, weight, rstd, **out):
-    """Returns (dx, dweight)."""
+def rms_norm_backward(dy, x, weight, rstd, *, dx_scale=None, residual=None, **out):
+    """Returns (dx, dweight); ``dx_scale`` / ``residual`` as `layer_norm_backward`."""
     dyf, xf = as_float(dy, "dy"), as_float(x)
     _same_shape(dy=dyf, x=xf)
     xhat = xf * rstd[:, None]
     wdy = dyf * weight.float() if weight is not None else dyf
     dx = rstd[:, None] * (wdy - xhat * (wdy * xhat).mean(dim=1, keepdim=True))
     dweight = (dyf * xhat).sum(dim=0) if weight is not None else None
-    return _emit(dx, **out), dweight
+    return _emit(_finish_dx(dx, dx_scale, residual), **out), dweight
 
 
 # --- GELU -------------------------------------------------------------------------------------
