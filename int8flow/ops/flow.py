@@ -291,7 +291,7 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
         dn_q = dn[0] if len(dn) == 1 else P.emit(sum(dn), torch.float32, gb, c.grad_rounding, backend.subseed(s, 1), c,
                                                  "norm output gradient")
         dx, dnw, dnb = _norm_input_grad(norm, dn_q, x_q, norm_w, rstd, x_dtype)
-        db = dy.float().sum(0) if has_bias else None
+        db = dy.sum(0, dtype=torch.float32) if has_bias else None  # no float32 copy of dy
         grads = _param_grads(d, wd, [(dnw, norm_w is not None), (dnb, norm_b is not None), (db, has_bias)])
         # split views of one tensor would alias each other: custom-op outputs must not
         dw = dws[0] if len(dws) == 1 else torch.cat(dws)
@@ -454,7 +454,7 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
         # norm, then the residual branch
         dh, dnw, dnb = _norm_input_grad(norm, dn_q, h_q, norm_w, rstd, dout.dtype, residual_grad=dout)
         db_in = df_q.dequantize(torch.float32).sum(0) if has_b_in else None
-        db_out = dout.float().sum(0) if has_b_out else None
+        db_out = dout.sum(0, dtype=torch.float32) if has_b_out else None
         dnw, dnb, db_in, db_out = _param_grads(d, wd, [(dnw, norm_w is not None), (dnb, norm_b is not None),
                                                        (db_in, has_b_in), (db_out, has_b_out)])
     return [dh, dnw, dnb, dw_in, db_in, dw_gate, dw_out, db_out]

@@ -115,7 +115,7 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
             dw = P.wgrad(dy_t, x_ts, c, w_dtype)
         else:
             dw = (dy.float().t() @ x_saved.float()).to(w_dtype)
-        db = dy.float().sum(0).to(w_dtype) if has_bias else P.empty(dy.device, w_dtype)
+        db = dy.sum(0, dtype=torch.float32).to(w_dtype) if has_bias else P.empty(dy.device, w_dtype)
     return dx, dw, db
 
 
