@@ -91,18 +91,9 @@ def test_short_training_run_loss_falls(arch, mode):
 
 def _count_syncs(fn) -> list[str]:
     """Run ``fn`` with CUDA's sync debug mode on; the host-device synchronizations it made, as warning texts."""
-    import warnings
+    from int8flow.bench.common import host_syncs
 
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message) for w in caught
-            if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)]
+    return [str(w.message) for w in host_syncs(fn)]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-1x128"])

@@ -25,6 +25,24 @@ def require_cuda() -> None:
         )
 
 
+def host_syncs(fn: Callable[[], object]) -> list:
+    """Run ``fn`` with CUDA's sync debug mode on; the host-device synchronizations it made, as the
+    ``warnings.WarningMessage`` records torch emits for them (``filename``/``lineno`` locate the call site).
+    PyTorch's one-time notice that the debug mode is a prototype feature is not counted."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [w for w in caught
+            if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)]
+
+
 def parse_choices(text: str, allowed, flag: str) -> list[str]:
     """A comma-separated command-line list, refused with the allowed values if any item is unknown."""
     chosen = [x for x in text.split(",") if x]

@@ -25,21 +25,21 @@ HOPPER = GPUTarget("cuda", 90, 32)
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _resources(cubin: bytes) -> dict:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+        return subprocess.run([_CUOBJDUMP, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resources(cubin: bytes) -> dict:
+    m = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(cubin, "-res-usage"))
     return {"regs": int(m.group(1)), "stack_bytes": int(m.group(2))} if m else {}
 
 
 def _sass_count(cubin: bytes) -> int:
     """Number of SASS instructions in a cubin (every kernel in it)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    out = _cuobjdump(cubin, "-sass")
     return len(re.findall(r"/\*[0-9a-f]{4,6}\*/\s+\S", out))
 
 

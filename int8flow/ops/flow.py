@@ -183,10 +183,6 @@ def _activate(f_q, g_q, activation: str, c: Int8TrainingConfig):
     return a, None, _no_fallback(d)
 
 
-def _grad_q(dy: Tensor, seed: int, c: Int8TrainingConfig):
-    return P.quantize(dy, c.grad_block, c.grad_rounding, seed, c, "output gradient")
-
-
 def _writes_t(block) -> bool:
     """Whether producers write the transposed copy of an output in ``block`` from the same pass: 1xK blocks (the
     transpose needs re-quantizing along M); square blocks are their own transpose (``q.t()``, a view)."""

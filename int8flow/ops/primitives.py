@@ -35,36 +35,35 @@ def unpack(data: torch.Tensor, scale: torch.Tensor, block: BlockShape) -> Option
     return None if data.numel() == 0 and data.dim() == 1 else QTensor(data, scale, block)
 
 
-def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
-             what: str) -> QTensor:
-    """Quantize on the dispatched backend; under ``nonfinite='raise'`` a NaN/Inf is refused with a
-    ``NonFiniteError`` naming x as ``what`` ("fc1 weight", "output gradient"), the op added by `running`.
-    On the CUDA kernel path the refusal moves to the step boundary (device flag, no sync here)."""
-    if backend.uses_kernel("quantize", x.device):
-        # No eager check on the kernel path (it would cost an isfinite pass and a host sync per call): the
-        # kernel records a NaN/Inf block in the device flag, checked once at the step boundary
-        # (`int8flow.guards.check_device_nonfinite`), where 'raise' raises naming ``what``.
-        return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed,
-                            check_finite=False, flag_op=what)
+def _quantize_op(op: str, x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
+                 what: str):
+    """Quantizer ``op`` on the dispatched backend. On the CUDA kernel path no eager check (it would cost an isfinite
+    pass and a host sync per call): the kernel records a NaN/Inf block in the device flag, checked once at the
+    step boundary (`int8flow.guards.check_device_nonfinite`), where 'raise' raises naming ``what``. Elsewhere,
+    under ``nonfinite='raise'``, a ``NonFiniteError`` naming x as ``what``."""
+    if backend.uses_kernel(op, x.device):
+        return backend.call(op, x, block, rounding=rounding, device=x.device, seed=seed, check_finite=False,
+                            flag_op=what)
     try:
-        return backend.call("quantize", x, block, rounding=rounding, device=x.device, seed=seed,
+        return backend.call(op, x, block, rounding=rounding, device=x.device, seed=seed,
                             check_finite=cfg.nonfinite == "raise")
     except NonFiniteError as err:
         raise NonFiniteError(_renamed(str(err), what)) from err
+
+
+def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
+             what: str) -> QTensor:
+    """Quantize on the dispatched backend; a NaN/Inf is refused (``nonfinite='raise'``) with a ``NonFiniteError``
+    naming x as ``what`` ("fc1 weight", "output gradient"), the op added by `running`; on the CUDA kernel path
+    the refusal moves to the step boundary (device flag, no sync here)."""
+    return _quantize_op("quantize", x, block, rounding, seed, cfg, what)
 
 
 def quantize_dual(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
                   what: str) -> tuple[QTensor, QTensor]:
     """``(quantize(x), quantize_transposed(x))`` in a 1xK ``block``: the next GEMM's operand and the K-major
     copy the weight-gradient GEMM reads (two kernel launches on the kernel path). NaN/Inf as in `quantize`."""
-    if backend.uses_kernel("quantize_dual", x.device):
-        return backend.call("quantize_dual", x, block, rounding=rounding, device=x.device, seed=seed,
-                            check_finite=False, flag_op=what)
-    try:
-        return backend.call("quantize_dual", x, block, rounding=rounding, device=x.device, seed=seed,
-                            check_finite=cfg.nonfinite == "raise")
-    except NonFiniteError as err:
-        raise NonFiniteError(_renamed(str(err), what)) from err
+    return _quantize_op("quantize_dual", x, block, rounding, seed, cfg, what)
 
 
 def _renamed(message: str, what: str) -> str:
@@ -182,12 +181,9 @@ def quantize_transposed(x: torch.Tensor, block: BlockShape, rounding: str, seed:
     """``x.T`` quantized with ``block`` into contiguous storage: the K-major operand of a dgrad / wgrad GEMM.
 
     On the kernel path one pass reads x in its own layout and writes the transpose (a strided read of ``x.t()``
-    would not coalesce); NaN/Inf go to the device flag as ``what``. Elsewhere the reference quantizes ``x.t()``
-    (the same numbers under nearest rounding; stochastic rounding draws other, equally distributed noise)."""
-    if backend.uses_kernel("quantize_transposed", x.device):
-        return backend.call("quantize_transposed", x, block, rounding=rounding, device=x.device, seed=seed,
-                            check_finite=False, flag_op=what)
-    return quantize(x.t(), block, rounding, seed, cfg, what)
+    would not coalesce); NaN/Inf as in `quantize`. Elsewhere the reference quantizes ``x.t()`` (the same numbers
+    under nearest rounding; stochastic rounding draws other, equally distributed noise)."""
+    return _quantize_op("quantize_transposed", x, block, rounding, seed, cfg, what)
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
@@ -256,15 +252,6 @@ def weight_t(w_q: QTensor, w_hp: Sequence[torch.Tensor], cfg: Int8TrainingConfig
         return w_q.t()
     w = w_hp[0] if len(w_hp) == 1 else torch.cat(list(w_hp))
     return quantize(w.t(), cfg.weight_block, "nearest", 0, cfg, f"{what} (transposed)")
-
-
-def weight_grad(dy_q: QTensor, dy_hp: Optional[torch.Tensor], terms: Sequence[Optional[QTensor]], seed: int,
-                cfg: Int8TrainingConfig, out_dtype: torch.dtype, what: str) -> torch.Tensor:
-    """``dw = dy.T @ x`` with x given as its INT8 term(s) (the fallback term included when present);
-    ``what`` names dy."""
-    dy_t = transposed(dy_q, dy_hp, cfg.grad_rounding, seed, cfg, what)
-    return wgrad(dy_t, [transposed(t, None, "nearest", 0, cfg, "saved activation") for t in terms if t is not None],
-                 cfg, out_dtype)
 
 
 def wgrad(dy_t: QTensor, x_ts: Sequence[QTensor], cfg: Int8TrainingConfig, out_dtype: torch.dtype) -> torch.Tensor:

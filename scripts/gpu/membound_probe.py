@@ -157,9 +157,8 @@ def check() -> None:
 
 def sync() -> None:
     """Host syncs and isfinite kernels in one INT8 training step (fwd + bwd + grad clip skipped)."""
-    import warnings
-
     from int8flow import build_model
+    from int8flow.bench.common import host_syncs
 
     for name, prec in (("gpt-tiny", "int8"), ("llama-tiny", "int8+fallback"), ("gpt2-124m", "int8")):
         try:
@@ -174,21 +173,12 @@ def sync() -> None:
                 return loss
 
             step()  # warm up (compiles)
-            torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    step()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            syncs = [f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+            syncs = [f"{os.path.relpath(w.filename)}:{w.lineno}" for w in host_syncs(step)]
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
                 torch.cuda.synchronize()
-            names = [e.key for e in prof.key_averages()]
             print(f"SYNC {name} {prec}: {len(syncs)} host syncs in fwd+bwd; sites {sorted(set(syncs))}; "
                   f"aten::isfinite calls: {sum(e.count for e in prof.key_averages() if e.key == 'aten::isfinite')}; "
                   f"item/_local_scalar_dense: {sum(e.count for e in prof.key_averages() if 'local_scalar' in e.key)}",
