@@ -85,7 +85,7 @@ _COMPILE_SCRIPT = """
 import json
 from int8flow.kernels import _hopper_check as h
 for out, kw in (("bf16", {}), ("int8", {}), ("fp32", dict(magic=True)), ("int8", dict(stochastic=True)),
-                ("int8", dict(consumers=3))):
+                ("int8", dict(consumers=3)), ("bf16", dict(b_per_col=True, sb_smem=True))):
     print(json.dumps(h.gluon_variant(out, **kw)))
 """
 
@@ -108,7 +108,7 @@ def test_gluon_kernel_compiles_for_sm90_with_int8_wgmma_and_no_spills():
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 5
+    assert len(reports) == 6  # the last: wgrad's per-column B scales through shared memory (the L2 route spills 48 B)
     for r in reports:
         assert r["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"], r
         assert r["shared_bytes"] <= 227 * 1024 and r["local_ld_st"] == 0, r
@@ -173,6 +173,26 @@ def test_gluon_tails_both_consumer_counts_on_gpu(shape, out, consumers):
         t = kg.block_gemm(a, b, out_block="1x128", rounding=rounding, seed=5, kernel="triton")
         d = q.data.double() - t.data.double()  # the scales agree to 1e-5 (asserted above for q)
         assert abs(float(d.sum())) < 5 * (d.numel() / 2) ** 0.5
+
+
+@pytest.mark.gpu
+@on_hopper
+@needs_gluon
+@pytest.mark.parametrize("consumers", [2, 3])
+@pytest.mark.parametrize("shape", [(77, 16, 144), (300, 208, 400), (450, 1028, 1040)], ids=lambda s: "x".join(map(str, s)))
+def test_gluon_per_column_scales_through_shared_memory_on_gpu(shape, consumers):
+    """wgrad's operands (1x128 blocks along K on both sides: B's scale varies per column). The per-column scales
+    staged by the producer's TMA (``sb_smem``) give the same bits as the L2 loads (the same float ops in the same
+    order), and both match float64; tails in M, N (N % 128 != 0) and K."""
+    M, N, K = shape
+    a, b = operand(M, K, "1x128", 11), operand(N, K, "1x128", 12)
+    want = a.dequantize().double() @ b.dequantize().double().t()
+    y_l2 = gg.block_gemm(a, b, consumers=consumers, sb_smem=False)
+    y_sm = gg.block_gemm(a, b, consumers=consumers, sb_smem=True)
+    assert ((y_sm.double() - want).abs().max() / want.abs().max()) < 2e-6
+    assert torch.equal(y_sm, y_l2)
+    with pytest.raises(ValueError, match="sb_smem needs per-column B scales"):
+        gg.block_gemm(a, operand(N, K, "128x128", 13), sb_smem=True)
 
 
 @pytest.mark.gpu

@@ -79,6 +79,31 @@ def quant3_variant(rowq: bool, trans: bool, stochastic: bool, R: int, G: int, C:
             "warps_per_sm": ctas * num_warps}
 
 
+def swiglu_variant(backward: bool, row_out: bool, with_t: bool, stochastic: bool, R: int, G: int, C: int,
+                   num_warps: int, kernel=None, **extra) -> dict:
+    """A launch of the SwiGLU kernel (`activations._swiglu_kernel`, or ``kernel``) on 1x128 INT8 inputs and 1x128
+    INT8 outputs (the Llama MLP's backward: dy, gate, up in; dgate, dup out, row and/or transposed copies), reported
+    like ``quant3_variant``."""
+    from . import activations
+    fn = kernel or activations._swiglu_kernel
+    names = set(inspect.signature(fn.fn).parameters)
+    consts = dict(DY_Q=True, DY_QR=1, DY_QC=128, G_Q=True, G_QR=1, G_QC=128, U_Q=True, U_QR=1, U_QC=128, OUT_Q=True,
+                  OUT_QR=1, OUT_QC=128, STOCHASTIC=stochastic, WITH_T=with_t, BACKWARD=backward, R=R, G=G, C=C,
+                  ROW_OUT=row_out, **extra)
+    consts = {k: v for k, v in consts.items() if k in names}
+    ptrs = {n: ("*i8" if n.endswith("_ptr") and n != "flag_ptr" else "*fp32") for n in names
+            if n.endswith("_ptr") or n.endswith("_scale")}
+    ptrs["flag_ptr"] = "*i32"
+    if "zero_ptr" in names:
+        ptrs["zero_ptr"] = "*i8"
+    r = compile_for_hopper(fn, ptrs, consts, num_warps, 1, divisible=("M", "N"))
+    ctas = min(65536 // max(1, r["regs"] * 32 * num_warps), 64 // num_warps,
+               (228 * 1024) // max(1, r["shared_bytes"]))
+    return {"kernel": getattr(fn, "__name__", str(fn)), "backward": backward, "row_out": row_out, "with_t": with_t,
+            "stochastic": stochastic, "tile": [R, G, C], "warps": num_warps, **extra, **r,
+            "sass_per_element": round(r["sass"] * 32 * num_warps / (R * G * C), 1), "warps_per_sm": ctas * num_warps}
+
+
 def gemm_variant(dequant: bool, out_quant: bool, group: int, a_br: int, b_br: int, cfg, layout: int = 0,
                  fallback: bool = False) -> dict:
     consts = dict(A_LAYOUT=layout, B_LAYOUT=layout, A_BR=a_br, A_BK=group, B_BR=b_br, B_BK=group, G=group,
@@ -104,7 +129,7 @@ def quantize_variant(block: str, transpose: bool) -> dict:
 
 
 def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, overlap: int = 0,
-                  b_per_col: bool = False, stochastic: bool = False, consumers: int = 2) -> dict:
+                  b_per_col: bool = False, stochastic: bool = False, consumers: int = 2, sb_smem: bool = False) -> dict:
     """Compile the warp-specialized Gluon GEMM (`gluon_gemm.block_gemm_kernel`) for sm_90 on the CPU.
 
     ``out``: "bf16" | "fp32" | "int8" (1x128 blocks). Reports registers per partition as ptxas sees the
@@ -120,24 +145,26 @@ def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, ove
         layout = gl.NVMMASharedLayout.get_default_for(block, gty)
         return f"tensordesc<{ty}[{', '.join(map(str, block))}],{layout!r}>"
 
-    stages = gg.stages_for(dt[2], consumers)
+    stages = gg.stages_for(dt[2], consumers, sb_smem)
     maxnreg, consumer_regs, producer_regs = gg.REGS[consumers]
     bm = consumers * gg.HALF
     consts = dict(A_BR=1, B_BR=1 if b_per_col else 128, B_PER_COL=b_per_col, HAS_BIAS=bias,
                   OUT_MODE=gg.OUT_INT8 if out == "int8" else gg.OUT_FLOAT, STOCHASTIC=stochastic, MAGIC=magic,
                   OVERLAP=int(overlap), SCALE_MAX=3.0e38, STAGES=stages, GROUP_M=gg.GROUP_M, NC=consumers,
-                  CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
+                  CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, SB_SMEM=sb_smem)
+    if not sb_smem:
+        consts["sb_desc"] = None
     fn = gg.block_gemm_kernel
     names = list(inspect.signature(fn.fn).parameters)
     types = {"a_desc": desc("i8", gl.int8, [bm if consumers == 2 else gg.HALF, gg.BK]), "b_desc": desc("i8", gl.int8, [gg.BN, gg.BK]),
              "c_desc": desc(dt[0], dt[1], [gg.HALF, gg.BN]), "sa_ptr": "*fp32", "sb_ptr": "*fp32",
-             "bias_ptr": "*fp32", "sc_ptr": "*fp32"}
+             "bias_ptr": "*fp32", "sc_ptr": "*fp32", "sb_desc": desc("fp32", gl.float32, [1, gg.BN])}
     sig = {n: types.get(n, "constexpr" if n in consts else "i32") for n in names}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     kernel = triton.compile(src, target=HOPPER, options={"num_warps": 4, "maxnreg": maxnreg})
     ptx = kernel.asm["ptx"]
     return {"kernel": "gluon_block_gemm", "out": out, "bias": bias, "magic": magic, "overlap": overlap,
-            "b_per_col": b_per_col, "stochastic": stochastic, "consumers": consumers, "stages": stages,
+            "b_per_col": b_per_col, "sb_smem": sb_smem, "stochastic": stochastic, "consumers": consumers, "stages": stages,
             **_resources(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx))),
             "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.\S+\s+\d+", ptx))),
@@ -146,9 +173,10 @@ def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, ove
 
 def gluon_variants(quick: bool = False) -> list[dict]:
     if quick:
-        return [gluon_variant("bf16", b_per_col=True), gluon_variant("int8", consumers=3)]
+        return [gluon_variant("bf16", b_per_col=True, sb_smem=True), gluon_variant("int8", consumers=3)]
     return [gluon_variant(o, magic=m, overlap=ov) for o in ("bf16", "fp32", "int8") for m in (True, False)
-            for ov in (0, 1)] + [gluon_variant("bf16", b_per_col=True), gluon_variant("int8", stochastic=True),
+            for ov in (0, 1)] + [gluon_variant("bf16", b_per_col=True), gluon_variant("bf16", b_per_col=True, sb_smem=True),
+                                 gluon_variant("int8", stochastic=True),
                                  gluon_variant("int8", overlap=2)] + \
         [gluon_variant(o, consumers=3) for o in ("bf16", "fp32", "int8")] + [gluon_variant("int8", consumers=3, stochastic=True)]
 

@@ -107,13 +107,14 @@ if gluon is not None:
         return pid_m, pid_n
 
     @gluon.jit
-    def _producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K,
+    def _producer(a_desc, b_desc, sb_desc, a_bufs, b_bufs, sb_bufs, full, empty, M, N, K,
                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                  GROUP_M: gl.constexpr):
+                  GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
         """One warp: fill the ring with (A tile, B tile) per K group, in the consumers' order.
 
         The A tile arrives in BM / A_ROWS boxes (one 128-row box, or three 64-row boxes for 192-row tiles:
-        shared-memory shapes must be powers of two)."""
+        shared-memory shapes must be powers of two). With SB_SMEM the K group's per-column B scales (a [1, BN]
+        row of the (K / 128, N) transposed scale grid) ride the same stage and barrier."""
         A_ROWS: gl.constexpr = a_desc.block_type.shape[0]
         A_PARTS: gl.constexpr = BM // A_ROWS
         num_pid_m = gl.cdiv(M, BM)
@@ -125,7 +126,12 @@ if gluon is not None:
             for g in range(num_groups):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
-                mbarrier.expect(full.index(s), A_PARTS * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                if SB_SMEM:
+                    mbarrier.expect(full.index(s), A_PARTS * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+                                    + sb_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(sb_desc, [g, pid_n * BN], full.index(s), sb_bufs.index(s))
+                else:
+                    mbarrier.expect(full.index(s), A_PARTS * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
                 for part in gl.static_range(A_PARTS):
                     tma.async_copy_global_to_shared(a_desc, [pid_m * BM + part * A_ROWS, g * BK], full.index(s),
                                                     a_bufs.index(s * A_PARTS + part))
@@ -157,16 +163,20 @@ if gluon is not None:
         return warpgroup_mma(a, b, p0, is_async=True)
 
     @gluon.jit
-    def _promote(acc, p, sa, sb, MAGIC: gl.constexpr, B_PER_COL: gl.constexpr):
+    def _promote(acc, p, sa, sb, MAGIC: gl.constexpr, B_PER_COL: gl.constexpr, SB2D: gl.constexpr = False):
         """acc + p * sa[:, None] * sb (sb a scalar, or a per-column vector with B_PER_COL)."""
         if MAGIC:
             pf = p.to(gl.float32, bitcast=True) - 12582912.0  # exact: both in [2**23, 2**24)
         else:
             pf = p.to(gl.float32)
         if B_PER_COL:
-            return acc + pf * (gl.expand_dims(sa, 1) * gl.expand_dims(sb, 0))
+            if SB2D:  # sb [1, BN] from shared memory (SB_SMEM)
+                out = acc + pf * (gl.expand_dims(sa, 1) * sb)
+            else:
+                out = acc + pf * (gl.expand_dims(sa, 1) * gl.expand_dims(sb, 0))
         else:
-            return acc + pf * gl.expand_dims(sa * sb, 1)
+            out = acc + pf * gl.expand_dims(sa * sb, 1)
+        return out
 
     @gluon.jit
     def _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g, ok, stride_sak, stride_sbn, stride_sbk,
@@ -319,13 +329,13 @@ if gluon is not None:
         return q.to(gl.int8), scale
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+    def _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   WG: gl.constexpr, A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                   HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                   MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
-                  STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+                  STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
         """One warpgroup: rows [WG * HALF, (WG + 1) * HALF) of every tile, main loop and epilogue."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 32])
@@ -387,11 +397,15 @@ if gluon is not None:
                     s = it % STAGES
                     p = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN, BM)
                     # This group's scales load while its wgmma runs (few registers live across the wait).
-                    sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g, True, stride_sak,
-                                          stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
+                    if SB_SMEM:  # per-column B scales landed with the stage: shared-memory latency, not L2's
+                        sa = gl.load(sa_rows + g * stride_sak, mask=row_in, other=0.0)
+                        sb = sb_bufs.index(s).load(mma)  # [1, BN] in the accumulator's layout, broadcast over rows
+                    else:
+                        sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g, True, stride_sak,
+                                              stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
                     p = warpgroup_mma_wait(0, deps=[p])
                     mbarrier.arrive(empty.index(s), count=1)
-                    acc = _promote(acc, p, sa, sb, MAGIC, B_PER_COL)
+                    acc = _promote(acc, p, sa, sb, MAGIC, B_PER_COL, SB_SMEM)
                     it += 1
 
             # --- epilogue: bias, then float or INT8 through shared memory and a TMA store -------------
@@ -410,43 +424,43 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _consumer_wg1(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+    def _consumer_wg1(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                       M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                       A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-        _consumer(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
+        _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   1, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                  BM, BN, BK, HALF, STAGES, GROUP_M)
+                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)
 
     @gluon.jit
-    def _consumer_wg2(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+    def _consumer_wg2(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                       M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                       A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-        _consumer(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
+        _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   2, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                  BM, BN, BK, HALF, STAGES, GROUP_M)
+                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)
 
     @gluon.jit
-    def _consumer_wg0(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+    def _consumer_wg0(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                       M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                       A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-        _consumer(a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
+        _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   0, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                  BM, BN, BK, HALF, STAGES, GROUP_M)
+                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)
 
     @gluon.jit(do_not_specialize=['seed'])  # a new random seed per call must not pick a new specialization
     def block_gemm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
@@ -455,7 +469,8 @@ if gluon is not None:
                           HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                           MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                           STAGES: gl.constexpr, GROUP_M: gl.constexpr, NC: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SB_SMEM: gl.constexpr = False,
+                          sb_desc=None):
         HALF: gl.constexpr = c_desc.block_type.shape[0]
         BM: gl.constexpr = NC * HALF  # NC consumer warpgroups, HALF rows each
         A_ROWS: gl.constexpr = a_desc.block_type.shape[0]
@@ -464,6 +479,10 @@ if gluon is not None:
         a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES * (BM // A_ROWS), A_ROWS, BK], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [NC, HALF, BN], c_desc.layout)
+        if SB_SMEM:  # per-column B scales, one [1, BN] row per stage (wgrad)
+            sb_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BN], sb_desc.layout)
+        else:
+            sb_bufs = c_bufs  # unused
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -473,31 +492,33 @@ if gluon is not None:
         # (Argument tuples are written out in place: a tuple built in a variable turns constexprs into tensors.)
         if NC == 3:
             gl.warp_specialize([
-                (_consumer_wg0, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                (_consumer_wg0, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M)),
-                (_consumer_wg1, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                (_consumer_wg1, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M)),
-                (_consumer_wg2, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                (_consumer_wg2, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M)),
-                (_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M)),
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                (_producer, (a_desc, b_desc, sb_desc, a_bufs, b_bufs, sb_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M,
+                              SB_SMEM)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer_wg0, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                (_consumer_wg0, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M)),
-                (_consumer_wg1, (a_bufs, b_bufs, c_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                (_consumer_wg1, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M)),
-                (_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M)),
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                (_producer, (a_desc, b_desc, sb_desc, a_bufs, b_bufs, sb_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M,
+                              SB_SMEM)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -515,10 +536,12 @@ def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
-def stages_for(out_dtype: torch.dtype, consumers: int = CONSUMERS) -> int:
-    """Ring depth that fits beside the epilogue buffers (HALF x BN per consumer) in shared memory."""
+def stages_for(out_dtype: torch.dtype, consumers: int = CONSUMERS, sb_smem: bool = False) -> int:
+    """Ring depth that fits beside the epilogue buffers (HALF x BN per consumer) in shared memory (``sb_smem``:
+    each stage also holds BN float32 per-column B scales)."""
     c_bytes = consumers * HALF * BN * _ESIZE[out_dtype]
-    return max(2, min(MAX_STAGES, (SMEM_BUDGET - c_bytes) // ((consumers * HALF + BN) * BK)))
+    stage = (consumers * HALF + BN) * BK + (4 * BN if sb_smem else 0)
+    return max(2, min(MAX_STAGES, (SMEM_BUDGET - c_bytes) // stage))
 
 
 def k_major_problem(t: torch.Tensor, name: str) -> Optional[str]:
@@ -575,7 +598,8 @@ def _desc(t: torch.Tensor, block: list[int]):
 
 def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
                out_block=None, rounding: str = "nearest", seed: int = 0, magic: bool = False,
-               overlap: int = 0, consumers: Optional[int] = None, checked: bool = False, noise: str = "philox7x8w"):
+               overlap: int = 0, consumers: Optional[int] = None, checked: bool = False, noise: str = "philox7x8w",
+               sb_smem: Optional[bool] = None):
     """``a @ b.T (+ bias)`` with the warp-specialized kernel; float ``out_dtype`` or 1x128-block INT8 QTensor.
 
     a (M, K) and b (N, K) must be K-major QTensors with K blocks of 128 (a: any rows per block, e.g. 1 or
@@ -586,7 +610,10 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     the fastest measured. ``noise`` picks the stochastic-rounding noise (``NOISES``): "philox7x8w" (default: the
     memory-bound kernels' stream, ``_noise16``, its Philox products through mul.wide.u32; +5-10% over nearest
     rounding on the H200, the fastest measured), "philox7x8" (the same bits through umulhi) or "philox10"
-    (the previous one, ``tl.rand`` per element, +27-70%); the last two for measurements.
+    (the previous one, ``tl.rand`` per element, +27-70%); the last two for measurements. ``sb_smem``
+    (per-column B scales, i.e. wgrad): the producer's TMA brings each K group's BN scales into the stage, so the
+    consumers read them from shared memory instead of L2 (default: on where TMA can address the transposed scale
+    grid, N a multiple of 4, and ``overlap`` is 0).
     """
     from ._launch import alloc, num_sms, stream_seed
     from ..format.blocks import _SCALE_MAX
@@ -613,12 +640,19 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     a_desc = _desc(a.data, [bm if nc == 2 else HALF, BK])
     b_desc = _desc(b.data, [BN, BK])
     c_desc = _desc(c, [HALF, BN])
-    stages = stages_for(c.dtype, nc)
     b_scale = b.scale
     if b_per_col and b_scale.stride(0) != 1:
         # Per-column scales of one K group are then contiguous (coalesced, vectorized loads; the JIT
         # specializes the unit stride). A copy of N * K / 128 floats, ~1/128 of b's bytes.
         b_scale = b_scale.t().contiguous().t()
+    sb_ok = b_per_col and overlap == 0 and N % 4 == 0 and b_scale.data_ptr() % 16 == 0
+    if sb_smem is None:
+        sb_smem = sb_ok
+    elif sb_smem and not sb_ok:
+        raise ValueError("sb_smem needs per-column B scales (b blocks of 1 row), overlap=0 and N a multiple of 4 "
+                         "(the TMA row stride of the transposed scale grid)")
+    sb_desc = _desc(b_scale.t(), [1, BN]) if sb_smem else None
+    stages = stages_for(c.dtype, nc, sb_smem)
     tiles = triton_cdiv(M, bm) * triton_cdiv(N, BN)
     grid = (min(num_sms(_device_index(a.data)), tiles),)
     block_gemm_kernel[grid](
@@ -630,7 +664,7 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
         STOCHASTIC=NOISES[noise] if rounding == "stochastic" else 0, MAGIC=magic, OVERLAP=int(overlap),
         SCALE_MAX=float(_SCALE_MAX),
         STAGES=stages, GROUP_M=GROUP_M, NC=nc, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-        num_warps=4, maxnreg=maxnreg)
+        SB_SMEM=bool(sb_smem), sb_desc=sb_desc, num_warps=4, maxnreg=maxnreg)
     return QTensor(c, sc, out_block) if out_quant else c
 
 
