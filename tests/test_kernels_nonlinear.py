@@ -612,3 +612,18 @@ def test_gpu_llm_shapes(d):
         r, x, "rmsnorm", out_block="32x32")
     _assert_residual_sum(got.h, want.h, r, x)
     torch.testing.assert_close(got.rstd, want.rstd, rtol=5e-5, atol=0)
+
+
+@pytest.mark.parametrize("shape,block", [((300, 384), "1x128"), ((70, 40), "1x32")])
+def test_swiglu_backward_split_with_t_is_the_fused_kernel_bit_for_bit(poisoned, shape, block, monkeypatch):
+    """with_t=True backward as two launches (row copies, transposed copies; v4) writes exactly what v3's one fused launch
+    wrote, stochastic rounding included (same seeds, noise keyed by position): the split changes the tiles, not the bits."""
+    dy, g, u = (_x(shape, "heavy_tailed", torch.float32, True, seed=s, scale=3.0) for s in (130, 131, 132))
+    kw = dict(out_block=block, rounding="stochastic", seed=5, with_t=True)
+    split = activations.swiglu_backward(dy, g, u, **kw)
+    monkeypatch.setattr(activations, "SPLIT_BACKWARD_T", False)
+    monkeypatch.setattr(activations, "BACKWARD_PER_THREAD", 4)
+    fused = activations.swiglu_backward(dy, g, u, **kw)
+    for a, b in zip(split, fused):
+        for x, y in zip(a, b):
+            assert torch.equal(x.data, y.data) and torch.equal(x.scale, y.scale)

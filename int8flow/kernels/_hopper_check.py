@@ -94,8 +94,6 @@ def swiglu_variant(backward: bool, row_out: bool, with_t: bool, stochastic: bool
     ptrs = {n: ("*i8" if n.endswith("_ptr") and n != "flag_ptr" else "*fp32") for n in names
             if n.endswith("_ptr") or n.endswith("_scale")}
     ptrs["flag_ptr"] = "*i32"
-    if "zero_ptr" in names:
-        ptrs["zero_ptr"] = "*i8"
     r = compile_for_hopper(fn, ptrs, consts, num_warps, 1, divisible=("M", "N"))
     ctas = min(65536 // max(1, r["regs"] * 32 * num_warps), 64 // num_warps,
                (228 * 1024) // max(1, r["shared_bytes"]))
@@ -129,7 +127,8 @@ def quantize_variant(block: str, transpose: bool) -> dict:
 
 
 def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, overlap: int = 0,
-                  b_per_col: bool = False, stochastic: bool = False, consumers: int = 2, sb_smem: bool = False) -> dict:
+                  b_per_col: bool = False, stochastic: bool = False, consumers: int = 2, sb_smem: bool = False,
+                  prefetch: bool = True) -> dict:
     """Compile the warp-specialized Gluon GEMM (`gluon_gemm.block_gemm_kernel`) for sm_90 on the CPU.
 
     ``out``: "bf16" | "fp32" | "int8" (1x128 blocks). Reports registers per partition as ptxas sees the
@@ -151,7 +150,7 @@ def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, ove
     consts = dict(A_BR=1, B_BR=1 if b_per_col else 128, B_PER_COL=b_per_col, HAS_BIAS=bias,
                   OUT_MODE=gg.OUT_INT8 if out == "int8" else gg.OUT_FLOAT, STOCHASTIC=stochastic, MAGIC=magic,
                   OVERLAP=int(overlap), SCALE_MAX=3.0e38, STAGES=stages, GROUP_M=gg.GROUP_M, NC=consumers,
-                  CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, SB_SMEM=sb_smem)
+                  CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, SB_SMEM=sb_smem, PREFETCH=prefetch)
     if not sb_smem:
         consts["sb_desc"] = None
     fn = gg.block_gemm_kernel
@@ -164,7 +163,7 @@ def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, ove
     kernel = triton.compile(src, target=HOPPER, options={"num_warps": 4, "maxnreg": maxnreg})
     ptx = kernel.asm["ptx"]
     return {"kernel": "gluon_block_gemm", "out": out, "bias": bias, "magic": magic, "overlap": overlap,
-            "b_per_col": b_per_col, "sb_smem": sb_smem, "stochastic": stochastic, "consumers": consumers, "stages": stages,
+            "b_per_col": b_per_col, "sb_smem": sb_smem, "prefetch": prefetch, "stochastic": stochastic, "consumers": consumers, "stages": stages,
             **_resources(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx))),
             "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.\S+\s+\d+", ptx))),
@@ -197,6 +196,10 @@ def main(quick: bool = False) -> list[dict]:
     # the launches of quantize / quantize_transposed (quantize_dual is one of each; kernels.quantize._launch_quant3)
     reports += [quant3_variant(True, False, False, 8, 8, 128, 16)]
     reports += [quant3_variant(False, True, st, 128, 1, 64, 8) for st in (False, True)]
+    # SwiGLU backward, stochastic, 1x128 INT8 in/out: v3's fused with_t launch and row launch, v4's split pair
+    # (activations._swiglu: row copies [4, 8, 128] x 8 warps + transposed copies [128, 1, 32] x 4 warps)
+    reports += [swiglu_variant(True, True, True, True, 128, 1, 128, 32), swiglu_variant(True, True, False, True, 4, 8, 128, 32),
+                swiglu_variant(True, True, False, True, 4, 8, 128, 8), swiglu_variant(True, False, True, True, 128, 1, 32, 4)]
     from . import gluon_gemm
     if gluon_gemm.available():
         reports += gluon_variants(quick)

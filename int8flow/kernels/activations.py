@@ -8,6 +8,7 @@ formulas are those of ``int8flow.reference.nonlinear``; signatures mirror it wit
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -16,7 +17,8 @@ import triton.language as tl
 from . import nonfinite
 from ._blockquant import emit3, emit3_t, load3
 from ._launch import (
-    Output, check_int32_addressable, check_same_shape, interpreting, operand, stream_seed, tile3_launch,
+    Output, check_int32_addressable, check_same_shape, interpreting, next_pow2, operand, stream_seed, tile3_launch,
+    warps_for_tile,
 )
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -184,14 +186,49 @@ def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t):
     device = g_op.data.device
     out = Output(shape, device, out_dtype, out_block, rounding, with_t, t_only_ok=dy is None)
     out2 = Output(shape, device, out_dtype, out_block, rounding, with_t) if dy is not None else out
-    grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else 4)  # bwd: 3 inputs, 2 outputs live
     flag, code = nonfinite.flag_args(device, "swiglu_forward" if dy is None else "swiglu_backward")
-    if shape[0] and shape[1]:
-        _swiglu_kernel[grid](*dy_op.args, *g_op.args, *u_op.args, *out.args, *out.t_args, out2.data, out2.scale,
-                             *out2.t_args[:2], shape[0], shape[1], stream_seed(seed, 0), stream_seed(seed, 1),
-                             stream_seed(seed, 2), stream_seed(seed, 3), flag, code, BACKWARD=dy is not None,
-                             ROW_OUT=out.row, **meta)
+    seeds = [stream_seed(seed, i) for i in range(4)]
+
+    def launch(grid, meta, row_out, with_t):
+        t1 = out.t_args[:2] if with_t else (out.data, out.scale)
+        t2 = out2.t_args[:2] if with_t else (out2.data, out2.scale)
+        _swiglu_kernel[grid](*dy_op.args, *g_op.args, *u_op.args, *out.args, *t1, with_t, out2.data, out2.scale,
+                             *t2, shape[0], shape[1], *seeds, flag, code, BACKWARD=dy is not None, ROW_OUT=row_out,
+                             **meta)
+
+    if not (shape[0] and shape[1]):
+        pass
+    elif dy is not None and out.with_t and SPLIT_BACKWARD_T:
+        # Backward with the transposed copies: two launches, each on its own tile (the inputs read twice, 3 bytes an
+        # element). The row copies exactly as with_t=False ([4, 8, 128] x 8 warps: 94 SASS instructions an element on
+        # sm_90, 112 registers, 16 warps/SM), the transposed copies alone on [K, G, 32] tiles x 4 warps (152, no
+        # spills); the fused [128, 1, 128] x 32-warp launch was 310 with 320 B of spills (docs/notes/membound_h200.md,
+        # "v4"). Same values, seeds and noise (keyed by position) as the fused kernel: bit for bit its output.
+        launch(*tile3_launch(shape, _RowOnly(out.qr, out.qc), per_thread=BACKWARD_PER_THREAD), True, False)
+        r, c = out.qc, 32
+        g = max(1, min(next_pow2(-(-shape[1] // c)), 4096 // (r * c)))
+        launch((triton.cdiv(shape[0], r), triton.cdiv(shape[1], g * c)),
+               dict(R=r, G=g, C=c, num_warps=warps_for_tile(r * g * c, 32)), False, True)
+    else:
+        grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else BACKWARD_PER_THREAD)
+        launch(grid, meta, out.row, out.with_t)
     return out.result() if dy is None else (out.result(), out2.result())
+
+
+class _RowOnly(NamedTuple):
+    """The geometry ``tile3_launch`` reads from an Output, for the row-copy launch of a with_t backward."""
+
+    qr: int
+    qc: int
+    with_t: bool = False
+    row: bool = True
+
+
+# SwiGLU backward: values a thread (16: [4, 8, 128] tiles x 8 warps, 94 SASS an element, 16 warps/SM; v3's 4 gave
+# 32 warps of 4 values, 202 an element) and the with_t launch split (row copies, transposed copies); module switches
+# so that scripts/gpu/dual_probe.py can time v3's choices (4, False) in the same run.
+BACKWARD_PER_THREAD = 16
+SPLIT_BACKWARD_T = True
 
 
 def swiglu_forward(gate, up, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",

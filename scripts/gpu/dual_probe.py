@@ -5,7 +5,8 @@
 Times (triton.testing.do_bench medians) at M = 8192 tokens, N in {4096, 11008}: quantize (row 1x128; and
 128x128, the weights' blocks),
 quantize_transposed, quantize_dual, the INT8 transpose kernel, RMSNorm forward with given statistics with and
-without the transposed copy, SwiGLU forward/backward with and without it; GB/s by the least bytes each must move,
+without the transposed copy, SwiGLU forward/backward with and without it (backward also
+with v3's launch choices, 'v3' rows); GB/s by the least bytes each must move,
 and the fraction of a same-run bf16 copy's bandwidth. ``--warps W`` overrides the warps of the [128, G, 128] tiles
 of the transposed copy (0: the library's choice), to see whether occupancy or spills decide. Table last.
 """
@@ -34,6 +35,15 @@ def main() -> int:
         kq._launch.warps_for_tile = _launch.warps_for_tile
     M = 8192
     rows = []
+
+    def _v3(fn):
+        saved = activations.BACKWARD_PER_THREAD, activations.SPLIT_BACKWARD_T
+        activations.BACKWARD_PER_THREAD, activations.SPLIT_BACKWARD_T = 4, False
+        try:
+            return fn()
+        finally:
+            activations.BACKWARD_PER_THREAD, activations.SPLIT_BACKWARD_T = saved
+
     for N in (4096, 11008):
         x = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         x[:, 7] *= 30
@@ -71,6 +81,11 @@ def main() -> int:
             ("swiglu bwd with_t", lambda: activations.swiglu_backward(dy, q, u, out_block="1x128",
                                                                      rounding="stochastic", seed=3, with_t=True),
              7 * e + 7 * sc),
+            # v3's choices in the same run (module switches of activations._swiglu): 4 values a thread, one fused launch
+            ("swiglu bwd (stochastic) v3", lambda: _v3(lambda: activations.swiglu_backward(
+                dy, q, u, out_block="1x128", rounding="stochastic", seed=3)), 5 * e + 5 * sc),
+            ("swiglu bwd with_t v3 fused", lambda: _v3(lambda: activations.swiglu_backward(
+                dy, q, u, out_block="1x128", rounding="stochastic", seed=3, with_t=True)), 7 * e + 7 * sc),
         ]
         for name, fn, nbytes in cases:
             try:
