@@ -178,21 +178,44 @@ def test_gluon_tails_both_consumer_counts_on_gpu(shape, out, consumers):
 @pytest.mark.gpu
 @on_hopper
 @needs_gluon
-@pytest.mark.parametrize("consumers", [2, 3])
-@pytest.mark.parametrize("shape", [(77, 16, 144), (300, 208, 400), (450, 1028, 1040)], ids=lambda s: "x".join(map(str, s)))
-def test_gluon_per_column_scales_through_shared_memory_on_gpu(shape, consumers):
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("shape", [(77, 16, 144), (300, 208, 400), (450, 1028, 1040), (256, 512, 16384)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gluon_per_column_scales_through_shared_memory_on_gpu(shape, prefetch):
     """wgrad's operands (1x128 blocks along K on both sides: B's scale varies per column). The per-column scales
     staged by the producer's TMA (``sb_smem``) give the same bits as the L2 loads (the same float ops in the same
     order), and both match float64; tails in M, N (N % 128 != 0) and K."""
     M, N, K = shape
     a, b = operand(M, K, "1x128", 11), operand(N, K, "1x128", 12)
     want = a.dequantize().double() @ b.dequantize().double().t()
-    y_l2 = gg.block_gemm(a, b, consumers=consumers, sb_smem=False)
-    y_sm = gg.block_gemm(a, b, consumers=consumers, sb_smem=True)
+    y_l2 = gg.block_gemm(a, b, sb_smem=False, prefetch=prefetch)
+    y_sm = gg.block_gemm(a, b, sb_smem=True, prefetch=prefetch)
     assert ((y_sm.double() - want).abs().max() / want.abs().max()) < 2e-6
     assert torch.equal(y_sm, y_l2)
+    assert torch.equal(y_sm, gg.block_gemm(a, b, sb_smem=True, prefetch=not prefetch))
     with pytest.raises(ValueError, match="sb_smem needs per-column B scales"):
         gg.block_gemm(a, operand(N, K, "128x128", 13), sb_smem=True)
+    with pytest.raises(ValueError, match="run on 2 consumer warpgroups"):
+        gg.block_gemm(a, b, consumers=3)
+
+
+@pytest.mark.gpu
+@on_hopper
+@needs_gluon
+@pytest.mark.parametrize("consumers", [2, 3])
+@pytest.mark.parametrize("shape", [(77, 16, 144), (450, 272, 1040), (300, 256, 16384)], ids=lambda s: "x".join(map(str, s)))
+def test_gluon_scale_prefetch_same_bits_on_gpu(shape, consumers):
+    """Loading each K group's scales one group ahead (``prefetch``, the default) changes when, not what: the same
+    bits as loading them with the group's own wgmma, float and INT8 outputs, tails in M, N, K and long K."""
+    M, N, K = shape
+    a, b = operand(M, K, "1x128", 14), operand(N, K, "128x128", 15)
+    want = a.dequantize().double() @ b.dequantize().double().t()
+    y = gg.block_gemm(a, b, consumers=consumers)
+    assert ((y.double() - want).abs().max() / want.abs().max()) < 2e-6
+    assert torch.equal(y, gg.block_gemm(a, b, consumers=consumers, prefetch=False))
+    q1 = gg.block_gemm(a, b, out_block="1x128", rounding="stochastic", seed=3, consumers=consumers)
+    q0 = gg.block_gemm(a, b, out_block="1x128", rounding="stochastic", seed=3, consumers=consumers, prefetch=False)
+    assert torch.equal(q1.data, q0.data) and torch.equal(q1.scale, q0.scale)
 
 
 @pytest.mark.gpu

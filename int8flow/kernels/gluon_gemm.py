@@ -72,9 +72,9 @@ CONSUMERS = 2  # with per-column B scales (wgrad); 3 otherwise (measured faster,
 def default_consumers(b_per_col: bool) -> int:
     """Consumer warpgroups per CTA: 3 (192-row tiles) unless B's scales vary per column (then 2, for registers).
 
-    ``INT8FLOW_GLUON_CONSUMERS`` (2 or 3) overrides it, for measurements."""
+    ``INT8FLOW_GLUON_CONSUMERS`` (2 or 3) overrides it for scalar B scales, for measurements."""
     env = os.environ.get("INT8FLOW_GLUON_CONSUMERS")
-    if env:
+    if env and not b_per_col:
         return int(env)
     return CONSUMERS if b_per_col else 3
 
@@ -335,7 +335,8 @@ if gluon is not None:
                   HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                   MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
-                  STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
+                  STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
+                  PREFETCH: gl.constexpr):
         """One warpgroup: rows [WG * HALF, (WG + 1) * HALF) of every tile, main loop and epilogue."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 32])
@@ -393,14 +394,31 @@ if gluon is not None:
                 mbarrier.arrive(empty.index(s_prev), count=1)
                 acc = _promote(acc, p_prev, sa, sb, MAGIC, B_PER_COL)
             else:
+                if PREFETCH:  # scales of group 0; the loop then loads group g + 1's while group g runs
+                    if SB_SMEM:
+                        sa_n = gl.load(sa_rows, mask=row_in, other=0.0)
+                    else:
+                        sa_n, sb_n = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, 0, True, stride_sak,
+                                                  stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
                 for g in range(num_groups):
                     s = it % STAGES
                     p = _product(a_bufs, b_bufs, full, s, (it // STAGES) & 1, WG, HALF, MAGIC, mma, BN, BM)
-                    # This group's scales load while its wgmma runs (few registers live across the wait).
-                    if SB_SMEM:  # per-column B scales landed with the stage: shared-memory latency, not L2's
+                    if PREFETCH:
+                        # The scale loads (L2 latency) get a whole iteration, not one wgmma: without this the
+                        # promotion waited on them (ncu: ~20% of the consumers' stall samples, fwd 4096^2).
+                        gn = gl.minimum(g + 1, num_groups - 1)  # the last iteration reloads its own (unused)
+                        sa = sa_n
+                        if SB_SMEM:
+                            sb = sb_bufs.index(s).load(mma)
+                            sa_n = gl.load(sa_rows + gn * stride_sak, mask=row_in, other=0.0)
+                        else:
+                            sb = sb_n
+                            sa_n, sb_n = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, gn, True,
+                                                      stride_sak, stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
+                    elif SB_SMEM:  # per-column B scales landed with the stage: shared-memory latency, not L2's
                         sa = gl.load(sa_rows + g * stride_sak, mask=row_in, other=0.0)
                         sb = sb_bufs.index(s).load(mma)  # [1, BN] in the accumulator's layout, broadcast over rows
-                    else:
+                    else:  # this group's scales load while its wgmma runs
                         sa, sb = _load_scales(sa_rows, row_in, sb_ptr, pid_n, cols, col_in, g, True, stride_sak,
                                               stride_sbn, stride_sbk, BN, B_BR, B_PER_COL)
                     p = warpgroup_mma_wait(0, deps=[p])
@@ -430,11 +448,12 @@ if gluon is not None:
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
+                  PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   1, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)
+                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)
 
     @gluon.jit
     def _consumer_wg2(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
@@ -443,11 +462,12 @@ if gluon is not None:
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
+                  PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   2, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)
+                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)
 
     @gluon.jit
     def _consumer_wg0(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
@@ -456,11 +476,12 @@ if gluon is not None:
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr):
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
+                  PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   0, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)
+                  BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)
 
     @gluon.jit(do_not_specialize=['seed'])  # a new random seed per call must not pick a new specialization
     def block_gemm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
@@ -470,7 +491,7 @@ if gluon is not None:
                           MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                           STAGES: gl.constexpr, GROUP_M: gl.constexpr, NC: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SB_SMEM: gl.constexpr = False,
-                          sb_desc=None):
+                          sb_desc=None, PREFETCH: gl.constexpr = True):
         HALF: gl.constexpr = c_desc.block_type.shape[0]
         BM: gl.constexpr = NC * HALF  # NC consumer warpgroups, HALF rows each
         A_ROWS: gl.constexpr = a_desc.block_type.shape[0]
@@ -495,15 +516,15 @@ if gluon is not None:
                 (_consumer_wg0, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_consumer_wg1, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_consumer_wg2, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_producer, (a_desc, b_desc, sb_desc, a_bufs, b_bufs, sb_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M,
                               SB_SMEM)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
@@ -512,11 +533,11 @@ if gluon is not None:
                 (_consumer_wg0, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_consumer_wg1, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                               M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
-                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM)),
+                              BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_producer, (a_desc, b_desc, sb_desc, a_bufs, b_bufs, sb_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M,
                               SB_SMEM)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -599,7 +620,7 @@ def _desc(t: torch.Tensor, block: list[int]):
 def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
                out_block=None, rounding: str = "nearest", seed: int = 0, magic: bool = False,
                overlap: int = 0, consumers: Optional[int] = None, checked: bool = False, noise: str = "philox7x8w",
-               sb_smem: Optional[bool] = None):
+               sb_smem: Optional[bool] = None, prefetch: bool = True):
     """``a @ b.T (+ bias)`` with the warp-specialized kernel; float ``out_dtype`` or 1x128-block INT8 QTensor.
 
     a (M, K) and b (N, K) must be K-major QTensors with K blocks of 128 (a: any rows per block, e.g. 1 or
@@ -635,6 +656,12 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     nc = consumers or default_consumers(b_per_col)
     if nc not in REGS:
         raise ValueError(f"consumers must be one of {tuple(REGS)}, got {consumers}")
+    if b_per_col and nc != 2:
+        # Measured on the H200 (scripts/gpu/gemm_wgrad_probe.py): 3 consumers with per-column B scales spill at 160
+        # registers, run 0.75-0.87x BF16 against 0.95-1.06x on 2, and gave wrong results at K = 16384 (rel. error
+        # 4-5e-2); refused rather than run.
+        raise ValueError("per-column B scales (b blocks of 1 row, the wgrad operands) run on 2 consumer warpgroups; "
+                         f"got consumers={nc} (leave consumers unset)")
     maxnreg, consumer_regs, producer_regs = REGS[nc]
     bm = nc * HALF
     a_desc = _desc(a.data, [bm if nc == 2 else HALF, BK])
@@ -664,7 +691,7 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
         STOCHASTIC=NOISES[noise] if rounding == "stochastic" else 0, MAGIC=magic, OVERLAP=int(overlap),
         SCALE_MAX=float(_SCALE_MAX),
         STAGES=stages, GROUP_M=GROUP_M, NC=nc, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-        SB_SMEM=bool(sb_smem), sb_desc=sb_desc, num_warps=4, maxnreg=maxnreg)
+        SB_SMEM=bool(sb_smem), sb_desc=sb_desc, PREFETCH=bool(prefetch), num_warps=4, maxnreg=maxnreg)
     return QTensor(c, sc, out_block) if out_quant else c
 
 

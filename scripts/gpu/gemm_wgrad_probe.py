@@ -53,8 +53,8 @@ def stage_time(out_dir):
         from int8flow.format import QTensor
         deq = lambda q: q.data.double() * q.scale.double().repeat_interleave(128, 1)[:, : q.data.shape[1]]  # noqa
         ref = deq(QTensor(dy_t.data[ref_rows], dy_t.scale[ref_rows], dy_t.block)) @ deq(x_t).t()
-        variants = {"wgrad-l2-c2": dict(sb_smem=False, consumers=2), "wgrad-smem-c2": dict(sb_smem=True, consumers=2),
-                    "wgrad-smem-c3": dict(sb_smem=True, consumers=3)}
+        variants = {"wgrad-l2-c2": dict(sb_smem=False, prefetch=False), "wgrad-smem": dict(sb_smem=True, prefetch=False),
+                    "wgrad-smem-pf": dict(sb_smem=True, prefetch=True)}
         outs = {}
         for name, kw in variants.items():
             rec = {"op": "gemm_wgrad", "shape": [M, n, k], "variant": name, "baseline_ms": base_w}
@@ -68,15 +68,29 @@ def stage_time(out_dir):
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(rec)
             print(json.dumps(rec), flush=True)
-        if "wgrad-l2-c2" in outs and "wgrad-smem-c2" in outs:
-            rows.append({"op": "check", "shape": [M, n, k], "smem_equals_l2_bits": bool(torch.equal(
-                outs["wgrad-l2-c2"], outs["wgrad-smem-c2"]))})
+        if len(outs) == 3:
+            rows.append({"op": "check", "shape": [M, n, k], "smem_equals_l2_bits": bool(
+                torch.equal(outs["wgrad-l2-c2"], outs["wgrad-smem"]) and torch.equal(outs["wgrad-l2-c2"], outs["wgrad-smem-pf"]))})
             print(json.dumps(rows[-1]), flush=True)
-        rec = {"op": "gemm_fwd", "shape": [M, n, k], "variant": "fwd-c3", "baseline_ms": base_f}
-        ms = bench(lambda: gg.block_gemm(x_q, w_q, out_block="1x128"))
-        rec.update(ours_ms=ms, speedup=base_f / ms, tflops=2 * M * n * k / ms / 1e9)
-        rows.append(rec)
-        print(json.dumps(rec), flush=True)
+        dy_q = kq.quantize(dy, "1x128")
+        w_t = kq.transpose_qtensor(w_q.t())
+        base_d = bench(lambda: torch.mm(dy, w))
+        gemms = {"fwd": (x_q, w_q, base_f), "dgrad": (dy_q, w_t, base_d)}
+        for op, (a, b, base) in gemms.items():
+            ys = {}
+            for pf in (False, True):
+                name = f"{op}-c3" + ("-pf" if pf else "")
+                rec = {"op": f"gemm_{op}", "shape": [M, n if op == "fwd" else k, k if op == "fwd" else n],
+                       "variant": name, "baseline_ms": base}
+                fn = lambda pf=pf: gg.block_gemm(a, b, out_block="1x128", rounding="stochastic", seed=7, prefetch=pf)  # noqa
+                ys[pf] = fn()
+                ms = bench(fn)
+                mm, nn, kk = rec["shape"]
+                rec.update(ours_ms=ms, speedup=base / ms, tflops=2 * mm * nn * kk / ms / 1e9)
+                rows.append(rec)
+                print(json.dumps(rec), flush=True)
+            rows.append({"op": "check", "shape": rec["shape"], "smem_equals_l2_bits": bool(
+                torch.equal(ys[True].data, ys[False].data) and torch.equal(ys[True].scale, ys[False].scale))})
         outs.clear()
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "gemm_wgrad.json"), "w") as f:
@@ -89,7 +103,7 @@ def stage_time(out_dir):
             print(f"{r['variant']:16s} {r['shape'][1]:5d}x{r['shape'][2]:<6d} {r['ours_ms']:8.3f} "
                   f"{r['baseline_ms']:8.3f} {r['speedup']:7.2f} {r['tflops']:6.0f}")
         elif r.get("op") == "check":
-            print(f"{'check':16s} {r['shape'][1]:5d}x{r['shape'][2]:<6d} smem == l2 bits: {r['smem_equals_l2_bits']}")
+            print(f"{'check':16s} {r['shape'][1]:5d}x{r['shape'][2]:<6d} same bits: {r['smem_equals_l2_bits']}")
         else:
             print(f"{r['variant']:16s} error {r.get('error')}")
 
