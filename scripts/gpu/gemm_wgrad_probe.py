@@ -73,7 +73,7 @@ def stage_time(out_dir):
                 torch.equal(outs["wgrad-l2-c2"], outs["wgrad-smem"]) and torch.equal(outs["wgrad-l2-c2"], outs["wgrad-smem-pf"]))})
             print(json.dumps(rows[-1]), flush=True)
         dy_q = kq.quantize(dy, "1x128")
-        w_t = kq.transpose_qtensor(w_q.t())
+        w_t = kq.transpose_qtensor(w_q)  # (K, N): w.T's K-major copy
         base_d = bench(lambda: torch.mm(dy, w))
         gemms = {"fwd": (x_q, w_q, base_f), "dgrad": (dy_q, w_t, base_d)}
         for op, (a, b, base) in gemms.items():
