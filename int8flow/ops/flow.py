@@ -283,7 +283,7 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
             w_t = P.weight_t(w_q, w_hp, c, names[j] if len(segments) > 1 else "weight")
             dn.append(P.gemm([dy_q], w_t, cfg=c) if len(segments) > 1 else
                       P.gemm([dy_q], w_t, out_block=gb, rounding=c.grad_rounding, seed=backend.subseed(s, 1), cfg=c))
-            dws.append(P.wgrad(dy_t, n_ts, c, torch.float32))
+            dws.append(P.wgrad(dy_t, n_ts, c, wd))  # in the weights' dtype from the epilogue
         dn_q = dn[0] if len(dn) == 1 else P.emit(sum(dn), torch.float32, gb, c.grad_rounding, backend.subseed(s, 1), c,
                                                  "norm output gradient")
         dx, dnw, dnb = _norm_input_grad(norm, dn_q, x_q, norm_w, rstd, x_dtype)

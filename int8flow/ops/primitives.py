@@ -256,5 +256,9 @@ def weight_t(w_q: QTensor, w_hp: Sequence[torch.Tensor], cfg: Int8TrainingConfig
 
 def wgrad(dy_t: QTensor, x_ts: Sequence[QTensor], cfg: Int8TrainingConfig, out_dtype: torch.dtype) -> torch.Tensor:
     """``dw = sum(dy_t @ x_t.T for x_t in x_ts)`` from the transposed operands: dy_t (N, M) and each x_t (K, M),
-    INT8 with blocks along M (the token dimension, the reduction of the weight gradient); returns (N, K)."""
+    INT8 with blocks along M (the token dimension, the reduction of the weight gradient); returns (N, K) in
+    ``out_dtype``: one term is written in it by the GEMM's epilogue (the same rounding as a float32 result cast
+    afterwards, without the (N, K) float32 round trip); several are summed in float32 first."""
+    if len(x_ts) == 1:
+        return gemm([dy_t], x_ts[0], out_dtype=out_dtype, cfg=cfg)
     return sum(gemm([dy_t], x_t, cfg=cfg) for x_t in x_ts).to(out_dtype)
