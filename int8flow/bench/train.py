@@ -12,6 +12,7 @@ import tempfile
 
 import torch
 
+from ..config import RECIPES
 from .common import device_info, parse_choices, require_cuda, result_path, write_json
 
 MODELS = {"gpt2-124m": ["batch_size=16", "grad_accum=1"], "llama-1b": ["batch_size=4", "grad_accum=1", "parallel=none"]}
@@ -57,7 +58,7 @@ def main(args) -> int:
     records = []
     for preset, extra in models.items():
         base = None
-        for mode in parse_choices(args.modes, MODES, "--modes"):
+        for mode in parse_choices(args.modes, RECIPES, "--modes"):  # any recipe: int8-1x128, jetfire, ...
             r = run_one(preset, extra, mode, args.steps, args.warmup, not args.no_compile, device)
             base = r["tokens_per_s"] if mode == "bf16" else base
             r["speedup_vs_bf16"] = r["tokens_per_s"] / base if base else None
