@@ -42,9 +42,9 @@ class Int8TrainingConfig:
     """
 
     precision: str = "int8"
-    activation_block: BlockShape = PAPER_BLOCK
-    weight_block: BlockShape = PAPER_BLOCK
-    grad_block: BlockShape = PAPER_BLOCK
+    activation_block: BlockShape = BlockShape(1, 128)
+    weight_block: BlockShape = BlockShape(128, 128)
+    grad_block: BlockShape = BlockShape(1, 128)
     grad_rounding: str = "stochastic"
     quantize_fprop: bool = True
     quantize_dgrad: bool = True

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from int8flow.config import Int8TrainingConfig
+from int8flow.config import GEOMETRIES, Int8TrainingConfig
 from int8flow.nn import Int8Linear, convert_to_int8_training, convert_to_linear
 
 from _inputs import sample, sqnr_db
@@ -57,11 +57,18 @@ def test_matches_nn_linear():
     assert q.state_dict().keys() == ref.state_dict().keys()
 
 
-def test_constructor_and_fallback_rate_buffer():
-    layer = Int8Linear(64, 32, bias=False, config="int8+fallback")
+@pytest.mark.parametrize("geometry", ["jetfire", "1x128"])
+def test_constructor_and_fallback_rate_buffer(geometry):
+    """Which outliers fall back depends on the block geometry: in 32x32 blocks an outlier channel makes its
+    column of blocks stand out (the median block has none); in 1x128 blocks every token's row block holds the
+    channel (K = 64 < 128), so nothing stands out from the median - an outlier token's row block does."""
+    layer = Int8Linear(64, 32, bias=False, config=Int8TrainingConfig(precision="int8+fallback", **GEOMETRIES[geometry]))
     assert layer.bias is None and "fallback_rate" not in layer.state_dict()
     x = torch.randn(64, 64)
-    x[:, 3] *= 300.0  # one outlier channel: its column of blocks falls back
+    if geometry == "jetfire":
+        x[:, 3] *= 300.0  # one outlier channel: its column of blocks falls back
+    else:
+        x[3, :] *= 300.0  # one outlier token: its row block falls back
     layer(x)
     assert 0 < float(layer.fallback_rate) <= layer.config.fallback_budget
     with pytest.raises(ValueError, match="bf16"):
