@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from int8flow.config import Int8TrainingConfig
+from int8flow.config import GEOMETRIES, Int8TrainingConfig
 from int8flow.format import NonFiniteError
 from int8flow.ops import Int8LinearFunction, int8_linear
 
@@ -64,15 +64,19 @@ def test_same_seed_same_gradients_and_different_seed_differs():
     assert not torch.equal(grads(0), grads(1))
 
 
-def test_saves_int8_input_not_float():
-    cfg = Int8TrainingConfig(precision="int8-linear")
+@pytest.mark.parametrize("geometry", ["jetfire", "1x128"])
+def test_saves_int8_input_not_float(geometry):
+    """One INT8 copy of x is saved, nothing of x's size in float: x_q (M, K) for square blocks (wgrad reads its
+    transpose as a view); for 1x128 blocks x's transposed copy (K, M), the only form wgrad reads."""
+    cfg = Int8TrainingConfig(precision="int8-linear", **GEOMETRIES[geometry])
     x = torch.randn(64, 96, requires_grad=True)
     w = torch.nn.Parameter(torch.randn(32, 96))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         int8_linear(x, w, None, cfg)
-    dtypes = {t.dtype for t in saved if t.shape == x.shape}
-    assert dtypes == {torch.int8}, dtypes
+    acts = [(tuple(t.shape), t.dtype) for t in saved if t is not w and t.numel() == x.numel()]
+    expected_shape = tuple(x.shape) if geometry == "jetfire" else tuple(x.shape)[::-1]
+    assert acts == [(expected_shape, torch.int8)], acts
 
 
 @pytest.mark.parametrize("precision", ["int8-linear", "int8+fallback"])
@@ -133,12 +137,14 @@ def test_config_validation_and_recipes():
         cfg.precision = "bf16"  # frozen
 
 
-@pytest.mark.parametrize("weight_block", ["32x32", "128x128"])
-def test_backward_keeps_int8_input_and_no_int8_weight(weight_block):
+@pytest.mark.parametrize("act_block,weight_block", [("32x32", "32x32"), ("32x32", "128x128"), ("1x128", "128x128")])
+def test_backward_keeps_int8_input_and_no_int8_weight(act_block, weight_block):
     """Saved for backward: the INT8 input (M*K bytes + scales) and the weight parameter itself, never an INT8
-    copy of the weight (backward re-quantizes w.T straight into the K-major layout: bit-equal for square blocks)."""
+    copy of the weight (backward re-quantizes w.T straight into the K-major layout: bit-equal for square blocks).
+    The INT8 input is x_q (M, K) for square activation blocks, x's transposed copy (K, M) for 1x128 ones."""
     M, K, N = 256, 192, 320
-    cfg = Int8TrainingConfig(precision="int8-linear", weight_block=weight_block)
+    cfg = Int8TrainingConfig(precision="int8-linear", activation_block=act_block, weight_block=weight_block,
+                             grad_block=act_block)
     x = sample((M, K), "outlier_channels", seed=4).requires_grad_()
     w = (torch.randn(N, K) / K**0.5).requires_grad_()
     saved = []
@@ -150,7 +156,7 @@ def test_backward_keeps_int8_input_and_no_int8_weight(weight_block):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = int8_linear(x, w, None, cfg)
     int8 = [t for t in saved if t.dtype == torch.int8 and t.numel() > 0]
-    assert [tuple(t.shape) for t in int8] == [(M, K)]  # x_q only
+    assert [tuple(t.shape) for t in int8] == [(M, K) if cfg.activation_block.is_square else (K, M)]  # x only
     assert any(t is w for t in saved) and not any(t is x for t in saved)
     y.backward(torch.randn(M, N))
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
