@@ -1,9 +1,11 @@
 """GPT-2 and Llama in every precision mode: training, parity with the float model, state dicts, compile."""
 import dataclasses
+import math
 
 import pytest
 import torch
 
+from int8flow.config import GEOMETRIES, Int8TrainingConfig
 from int8flow.models import MODEL_PRESETS, GPT, GPTConfig, Llama, LlamaConfig, build_model
 from int8flow.models import hf_to_nanogpt_state_dict, nanogpt_to_hf_state_dict
 
@@ -205,31 +207,42 @@ def _block_saved_bytes_per_token(model, arch, tokens=(32, 64)):
     return (totals[1] - totals[0]) / (tokens[1] - tokens[0]) / len(blocks)
 
 
-def test_int8_blocks_save_exactly_the_int8_inputs_and_attention():
-    """Per token and block (float32 model, 32x32 blocks): attention's q|k|v (one tensor), its output (shared
-    with the proj op) and log-sum-exp; INT8 x, h, fc1 (and gate) outputs with their block scales; norm row
-    statistics. Nothing else: no norm output, no fc2 input, no fallback term, no second copy of q|k|v."""
+@pytest.mark.parametrize("geometry", ["jetfire", "1x128"])
+def test_int8_blocks_save_exactly_the_int8_inputs_and_attention(geometry):
+    """Per token and block (float32 model): attention's q|k|v (one tensor), its output (shared with the proj op)
+    and log-sum-exp; INT8 x, h, fc1 (and gate) outputs with their block scales; norm row statistics. Nothing
+    else: no norm output, no fc2 input, no fallback term, no second copy of q|k|v. The scales are what the
+    geometry changes: a float32 per 32x32 block (4/1024 bytes per element), or per 1x128 row block (4 bytes per
+    token per started 128 features: tail blocks count whole)."""
     torch.manual_seed(0)
+    act = Int8TrainingConfig(**GEOMETRIES[geometry]).activation_block
+
+    def int8(*dims):  # bytes per token of INT8 activations with these feature sizes, scales included
+        return sum(d + 4 * math.ceil(d / act.cols) / act.rows for d in dims)
+
     g, l = SMALL["gpt"], SMALL["llama"]
     D, H, F = g.n_embd, g.n_head, 4 * g.n_embd
-    gpt = 4 * (3 * D + D + H) + (D + D + F) * (1 + 4 / 1024) + 2 * 8
+    gpt = 4 * (3 * D + D + H) + int8(D, D, F) + 2 * 8
     D, H, F, KV = l.dim, l.n_heads, l.ffn_dim, l.n_kv_heads * l.dim // l.n_heads
-    llama = 4 * (D + 2 * KV + D + H) + (D + D + 2 * F) * (1 + 4 / 1024) + 2 * 4
+    llama = 4 * (D + 2 * KV + D + H) + int8(D, D, F, F) + 2 * 4
     for precision in ("int8", "int8+fallback"):
+        cfg = Int8TrainingConfig(precision=precision, **GEOMETRIES[geometry])
         for arch, expected in (("gpt", gpt), ("llama", llama)):
             config = dataclasses.replace(SMALL[arch], **{"block_size" if arch == "gpt" else "max_seq_len": 64})
-            got = _block_saved_bytes_per_token(build_model(config, precision), arch)
+            got = _block_saved_bytes_per_token(build_model(config, cfg), arch)
             assert got == expected, (arch, precision, got, expected)
 
 
-@pytest.mark.parametrize("n_kv_heads", [2, 3])  # k/v rows 32 (block-aligned INT8 stack) / 48 (tails)
-def test_llama_qkv_gradients_match_float_model(n_kv_heads):
-    """q/k/v stay separate HF parameters; the INT8 GEMM over them stacked gives each its own gradient."""
+@pytest.mark.parametrize("recipe", ["jetfire", "int8"])  # 32x32 blocks / the 1x128 default
+@pytest.mark.parametrize("n_kv_heads", [2, 3])  # k/v rows 32 (block-aligned INT8 stack in 32x32) / 48 (tails)
+def test_llama_qkv_gradients_match_float_model(n_kv_heads, recipe):
+    """q/k/v stay separate HF parameters; the INT8 GEMM over them stacked (or one GEMM per weight where the rows
+    are not block-aligned: 1x128 blocks here) gives each its own gradient."""
     config = LlamaConfig(vocab_size=64, dim=96, n_layers=1, n_heads=6, n_kv_heads=n_kv_heads, ffn_dim=96,
                          max_seq_len=32)
     torch.manual_seed(0)
     ref = build_model(config, "bf16")
-    model = build_model(config, "int8")
+    model = build_model(config, recipe)
     model.load_state_dict(ref.state_dict())
     x, y = _batch(7)
     ref(x, y)[1].backward()
