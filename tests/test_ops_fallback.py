@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from int8flow.config import Int8TrainingConfig
+from int8flow.config import GEOMETRIES, Int8TrainingConfig
 from int8flow.format import BlockShape, expand_scale, quantize
 from int8flow.ops import int8_linear
 from int8flow.ops.fallback import compact_term, expand_term, fallback_mask, fallback_sqnr_sweep
@@ -23,20 +23,49 @@ def _outlier_blocks(M=96, K=256, seed=0):
     return x, outlier_rows
 
 
-def test_outlier_blocks_lose_accuracy_and_fallback_recovers_it():
+@pytest.mark.parametrize("geometry", ["jetfire", "1x128"])
+def test_outlier_blocks_lose_accuracy_and_fallback_recovers_it(geometry):
+    """Who loses accuracy to an outlier depends on the block geometry; fallback recovers it in both.
+
+    32x32 blocks: the 31 other tokens of each outlier's block lose its 32 columns (checked on the ordinary tokens).
+    1x128 blocks: a block is one token's 128 features, so the other tokens keep the Gaussian INT8 level and the
+    outlier's own token loses the other 127 features of its block - measured on those tokens against the INT8
+    weight's product (x @ w_q.T), since the 1e4 outlier times the weight's own rounding error would swamp the
+    other features' contribution, which is the signal here."""
+    geo = GEOMETRIES[geometry]
     x, outlier_rows = _outlier_blocks()
     w = torch.randn(64, x.shape[1]) / 16
     ref = x.double() @ w.double().t()
     normal = torch.ones(x.shape[0], dtype=torch.bool)
-    normal[outlier_rows] = False  # ordinary tokens that share a block with an outlier
-    y_int8 = int8_linear(x, w, None, Int8TrainingConfig(precision="int8-linear"))
-    y_fb = int8_linear(x, w, None, Int8TrainingConfig(precision="int8+fallback"))
-    # Plain INT8: the 32 columns of each outlier block are crushed to 0 for the other 31 rows
-    # (step 1e4/127 >> 1), i.e. 1/8 of K lost: ~9 dB. Floor for "lost": 15 dB.
-    assert sqnr_db(ref[normal], y_int8[normal]) < 15.0
-    # Fallback adds the residual term for exactly those blocks: back to the per-block INT8 level of a
-    # Gaussian GEMM (~40 dB measured); floor 30 dB.
-    assert sqnr_db(ref[normal], y_fb[normal]) > 30.0
+    normal[outlier_rows] = False  # ordinary tokens (in 32x32: sharing a block with an outlier)
+    y_int8 = int8_linear(x, w, None, Int8TrainingConfig(precision="int8-linear", **geo))
+    y_fb = int8_linear(x, w, None, Int8TrainingConfig(precision="int8+fallback", **geo))
+    if geometry == "jetfire":
+        # Plain INT8: the 32 columns of each outlier block are crushed to 0 for the other 31 rows
+        # (step 1e4/127 >> 1), i.e. 1/8 of K lost: ~9 dB. Floor for "lost": 15 dB.
+        assert sqnr_db(ref[normal], y_int8[normal]) < 15.0
+        # Fallback adds the residual term for exactly those blocks: back to the per-block INT8 level of a
+        # Gaussian GEMM (~40 dB measured); floor 30 dB.
+        assert sqnr_db(ref[normal], y_fb[normal]) > 30.0
+        return
+    # 1x128: ordinary tokens share no block with an outlier: the Gaussian INT8 level (~39 dB measured) without
+    # fallback, and fallback leaves them alone (their blocks are not flagged); floor 30 dB as above.
+    assert sqnr_db(ref[normal], y_int8[normal]) > 30.0
+    torch.testing.assert_close(y_fb[normal], y_int8[normal], rtol=0, atol=0)
+    w_q = quantize(w, Int8TrainingConfig(**geo).weight_block).dequantize(torch.float64)
+    others = x.double().clone()
+    others[outlier_rows, 3] = 0.0
+    signal = others[outlier_rows] @ w_q.t()  # what the outlier token's other 255 features contribute
+    exact = (x.double() @ w_q.t())[outlier_rows]
+
+    def db(y):
+        return float(10 * torch.log10(signal.pow(2).sum() / (y.double()[outlier_rows] - exact).pow(2).sum()))
+
+    # Plain INT8: the outlier's block crushes its 127 other features to 0 (step 1e4/127 >> 1): about half of the
+    # 255 features' signal lost, 10 log10(255/128) = 3 dB (3.3 measured). Floor for "lost": 15 dB, as above.
+    assert db(y_int8) < 15.0
+    # Fallback: the residual term of that block gives them back INT8 precision (44.6 dB measured); floor 30 dB.
+    assert db(y_fb) > 30.0
 
 
 def test_mask_flags_outlier_blocks_only_and_respects_budget():
@@ -80,26 +109,33 @@ def test_compact_term_round_trips_with_tail_blocks(shape, block):
         torch.testing.assert_close(back.scale, x2_q.scale, rtol=0, atol=0)
 
 
-def _flagged_input(M=256, K=512, rate=0.07, seed=0):
-    """Gaussian x with one 1e3 element in a random ~rate of its 32x32 blocks (outlier blocks to fall back)."""
+def _flagged_input(M=256, K=512, rate=0.07, seed=0, block=BLOCK):
+    """Gaussian x with one 1e3 element in a random ~rate of its ``block`` blocks (outlier blocks to fall back)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g)
-    grid = BLOCK.grid((M, K))
+    grid = block.grid((M, K))
     hit = (torch.rand(grid, generator=g) < rate).nonzero()
-    x[hit[:, 0] * 32 + 5, hit[:, 1] * 32 + 7] = 1e3
+    x[hit[:, 0] * block.rows + 5 % block.rows, hit[:, 1] * block.cols + 7] = 1e3
     return x, len(hit) / (grid[0] * grid[1])
 
 
-def test_int8_linear_stores_fallback_blocks_compactly_and_uses_them_exactly():
+@pytest.mark.parametrize("geometry", ["jetfire", "1x128"])
+def test_int8_linear_stores_fallback_blocks_compactly_and_uses_them_exactly(geometry):
     """At a ~7% fallback rate the saved activation bytes stay within 10% of plain INT8 (dense storage of the
-    second term would double them), and with nearest-rounded gradients dW equals dy_q.T @ (x_q + x2_q)."""
+    second term would double them), and with nearest-rounded gradients dW equals dy_q.T @ (x_q + x2_q).
+
+    1x128: plain INT8 saves x's transposed copy (K, M) instead of x_q (same bytes, scales per 128 tokens); with
+    fallback x_q, its scales and the flagged blocks (128 bytes + index + scale each: 7% x 1.06 of x) are saved,
+    and wgrad reads each term transposed, re-quantized along M from its INT8 values (`primitives.transposed`):
+    dW = Q(dy.T) @ (Q(x_q.T) + Q(x2_q.T)).T."""
     from int8flow.ops.primitives import quantize_activation
 
-    x, rate = _flagged_input()
+    geo = GEOMETRIES[geometry]
+    x, rate = _flagged_input(block=Int8TrainingConfig(**geo).activation_block)
     w = (torch.randn(64, x.shape[1]) / 16).requires_grad_()
     saved = {}
     for precision in ("int8-linear", "int8+fallback"):
-        cfg = Int8TrainingConfig(precision=precision, grad_rounding="nearest")
+        cfg = Int8TrainingConfig(precision=precision, grad_rounding="nearest", **geo)
         acts = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: acts.append(t) or t, lambda t: t):
             y, fb_rate = int8_linear(x, w, None, cfg, return_fallback_rate=True)
@@ -110,8 +146,13 @@ def test_int8_linear_stores_fallback_blocks_compactly_and_uses_them_exactly():
     assert 0.04 < float(fb_rate) <= rate + 1e-9, (float(fb_rate), rate)
     assert saved["int8+fallback"] <= 1.1 * saved["int8-linear"], saved
     x_q, x2_q, _ = quantize_activation(x, cfg, "x")
-    expected = quantize(dy, BLOCK).dequantize(torch.float64).t() @ (x_q.dequantize(torch.float64)
-                                                                    + x2_q.dequantize(torch.float64))
+    blk, gblk = cfg.activation_block, cfg.grad_block
+    if blk.is_square:  # the transposed operands are views of the forward's
+        expected = quantize(dy, gblk).dequantize(torch.float64).t() @ (x_q.dequantize(torch.float64)
+                                                                       + x2_q.dequantize(torch.float64))
+    else:
+        dy_t = quantize(dy.t(), gblk).dequantize(torch.float64)
+        expected = dy_t @ sum(quantize(q.dequantize().t(), blk).dequantize(torch.float64) for q in (x_q, x2_q)).t()
     torch.testing.assert_close(w.grad.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
