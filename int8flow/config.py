@@ -3,12 +3,15 @@
 Precision modes (what a model does with its linear layers and the tensors between them):
 
 * ``bf16``: ordinary PyTorch (bf16 under ``torch.autocast`` on CUDA, float32 math on CPU).
-* ``int8-linear``: drop-in ``Int8Linear`` layers; the three GEMMs of each linear layer run on 32x32
-  per-block INT8, everything between them stays in the model's dtype.
+* ``int8-linear``: drop-in ``Int8Linear`` layers; the three GEMMs of each linear layer run on per-block
+  INT8, everything between them stays in the model's dtype.
 * ``int8``: the Jetfire INT8 data flow; norm -> QKV, attention-out -> proj -> residual and
   norm -> fc1 -> act -> fc2 -> residual move INT8 + per-block scales forward and INT8 gradients backward.
 * ``int8+fallback``: ``int8`` plus fallback quantization; activation blocks whose outliers INT8
   cannot hold get a second INT8 term (about 16-bit precision) inside the GEMM.
+
+Blocks: by default the ``1x128`` geometry (1x128 activations and gradients, 128x128 weights), chosen by H200
+measurement (docs/design.md, "Block geometry"); the Jetfire paper's 32x32 blocks are the ``jetfire`` recipe.
 """
 from __future__ import annotations
 
@@ -110,8 +113,9 @@ class Int8TrainingConfig:
 
     @classmethod
     def from_recipe_name(cls, name: str) -> "Int8TrainingConfig":
-        """Named recipes (``RECIPES``): ``jetfire`` (the paper's 32x32 blocks), ``int8``, ``int8+fallback``,
-        ``int8-linear``, their ``-1x128`` geometry variants (1x128 activations/gradients, 128x128 weights), ``bf16``."""
+        """Named recipes (``RECIPES``): ``int8``, ``int8+fallback``, ``int8-linear`` (the default 1x128 geometry:
+        1x128 activations/gradients, 128x128 weights; ``-1x128`` names the same explicitly), ``jetfire`` (the paper's
+        32x32 blocks), ``bf16``."""
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
         return cls(**RECIPES[name])
