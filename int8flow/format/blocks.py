@@ -136,7 +136,7 @@ def _check_input(x: torch.Tensor, name: str, check_finite: bool) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32/bfloat16/float16), got {x.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float32/bfloat16/float16/float64), got {x.dtype}")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (shape only, no values); create or move it on cpu or cuda")
     if x.dim() != 2:

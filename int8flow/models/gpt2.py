@@ -40,6 +40,9 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
     One min/max over idx and one device sync per forward. Skipped under torch.compile (the check depends on
     the values, so it would break the graph) and for meta tensors (no values).
     """
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"token ids must be an integer tensor (torch.long), got {idx.dtype}; pass token ids "
+                        f"(e.g. torch.randint(0, {vocab_size}, (B, T))), not embeddings or activations")
     if torch.compiler.is_compiling() or idx.device.type == "meta" or idx.numel() == 0:
         return
     lo, hi = torch.stack(torch.aminmax(idx)).tolist()
@@ -167,7 +170,8 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None); targets -1 are ignored."""
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; pass at most "
+                             f"{self.config.block_size} tokens, or build the model with block_size={T}")
         check_token_ids(idx, self.config.vocab_size)
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)

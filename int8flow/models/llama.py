@@ -168,7 +168,8 @@ class Llama(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None); targets -1 are ignored."""
         B, T = idx.shape
         if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}; pass at most "
+                             f"{self.config.max_seq_len} tokens, or build the model with max_seq_len={T}")
         check_token_ids(idx, self.config.vocab_size)
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
