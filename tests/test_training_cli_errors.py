@@ -94,3 +94,22 @@ def test_version():
     proc = subprocess.run([sys.executable, "-m", "int8flow.cli", "--version"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("int8flow 0."), proc.stdout + proc.stderr
+
+
+def test_unwritable_out_dir_is_refused_before_any_data_work(capsys, tmp_path, monkeypatch):
+    """out_dir under a regular file: one line naming out_dir and the fix, before the tokenizer is trained."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["train", f"out_dir={tmp_path / 'afile' / 'sub' / 'run'}", "max_steps=1"]) == 2
+    _one_line_error(capsys, "out_dir", "cannot create", "pick a writable folder")
+    assert not (tmp_path / "afile" / "_data").exists() and (tmp_path / "afile").is_file()
+
+
+def test_run_banner_names_the_block_geometry():
+    """The start line says which blocks an INT8 run uses: `int8` (1x128 / 128x128 by default) and `jetfire` (32x32)
+    differ only there."""
+    from int8flow.training.loop import _precision_label
+    assert _precision_label("bf16") == "bf16"
+    assert _precision_label("int8") == "int8 1x128/128x128"
+    assert _precision_label("jetfire") == "jetfire 32x32/32x32"
+    assert _precision_label("int8-linear") == "int8-linear 1x128/128x128"

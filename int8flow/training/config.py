@@ -43,7 +43,8 @@ class TrainConfig:
     # data
     data: str = _setting("shakespeare", "the embedded corpus, a text file/folder (prepared and cached) or a "
                                         "folder made by `int8flow prepare`")
-    data_dir: str = _setting("", "where prepared tokens are cached (empty: runs/_data/<source>-<tokenizer>)")
+    data_dir: str = _setting("", "where prepared tokens are cached (empty: _data/<source>-<tokenizer> beside the run "
+                                 "folder, e.g. runs/_data/...)")
     tokenizer: str = _setting("bpe", "bpe (trained on the corpus) | gpt2 | auto | a GPT-2 file folder | a "
                                      "tokenizer JSON")
     vocab_size: int = _setting(2048, "ids of a trained BPE (tokenizer=bpe), 257..65535")

@@ -141,6 +141,14 @@ def model_precision(cfg: TrainConfig) -> str | Int8TrainingConfig:
     return Int8TrainingConfig.from_recipe_name(cfg.precision).with_(nonfinite="propagate")
 
 
+def _precision_label(precision: str) -> str:
+    """``bf16``, or an INT8 recipe with its blocks (``int8 1x128/128x128`` vs ``jetfire 32x32/32x32``)."""
+    if precision == "bf16":
+        return precision
+    c = Int8TrainingConfig.from_recipe_name(precision)
+    return f"{precision} {c.activation_block}/{c.weight_block}"
+
+
 def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; matrices (dim >= 2) decay, biases and norm weights do not (as in nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -308,7 +316,7 @@ def _check_run_dir(cfg: TrainConfig) -> None:
     """Refuse to start over a previous run unless resume or overwrite says what to do with it."""
     held = existing_run(cfg.run_dir)
     if held and not (cfg.resume or cfg.overwrite):
-        new = "out_dir=<another folder>" if cfg.out_dir else f"name=<new name> (or out_dir=)"
+        new = "out_dir=<another folder>" if cfg.out_dir else "name=<new name> (or out_dir=)"
         raise RunExistsError(f"{cfg.run_dir} already holds a run ({held}); continue it with resume=true, start "
                              f"another with {new}, or replace it with overwrite=true")
 
@@ -333,6 +341,20 @@ def _check_data_settings(cfg: TrainConfig) -> None:
     if cfg.tokenizer not in ("bpe", "gpt2", "auto") and not Path(cfg.tokenizer).expanduser().exists():
         raise FileNotFoundError(f"tokenizer={cfg.tokenizer}: does not exist; pass bpe, gpt2, auto, a folder holding "
                                 "encoder.json + vocab.bpe, or a tokenizers JSON file")
+
+
+def _check_writable(cfg: TrainConfig) -> None:
+    """The folders the run will write (the run folder's parent, the data cache) can be created, checked before the
+    tokenizer is trained or any data prepared."""
+    for what, folder in (("out_dir", cfg.run_dir.parent), ("data_dir", Path(cfg.data_dir) if cfg.data_dir else None)):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{what}: cannot create {folder} ({err.strerror}); pick a writable folder") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{what}: {folder} is not writable; pick a writable folder")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -417,6 +439,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     if not custom_build:  # a caller's build_fn may not run on meta; it is still built before anything is written
         _check_model(cfg, build_fn, presets)
     _check_data_settings(cfg)
+    _check_writable(cfg)
     data = load_data(cfg, info, say)
     _check_tokenizer(cfg, data)
 
@@ -471,10 +494,14 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     n_params = sum(p.numel() for p in unwrap(model).parameters())
     per_rank = cfg.batch_size * cfg.grad_accum
     tokens_per_step = per_rank * info.world_size * cfg.seq_len
-    say(f"int8flow: {cfg.name}: {cfg.model} ({n_params / 1e6:.2f}M params, {cfg.precision}) on {device}"
+    label = _precision_label(cfg.precision)
+    say(f"int8flow: {cfg.name}: {cfg.model} ({n_params / 1e6:.2f}M params, {label}) on {device}"
         f"{f' x{info.world_size} {cfg.parallel}' if info.distributed else ''}; data {data.folder} "
         f"({data.meta['train_tokens'] / 1e6:.2f}M train tokens, vocab {data.vocab_size}); "
         f"{tokens_per_step} tokens/step, steps {start_step}..{cfg.max_steps}")
+    if cfg.warmup_steps > cfg.max_steps:
+        say(f"int8flow: note: warmup_steps={cfg.warmup_steps} > max_steps={cfg.max_steps}: the learning rate never "
+            f"reaches lr={cfg.lr} and never decays; set warmup_steps below max_steps for the usual schedule")
 
     log = MetricsLog(run_dir, ckpt.step if ckpt else None, cfg.tensorboard) if info.is_main else None
     if ckpt is None:
