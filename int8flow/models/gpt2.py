@@ -168,6 +168,9 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None); targets -1 are ignored."""
+        if idx.dim() != 2:
+            raise ValueError(f"token ids must be 2-D (batch, sequence), got shape {tuple(idx.shape)}; for one sequence "
+                             "pass idx[None]")
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; pass at most "

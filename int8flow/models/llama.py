@@ -166,6 +166,9 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None); targets -1 are ignored."""
+        if idx.dim() != 2:
+            raise ValueError(f"token ids must be 2-D (batch, sequence), got shape {tuple(idx.shape)}; for one sequence "
+                             "pass idx[None]")
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}; pass at most "
