@@ -617,13 +617,16 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         log.close()
         plot = plot_runs([run_dir], run_dir / "loss.png", labels=[f"{cfg.name} ({cfg.precision})"])
         ran = end_step - start_step
-        say(f"int8flow: {cfg.name} done: {ran} steps ({ran * tokens_per_step / 1e6:.2f}M tokens) in "
+        early = end_step < cfg.max_steps  # stop_at: this session's part of the run, not the end of training
+        say(f"int8flow: {cfg.name} {'paused' if early else 'done'}: {ran} steps "
+            f"({ran * tokens_per_step / 1e6:.2f}M tokens) in "
             f"{seconds / 60:.1f} min, {ran * tokens_per_step / max(train_seconds, 1e-9):,.0f} tokens/s"
             + (f", {guard['skipped']} skipped" if guard["skipped"] else "")
             + (f", {guard['fallbacks']} recomputed in high precision" if guard["fallbacks"] else ""))
         if val is not None:
-            say(f"int8flow: final val loss {val:.4f} (perplexity {math.exp(min(val, 50.0)):.1f}) at step {end_step}")
+            ppl = math.exp(min(val, 50.0))
+            say(f"int8flow: {'val' if early else 'final val'} loss {val:.4f} (perplexity {ppl:.1f}) at step {end_step}")
         say(f"int8flow: log {run_dir / 'log.jsonl'} | plot {plot} | checkpoint {last_ckpt}")
-        if end_step < cfg.max_steps:
-            say(f"int8flow: stopped at step {end_step} of {cfg.max_steps}; continue with resume=true")
+        if early:
+            say(f"int8flow: stopped at step {end_step} of {cfg.max_steps} (stop_at); continue with resume=true")
     return TrainResult(run_dir, end_step, losses, val, last_ckpt, seconds)
