@@ -11,8 +11,11 @@ Structure (one persistent CTA per SM, one warp-specialized region):
 * 2 or 3 consumers (one warpgroup each, 64 rows of the tile): per K group an async int8 ``wgmma``
   (m64 n128 k32, four per group) into an int32 product, release the stage, then promote
   ``acc += float(p) * (sa[row] * sb)`` in float32 (sb a per-tile scalar for 128x128 weight blocks, a
-  per-column vector otherwise). The tensor cores serve one warpgroup at a time, so the warpgroups fall out
-  of step and the others' wgmma runs while one promotes (DeepGEMM's overlap).
+  per-column vector otherwise). The scales must not keep the promotion waiting (ncu, docs/notes/gemm_h200.md):
+  scalar-B GEMMs load each group's scales one group ahead (``PREFETCH``); per-column B scales (wgrad) come
+  with the stage, a [1, BN] row of the transposed scale grid brought by the producer's TMA (``SB_SMEM``). The
+  tensor cores serve one warpgroup at a time, so the warpgroups fall out of step and the others' wgmma runs
+  while one promotes (DeepGEMM's overlap).
 * epilogue in the consumers: bias, then float (fp32/bf16) or 1x128-block INT8 through shared memory and a TMA
   store, which overlaps the next tile's main loop. Nearest rounding: the numerics of
   ``_blockquant.quantize_tile``. Stochastic: the numerics and random stream of the memory-bound kernels
