@@ -677,12 +677,14 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
         # Per-column scales of one K group are then contiguous (coalesced, vectorized loads; the JIT
         # specializes the unit stride). A copy of N * K / 128 floats, ~1/128 of b's bytes.
         b_scale = b_scale.t().contiguous().t()
-    sb_ok = b_per_col and overlap == 0 and N % 4 == 0 and b_scale.data_ptr() % 16 == 0
+    # TMA over the transposed grid (K / 128, N): unit column stride, 16-byte aligned base and row stride
+    sb_ok = (b_per_col and overlap == 0 and b_scale.stride(0) == 1 and (b_scale.stride(1) * 4) % 16 == 0
+             and b_scale.data_ptr() % 16 == 0)
     if sb_smem is None:
         sb_smem = sb_ok
     elif sb_smem and not sb_ok:
-        raise ValueError("sb_smem needs per-column B scales (b blocks of 1 row), overlap=0 and N a multiple of 4 "
-                         "(the TMA row stride of the transposed scale grid)")
+        raise ValueError("sb_smem needs per-column B scales (b blocks of 1 row), overlap=0 and a TMA-addressable "
+                         "transposed scale grid (N a multiple of 4: 16-byte rows)")
     sb_desc = _desc(b_scale.t(), [1, BN]) if sb_smem else None
     if prefetch is None:
         prefetch = not b_per_col
