@@ -37,9 +37,10 @@ def test_module_constants_are_consistent():
     # two epilogue buffers plus the ring fit in shared memory, at least double-buffered
     for dt in (torch.float32, torch.bfloat16, torch.int8):
         for nc in gg.REGS:
-            s = gg.stages_for(dt, nc)
-            ring = s * (nc * gg.HALF + gg.BN) * gg.BK
-            assert s >= 2 and ring + nc * gg.HALF * gg.BN * torch.empty((), dtype=dt).element_size() <= gg.SMEM_BUDGET
+            for sb_smem in (False, True):  # with staged per-column scales each stage also holds BN float32
+                s = gg.stages_for(dt, nc, sb_smem)
+                ring = s * ((nc * gg.HALF + gg.BN) * gg.BK + (4 * gg.BN if sb_smem else 0))
+                assert s >= 2 and ring + nc * gg.HALF * gg.BN * torch.empty((), dtype=dt).element_size() <= gg.SMEM_BUDGET
     # registers: every partition's warpgroup fits the register file at the launch cap, and after setmaxnreg
     for nc, (cap, consumer, producer) in gg.REGS.items():
         assert (nc + 1) * 128 * cap <= 65536
@@ -85,7 +86,8 @@ _COMPILE_SCRIPT = """
 import json
 from int8flow.kernels import _hopper_check as h
 for out, kw in (("bf16", {}), ("int8", {}), ("fp32", dict(magic=True)), ("int8", dict(stochastic=True)),
-                ("int8", dict(consumers=3)), ("bf16", dict(b_per_col=True, sb_smem=True))):
+                ("int8", dict(consumers=3)),
+                ("bf16", dict(b_per_col=True, sb_smem=True, prefetch=False, bias=False))):  # wgrad as block_gemm runs it
     print(json.dumps(h.gluon_variant(out, **kw)))
 """
 
@@ -197,6 +199,22 @@ def test_gluon_per_column_scales_through_shared_memory_on_gpu(shape, prefetch):
         gg.block_gemm(a, operand(N, K, "128x128", 13), sb_smem=True)
     with pytest.raises(ValueError, match="run on 2 consumer warpgroups"):
         gg.block_gemm(a, b, consumers=3)
+
+
+@pytest.mark.gpu
+@on_hopper
+@needs_gluon
+def test_gluon_per_column_scales_many_tiles_per_cta_on_gpu():
+    """The staged per-column scales with more output tiles than SMs (several tiles per persistent CTA through the
+    scale ring) and a long K: the conditions of the 3-consumer failure seen in the probe (review finding), on the
+    2-consumer route that runs; against float64 on every 16th row."""
+    M, N, K = 2048, 2048 + 64, 16384
+    a, b = operand(M, K, "1x128", 16), operand(N, K, "1x128", 17)
+    y = gg.block_gemm(a, b)
+    rows = torch.arange(0, M, 16, device=DEVICE)
+    a_rows = fmt.QTensor(a.data[rows], a.scale[rows], a.block)
+    want = a_rows.dequantize().double() @ b.dequantize().double().t()
+    assert ((y[rows].double() - want).abs().max() / want.abs().max()) < 2e-6
 
 
 @pytest.mark.gpu

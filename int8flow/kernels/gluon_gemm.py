@@ -495,6 +495,9 @@ if gluon is not None:
                           STAGES: gl.constexpr, GROUP_M: gl.constexpr, NC: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SB_SMEM: gl.constexpr = False,
                           sb_desc=None, PREFETCH: gl.constexpr = True):
+        # combinations the wrapper refuses, refused here too for direct launches (probes, _hopper_check)
+        gl.static_assert(not (B_PER_COL and NC == 3), "per-column B scales run on 2 consumer warpgroups")
+        gl.static_assert(not SB_SMEM or (B_PER_COL and OVERLAP == 0), "SB_SMEM needs per-column B scales, OVERLAP=0")
         HALF: gl.constexpr = c_desc.block_type.shape[0]
         BM: gl.constexpr = NC * HALF  # NC consumer warpgroups, HALF rows each
         A_ROWS: gl.constexpr = a_desc.block_type.shape[0]
@@ -684,7 +687,8 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
         sb_smem = sb_ok
     elif sb_smem and not sb_ok:
         raise ValueError("sb_smem needs per-column B scales (b blocks of 1 row), overlap=0 and a TMA-addressable "
-                         "transposed scale grid (N a multiple of 4: 16-byte rows)")
+                         "transposed scale grid (unit column stride and 16-byte rows: N a multiple of 4, more than one "
+                         "K group)")
     sb_desc = _desc(b_scale.t(), [1, BN]) if sb_smem else None
     if prefetch is None:
         prefetch = not b_per_col
