@@ -114,8 +114,8 @@ class Int8TrainingConfig:
     @classmethod
     def from_recipe_name(cls, name: str) -> "Int8TrainingConfig":
         """Named recipes (``RECIPES``): ``int8``, ``int8+fallback``, ``int8-linear`` (the default 1x128 geometry:
-        1x128 activations/gradients, 128x128 weights; ``-1x128`` names the same explicitly), ``jetfire`` (the paper's
-        32x32 blocks), ``bf16``."""
+        1x128 activations/gradients, 128x128 weights; ``-1x128`` names the same explicitly), ``jetfire``,
+        ``jetfire+fallback``, ``jetfire-linear`` (the paper's 32x32 blocks), ``bf16``."""
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
         return cls(**RECIPES[name])
@@ -136,6 +136,8 @@ RECIPES = {
     "int8": dict(precision="int8"),
     "int8+fallback": dict(precision="int8+fallback"),
     "jetfire": dict(precision="int8", **GEOMETRIES["jetfire"]),
+    "jetfire+fallback": dict(precision="int8+fallback", **GEOMETRIES["jetfire"]),
+    "jetfire-linear": dict(precision="int8-linear", **GEOMETRIES["jetfire"]),
     "int8-1x128": dict(precision="int8", **GEOMETRIES["1x128"]),
     "int8+fallback-1x128": dict(precision="int8+fallback", **GEOMETRIES["1x128"]),
     "int8-linear-1x128": dict(precision="int8-linear", **GEOMETRIES["1x128"]),

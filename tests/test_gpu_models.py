@@ -27,7 +27,8 @@ CONFIGS = {
     "llama": LlamaConfig(vocab_size=32000, dim=512, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=1376,
                          max_seq_len=512),
 }
-MODES = ["bf16", "int8-linear", "int8", "int8+fallback", "int8-1x128", "int8-linear-1x128", "int8+fallback-1x128"]
+# int8, int8+fallback, int8-linear: the default 1x128 geometry; jetfire*: the paper's 32x32 blocks
+MODES = ["bf16", "int8-linear", "int8", "int8+fallback", "jetfire", "jetfire-linear", "jetfire+fallback"]
 
 
 def _batch(vocab, seed, B=8, T=512):
@@ -67,7 +68,7 @@ def test_loss_and_every_gradient_match_fp32_twin(arch, mode):
     assert sqnr_db(torch.cat(grads_ref), torch.cat(grads)) >= 20.0
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8+fallback", "int8-1x128"])
+@pytest.mark.parametrize("mode", ["int8", "int8+fallback", "jetfire"])
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_short_training_run_loss_falls(arch, mode):
     """40 AdamW steps on the GPU over 4 fixed batches: the loss falls well below its start."""
@@ -96,7 +97,7 @@ def _count_syncs(fn) -> list[str]:
     return [str(w.message) for w in host_syncs(fn)]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-1x128"])
+@pytest.mark.parametrize("mode", ["int8", "jetfire"])
 def test_data_flow_block_step_makes_no_host_sync(mode):
     """Forward + backward of a Llama block stack in the INT8 data flow: no host-device synchronization (the
     non-finite checks live in a device flag read at the step boundary, seeds are CPU tensors)."""

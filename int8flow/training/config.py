@@ -38,8 +38,9 @@ class TrainConfig:
     model: str = _setting("gpt-tiny", "model preset (int8flow.models.MODEL_PRESETS); model.X=... overrides a field")
     model_args: dict = _setting(dict, "build_model overrides, set as model.X=value or a [model] TOML table")
     precision: str = _setting("bf16", "bf16 | int8-linear | int8 | int8+fallback (1x128 activation/gradient and "
-                                        "128x128 weight blocks), or a recipe: jetfire (the paper's 32x32 blocks), "
-                                        "int8-1x128 / int8+fallback-1x128 / int8-linear-1x128 (docs/models.md)")
+                                        "128x128 weight blocks), or a recipe: jetfire / jetfire+fallback / "
+                                        "jetfire-linear (the paper's 32x32 blocks), int8-1x128 / int8+fallback-1x128 "
+                                        "/ int8-linear-1x128 (docs/models.md)")
     # data
     data: str = _setting("shakespeare", "the embedded corpus, a text file/folder (prepared and cached) or a "
                                         "folder made by `int8flow prepare`")
