@@ -196,23 +196,7 @@ if gluon is not None:
         """``tl.rand(seed, offsets)`` for int32 offsets: Philox-4x32-10, first word, mapped to [0, 1).
 
         The epilogue's noise before ``_noise16`` (``noise="philox10"``), kept for measurements only."""
-        c0 = offsets.to(gl.uint32, bitcast=True)
-        zero = c0 * 0
-        c1 = zero
-        c2 = zero
-        c3 = zero
-        seed64 = seed.to(gl.uint64)
-        k0 = (seed64 & 0xFFFFFFFF).to(gl.uint32)
-        k1 = ((seed64 >> 32) & 0xFFFFFFFF).to(gl.uint32)
-        for _ in gl.static_range(10):
-            _c0 = c0
-            _c2 = c2
-            c0 = gl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
-            c2 = gl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
-            c1 = _c2 * 0xCD9E8D57
-            c3 = _c0 * 0xD2511F53
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
+        c0, _, _, _ = _philox(offsets.to(gl.uint32, bitcast=True), seed, 10, False)
         x = c0.to(gl.int32, bitcast=True)
         x = gl.where(x < 0, -x - 1, x)
         return x.to(gl.float32) * 4.6566127342e-10
@@ -227,8 +211,9 @@ if gluon is not None:
         return gl.inline_asm_elementwise(asm, "=r,=r,r", [a], dtype=(gl.uint32, gl.uint32), is_pure=True, pack=1)
 
     @gluon.jit
-    def _philox7(c0, seed, WIDE: gl.constexpr):
-        """Philox4x32-7 of counter (c0, 0, 0, 0) under key ``seed``: ``tl.randint4x(seed, c0, 7)``, four words.
+    def _philox(c0, seed, ROUNDS: gl.constexpr, WIDE: gl.constexpr):
+        """Philox4x32-ROUNDS of counter (c0, 0, 0, 0) under key ``seed``: ``tl.randint4x(seed, c0, ROUNDS)``, four
+        words.
 
         WIDE: each round's two products as ``mul.wide.u32`` (inline PTX), else ``umulhi`` and a multiply each."""
         seed64 = seed.to(gl.uint64)
@@ -237,7 +222,7 @@ if gluon is not None:
         c1 = c0 * 0
         c2 = c1
         c3 = c1
-        for _ in gl.static_range(7):
+        for _ in gl.static_range(ROUNDS):
             if WIDE:
                 lo_b, hi_b = _mul_wide(c2, True)
                 lo_a, hi_a = _mul_wide(c0, False)
@@ -284,7 +269,7 @@ if gluon is not None:
         r = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, LG))
         g = col0 // 8 + gl.arange(0, BN // 8, layout=gl.SliceLayout(0, LG))
         k = gl.expand_dims(r * gl.cdiv(N, 8), 1) + gl.expand_dims(g, 0)
-        w0, w1, w2, w3 = _philox7(k.to(gl.uint32, bitcast=True), seed, WIDE)
+        w0, w1, w2, w3 = _philox(k.to(gl.uint32, bitcast=True), seed, 7, WIDE)
         # lane t = 2h + x of the quad: low half = half h of word x (element 2t), high half = half h of word 2 + x
         p0 = (w0 & 0xFFFF) | (w2 << 16)
         p1 = (w1 & 0xFFFF) | (w3 << 16)
@@ -452,7 +437,7 @@ if gluon is not None:
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
-                  PREFETCH: gl.constexpr):
+                      PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   1, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
@@ -466,7 +451,7 @@ if gluon is not None:
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
-                  PREFETCH: gl.constexpr):
+                      PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   2, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
@@ -480,7 +465,7 @@ if gluon is not None:
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, HALF: gl.constexpr,
                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
-                  PREFETCH: gl.constexpr):
+                      PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
                   M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
                   0, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
