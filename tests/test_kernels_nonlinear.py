@@ -627,3 +627,27 @@ def test_swiglu_backward_split_with_t_is_the_fused_kernel_bit_for_bit(poisoned, 
     for a, b in zip(split, fused):
         for x, y in zip(a, b):
             assert torch.equal(x.data, y.data) and torch.equal(x.scale, y.scale)
+
+
+@pytest.mark.parametrize("op,shape", [("swiglu_fwd", (150, 200)), ("gelu_fwd", (130, 40)), ("rms_norm_fwd", (140, 72)),
+                                      ("swiglu_bwd", (129, 136))])
+def test_transposed_one_warp_tiles_write_session4s_bits(poisoned, op, shape, monkeypatch):
+    """The transposed-copy launches on one-warp [K, 1, 8] programs (INT8 1x128 inputs; ``_launch.T_ONE_WARP``) write
+    bit for bit what session 4's tiles wrote, stochastic rounding (noise keyed by position) and tails included."""
+    m, d = shape
+    g, u, dy = (quantize(_x(shape, "heavy_tailed", torch.float32, False, seed=s, scale=3.0), "1x128")
+                for s in (140, 141, 142))
+    w = (1 + 0.1 * sample((d,), seed=143)).to(DEVICE)
+    rstd = (1 + 0.1 * sample((m,), seed=144).abs()).to(DEVICE)
+    kw = dict(out_block="1x128", rounding="stochastic", seed=7)
+    fns = {
+        "swiglu_fwd": lambda: [activations.swiglu_forward(g, u, with_t="only", **kw)],
+        "gelu_fwd": lambda: [activations.gelu_forward(g, "tanh", with_t="only", **kw)],
+        "rms_norm_fwd": lambda: [norms.rms_norm_forward(g, w, rstd=rstd, with_t="only", **kw)[0]],
+        "swiglu_bwd": lambda: [q for pair in activations.swiglu_backward(dy, g, u, with_t=True, **kw) for q in pair],
+    }
+    new = fns[op]()
+    monkeypatch.setattr(_launch, "T_ONE_WARP", False)
+    old = fns[op]()
+    for a, b in zip(new, old, strict=True):
+        assert torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)

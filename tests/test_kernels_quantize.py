@@ -181,3 +181,21 @@ def test_transpose_qtensor_is_the_transposed_copy(block, shape):
     assert_same_qtensor(got, want)
     back = kq.transpose_qtensor(q.t())  # a transposed view in (primitives.k_major's case): q itself out
     assert_same_qtensor(back, q)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape,block,strided", [((300, 77), "1x128", False), ((130, 200), "1x128", True),
+                                                 ((70, 40), "1x32", False)])
+def test_transposed_one_warp_tiles_write_session4s_bits(shape, block, strided, rounding, monkeypatch):
+    """The transposed copy on one-warp [K, G, 16] programs (``_launch.T_ONE_WARP``) is bit for bit what session 4's
+    [K, 1, 64] x 8-warp launch wrote, stochastic noise included (keyed by (seed, row, col)); tails in M and N
+    (neither a multiple of 128 / 16), a strided input, K < 128 (G > 1)."""
+    x = heavy_tailed(shape[::-1] if strided else shape, seed=500 + shape[0], dtype=torch.bfloat16)
+    x = x.t() if strided else x
+    new = (kq.quantize_transposed(x, block, rounding, seed=9), *kq.quantize_dual(x, block, rounding, seed=9))
+    monkeypatch.setattr(kq._launch, "T_ONE_WARP", False)
+    old = (kq.quantize_transposed(x, block, rounding, seed=9), *kq.quantize_dual(x, block, rounding, seed=9))
+    for a, b in zip(new, old):
+        assert torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)
+    if rounding == "nearest":
+        assert_same_qtensor(new[0], fmt.quantize_transposed(x, block))

@@ -62,6 +62,13 @@ def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, num_warps: int
             "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx)))}
 
 
+def _warps_per_sm(r: dict, num_warps: int) -> int:
+    """Resident warps per SM on sm_90: registers (64K), shared memory (228 KB), 64 warps and 32 CTAs per SM."""
+    ctas = min(65536 // max(1, r["regs"] * 32 * num_warps), 64 // num_warps, 32,
+               (228 * 1024) // max(1, r["shared_bytes"]))
+    return ctas * num_warps
+
+
 def quant3_variant(rowq: bool, trans: bool, stochastic: bool, R: int, G: int, C: int, num_warps: int) -> dict:
     """The one-pass quantizer (`quantize._quant3_kernel`) on a bf16 input: row-quantized 1x128 copy (``rowq``)
     and/or the transposed 1xR copy (``trans``), an [R, G, C] tile per program. Adds SASS instructions per
@@ -72,22 +79,21 @@ def quant3_variant(rowq: bool, trans: bool, stochastic: bool, R: int, G: int, C:
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*i8", "q_scale": "*fp32", "qt_ptr": "*i8", "qt_scale": "*fp32",
             "flag_ptr": "*i32"}
     r = compile_for_hopper(quantize._quant3_kernel, ptrs, consts, num_warps, 1, divisible=("M", "N", "stride_xr"))
-    ctas = min(65536 // max(1, r["regs"] * 32 * num_warps), 64 // num_warps,
-               (228 * 1024) // max(1, r["shared_bytes"]))
     return {"kernel": "quant3", "rowq": rowq, "trans": trans, "stochastic": stochastic, "tile": [R, G, C],
             "warps": num_warps, **r, "sass_per_element": round(r["sass"] * 32 * num_warps / (R * G * C), 1),
-            "warps_per_sm": ctas * num_warps}
+            "warps_per_sm": _warps_per_sm(r, num_warps)}
 
 
 def swiglu_variant(backward: bool, row_out: bool, with_t: bool, stochastic: bool, R: int, G: int, C: int,
                    num_warps: int, kernel=None, **extra) -> dict:
-    """A launch of the SwiGLU kernel (`activations._swiglu_kernel`, or ``kernel``) on 1x128 INT8 inputs and 1x128
-    INT8 outputs (the Llama MLP's backward: dy, gate, up in; dgate, dup out, row and/or transposed copies), reported
-    like ``quant3_variant``."""
+    """A launch of the SwiGLU kernel (`activations._swiglu_kernel`, or ``kernel``: `activations._gelu_kernel` takes the
+    same constants, tanh) on 1x128 INT8 inputs and 1x128 INT8 outputs (the Llama MLP's backward: dy, gate, up in;
+    dgate, dup out, row and/or transposed copies), reported like ``quant3_variant``."""
     from . import activations
     fn = kernel or activations._swiglu_kernel
     names = set(inspect.signature(fn.fn).parameters)
-    consts = dict(DY_Q=True, DY_QR=1, DY_QC=128, G_Q=True, G_QR=1, G_QC=128, U_Q=True, U_QR=1, U_QC=128, OUT_Q=True,
+    consts = dict(DY_Q=True, DY_QR=1, DY_QC=128, G_Q=True, G_QR=1, G_QC=128, U_Q=True, U_QR=1, U_QC=128, X_Q=True,
+                  X_QR=1, X_QC=128, TANH=True, OUT_Q=True,
                   OUT_QR=1, OUT_QC=128, STOCHASTIC=stochastic, WITH_T=with_t, BACKWARD=backward, R=R, G=G, C=C,
                   ROW_OUT=row_out, **extra)
     consts = {k: v for k, v in consts.items() if k in names}
@@ -95,11 +101,46 @@ def swiglu_variant(backward: bool, row_out: bool, with_t: bool, stochastic: bool
             if n.endswith("_ptr") or n.endswith("_scale")}
     ptrs["flag_ptr"] = "*i32"
     r = compile_for_hopper(fn, ptrs, consts, num_warps, 1, divisible=("M", "N"))
-    ctas = min(65536 // max(1, r["regs"] * 32 * num_warps), 64 // num_warps,
-               (228 * 1024) // max(1, r["shared_bytes"]))
     return {"kernel": getattr(fn, "__name__", str(fn)), "backward": backward, "row_out": row_out, "with_t": with_t,
             "stochastic": stochastic, "tile": [R, G, C], "warps": num_warps, **extra, **r,
-            "sass_per_element": round(r["sass"] * 32 * num_warps / (R * G * C), 1), "warps_per_sm": ctas * num_warps}
+            "sass_per_element": round(r["sass"] * 32 * num_warps / (R * G * C), 1),
+            "warps_per_sm": _warps_per_sm(r, num_warps)}
+
+
+def norm_t_variant(stochastic: bool, R: int, G: int, C: int, num_warps: int) -> dict:
+    """RMSNorm forward's transposed copy alone with the statistics given (`norms._norm_fwd_kernel`, ``with_t='only'``),
+    1x128 INT8 in and out, bf16 weight; reported like ``quant3_variant``."""
+    from . import norms
+    consts = dict(X_Q=True, X_QR=1, X_QC=128, Y_Q=True, Y_QR=1, Y_QC=128, STOCHASTIC=stochastic, WITH_T=True, RMS=True,
+                  HAS_W=True, HAS_B=False, STATS_GIVEN=True, R=R, G=G, C=C, ONE=False, ROW_OUT=False, b_ptr=None,
+                  mean_ptr=None, eps=1e-6)
+    ptrs = {"x_ptr": "*i8", "x_scale": "*fp32", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "y_ptr": "*i8", "y_scale": "*fp32",
+            "yt_ptr": "*i8", "yt_scale": "*fp32", "flag_ptr": "*i32"}
+    r = compile_for_hopper(norms._norm_fwd_kernel, ptrs, consts, num_warps, 1, divisible=("M", "N"))
+    return {"kernel": "norm_fwd_t_only", "stochastic": stochastic, "tile": [R, G, C], "warps": num_warps, **r,
+            "sass_per_element": round(r["sass"] * 32 * num_warps / (R * G * C), 1),
+            "warps_per_sm": _warps_per_sm(r, num_warps)}
+
+
+def transposed_variants() -> list[dict]:
+    """The producers of the transposed 1x128 copy alone, session 4's launches beside session 5's one-warp
+    ``_launch.transposed_tile`` (docs/notes/membound_h200.md, "Session 5"): sm_90 resources per launch."""
+    from . import _launch, activations
+    cf, ci = _launch.T_COLS_FLOAT_IN, _launch.T_COLS_INT8_IN
+    out = []
+    for st in (False, True):
+        out += [dict(quant3_variant(False, True, st, 128, 1, 64, 8), session=4),
+                dict(quant3_variant(False, True, st, 128, 1, cf, 1), session=5)]
+    for st in (False, True):
+        out += [dict(swiglu_variant(False, False, True, st, 128, 1, 64, 8), session=4),
+                dict(swiglu_variant(False, False, True, st, 128, 1, ci, 1), session=5),
+                dict(swiglu_variant(False, False, True, st, 128, 1, 64, 8, kernel=activations._gelu_kernel), session=4),
+                dict(swiglu_variant(False, False, True, st, 128, 1, ci, 1, kernel=activations._gelu_kernel), session=5),
+                dict(norm_t_variant(st, 128, 1, 128, 32), session=4), dict(norm_t_variant(st, 128, 1, ci, 1), session=5)]
+    for st in (False, True):
+        out += [dict(swiglu_variant(True, False, True, st, 128, 1, 32, 4), session=4),
+                dict(swiglu_variant(True, False, True, st, 128, 1, ci, 1), session=5)]
+    return out
 
 
 def gemm_variant(dequant: bool, out_quant: bool, group: int, a_br: int, b_br: int, cfg, layout: int = 0,
@@ -195,11 +236,11 @@ def main(quick: bool = False) -> list[dict]:
     reports += [quantize_variant(b, t) for b in ("32x32", "1x128", "128x128") for t in (False, True)]
     # the launches of quantize / quantize_transposed (quantize_dual is one of each; kernels.quantize._launch_quant3)
     reports += [quant3_variant(True, False, False, 8, 8, 128, 16)]
-    reports += [quant3_variant(False, True, st, 128, 1, 64, 8) for st in (False, True)]
-    # SwiGLU backward, stochastic, 1x128 INT8 in/out: v3's fused with_t launch and row launch, v4's split pair
-    # (activations._swiglu: row copies [4, 8, 128] x 8 warps + transposed copies [128, 1, 32] x 4 warps)
+    reports += transposed_variants()
+    # SwiGLU backward, stochastic, 1x128 INT8 in/out: v3's fused with_t launch and row launch, v4's row launch (its
+    # transposed launch is in transposed_variants)
     reports += [swiglu_variant(True, True, True, True, 128, 1, 128, 32), swiglu_variant(True, True, False, True, 4, 8, 128, 32),
-                swiglu_variant(True, True, False, True, 4, 8, 128, 8), swiglu_variant(True, False, True, True, 128, 1, 32, 4)]
+                swiglu_variant(True, True, False, True, 4, 8, 128, 8)]
     from . import gluon_gemm
     if gluon_gemm.available():
         reports += gluon_variants(quick)

@@ -296,20 +296,47 @@ def warps_for_tile(tile: int, per_thread: int) -> int:
     return max(4, min(32, tile // (32 * per_thread)))
 
 
+# The producers of a transposed 1xK copy alone (the wgrad operand: quantize_transposed, quantize_dual's second launch,
+# the norm / activation forward with_t='only', SwiGLU backward's transposed launch) run on [K, G, c] tiles at ONE warp:
+# the K-token block axis then lies within a warp (Triton's blocked layout: 16-byte vectors along the channels, the
+# other lanes along the tokens), so the block absmax is in-thread maxima plus warp shuffles (no shared memory, no
+# barrier) and the per-block divisions run once per thread column. c: 16 for float inputs (bf16: 8 tokens x 8
+# channels a thread), 8 for INT8 inputs (4 x 8). sm_90 builds, docs/notes/membound_h200.md "Session 5".
+# T_ONE_WARP = False restores session 4's launches (scripts/gpu/dual_probe.py times both in one run).
+T_ONE_WARP = True
+T_COLS_FLOAT_IN = 16
+T_COLS_INT8_IN = 8
+
+
+def t_cols(*ops: Operand) -> int:
+    """c of ``transposed_tile`` for a kernel reading ``ops``: 8 where any is INT8, else 16."""
+    return T_COLS_INT8_IN if any(op.is_q for op in ops) else T_COLS_FLOAT_IN
+
+
+def transposed_tile(k: int, n: int, c: int) -> dict:
+    """(R, G, C, num_warps) of a one-warp program writing the transposed copy alone: R = K tokens (one 1xK block per
+    column), G groups of c channels (G > 1 only for K < 128, keeping ~128 x c values a program)."""
+    g = max(1, min(next_pow2(-(-n // c)), 128 // k))
+    return dict(R=k, G=g, C=c, num_warps=1)
+
+
 def tile3_launch(shape: tuple[int, int], out: "Output", elements: int = 4096,
-                 per_thread: int = 16) -> tuple[tuple[int, int], dict]:
+                 per_thread: int = 16, t_cols: int = T_COLS_INT8_IN) -> tuple[tuple[int, int], dict]:
     """Grid and (R, G, C) of an elementwise kernel on [R, G, C] tiles (``_blockquant.load3``/``emit3``).
 
     C = 128 (16-byte int8 vectors; narrower output blocks split a group in registers); R a multiple of the
     output block's rows; with the transposed copy R = the block's columns (one 1xK block along M per
-    column); about ``elements`` values a program, ``per_thread`` a thread.
+    column); about ``elements`` values a program, ``per_thread`` a thread. The transposed copy alone: one-warp
+    ``transposed_tile`` programs of ``t_cols`` channels.
     """
     m, n = shape
     c = 128
     if out.with_t and not out.row:
-        # the transposed copy alone needs no 128-wide row blocks: [K, 1, 64] tiles at 32 values a thread compile to
-        # ~69 SASS instructions per element for SwiGLU forward (vs ~116 at [128, 1, 128] x 32 warps) with 16 warps
-        # resident per SM, for kernels that are issue-bound (docs/notes/membound_h200.md)
+        # the transposed copy alone needs no 128-wide row blocks: the block axis within one warp (``transposed_tile``:
+        # SwiGLU forward 54 SASS instructions per element on sm_90, 23 warps/SM; session 4's [K, 1, 64] x 8 warps: 69)
+        if T_ONE_WARP:
+            meta = transposed_tile(out.qc, n, t_cols)
+            return (triton.cdiv(m, meta["R"]), triton.cdiv(n, meta["G"] * meta["C"])), meta
         c, per_thread = 64, max(per_thread, 32)
     g_cap = next_pow2(-(-n // c))
     if out.with_t:
@@ -323,16 +350,20 @@ def tile3_launch(shape: tuple[int, int], out: "Output", elements: int = 4096,
 
 
 def row_launch(n: int, out: "Output", elements: int = 4096, max_row: int = 16384, chunk_rows: int = 4,
-               per_thread: int = 16) -> dict:
+               per_thread: int = 16, t_only_cols: int = 0) -> dict:
     """(R, G, C, ONE) of a row-wise kernel: ONE = a whole (padded) row per tile, else column chunks.
 
     C = 128 whatever the output block (so the row statistics, summed over the same [G, C] shape, are the
     same bits for every output format). Whole rows (next_pow2(n) <= ``max_row``, not for 2-D output blocks
     or the transposed copy) give one read of the input; chunks (R rows = the output block's rows, or its
-    columns with the transposed copy) re-read the band from L2 in a second pass.
+    columns with the transposed copy) re-read the band from L2 in a second pass. ``t_only_cols`` > 0 (the
+    transposed copy alone with the statistics given: no row reduction, so the tile changes no bit): one-warp
+    ``transposed_tile`` programs of that many channels.
     """
     c = 128
     g_row = next_pow2(-(-n // c))
+    if t_only_cols and T_ONE_WARP:
+        return dict(**transposed_tile(out.qc, n, t_only_cols), ONE=False)
     if not out.with_t and out.qr == 1 and g_row * c <= max_row:
         r = max(1, min(64, elements // (g_row * c)))
         return dict(R=r, G=g_row, C=c, ONE=True, num_warps=warps_for_tile(r * g_row * c, per_thread))

@@ -14,11 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import nonfinite
+from . import _launch, nonfinite
 from ._blockquant import emit3, emit3_t, load3
 from ._launch import (
-    Output, check_int32_addressable, check_same_shape, interpreting, next_pow2, operand, stream_seed, tile3_launch,
-    warps_for_tile,
+    Output, check_int32_addressable, check_same_shape, interpreting, next_pow2, operand, stream_seed, t_cols,
+    tile3_launch, transposed_tile, warps_for_tile,
 )
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -155,7 +155,7 @@ def _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t):
     check_int32_addressable(x_op.data, "x")
     device = x_op.data.device
     out = Output(shape, device, out_dtype, out_block, rounding, with_t, t_only_ok=dy is None)
-    grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else 8)
+    grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else 8, t_cols=t_cols(x_op, dy_op))
     flag, code = nonfinite.flag_args(device, "gelu_forward" if dy is None else "gelu_backward")
     if shape[0] and shape[1]:
         _gelu_kernel[grid](*dy_op.args, *x_op.args, *out.args, *out.t_args, shape[0], shape[1], stream_seed(seed, 0),
@@ -201,16 +201,21 @@ def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t):
     elif dy is not None and out.with_t and SPLIT_BACKWARD_T:
         # Backward with the transposed copies: two launches, each on its own tile (the inputs read twice, 3 bytes an
         # element). The row copies exactly as with_t=False ([4, 8, 128] x 8 warps: 94 SASS instructions an element on
-        # sm_90, 112 registers, 16 warps/SM), the transposed copies alone on [K, G, 32] tiles x 4 warps (152, no
-        # spills); the fused [128, 1, 128] x 32-warp launch was 310 with 320 B of spills (docs/notes/membound_h200.md,
-        # "v4"). Same values, seeds and noise (keyed by position) as the fused kernel: bit for bit its output.
+        # sm_90, 112 registers, 16 warps/SM), the transposed copies alone on one-warp [K, 1, 8] tiles
+        # (``_launch.transposed_tile``: 120 SASS an element, no spills; session 4's [K, G, 32] x 4 warps: 152); the
+        # fused [128, 1, 128] x 32-warp launch was 310 with 320 B of spills (docs/notes/membound_h200.md, "v4",
+        # "Session 5"). Same values, seeds and noise (keyed by position) as the fused kernel: bit for bit its output.
         launch(*tile3_launch(shape, _RowOnly(out.qr, out.qc), per_thread=BACKWARD_PER_THREAD), True, False)
-        r, c = out.qc, 32
-        g = max(1, min(next_pow2(-(-shape[1] // c)), 4096 // (r * c)))
-        launch((triton.cdiv(shape[0], r), triton.cdiv(shape[1], g * c)),
-               dict(R=r, G=g, C=c, num_warps=warps_for_tile(r * g * c, 32)), False, True)
+        if _launch.T_ONE_WARP:
+            meta = transposed_tile(out.qc, shape[1], t_cols(g_op, u_op, dy_op))
+        else:
+            r, c = out.qc, 32
+            g = max(1, min(next_pow2(-(-shape[1] // c)), 4096 // (r * c)))
+            meta = dict(R=r, G=g, C=c, num_warps=warps_for_tile(r * g * c, 32))
+        launch((triton.cdiv(shape[0], meta["R"]), triton.cdiv(shape[1], meta["G"] * meta["C"])), meta, False, True)
     else:
-        grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else BACKWARD_PER_THREAD)
+        grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else BACKWARD_PER_THREAD,
+                                  t_cols=t_cols(g_op, u_op, dy_op))
         launch(grid, meta, out.row, out.with_t)
     return out.result() if dy is None else (out.result(), out2.result())
 

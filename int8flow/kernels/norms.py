@@ -243,7 +243,7 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
         rstd = _launch.alloc(m, torch.float32, device)
         mean = None if rms else _launch.alloc(m, torch.float32, device)
     out = Output((m, n), device, out_dtype, out_block, rounding, with_t, t_only_ok=True)
-    meta = row_launch(n, out)
+    meta = row_launch(n, out, t_only_cols=_launch.t_cols(x_op) if stats_given and not out.row else 0)
     flag, code = nonfinite.flag_args(device, op)
     if m:
         split = stats_given and not meta["ONE"]  # column chunks need no row reduction: one program each
