@@ -20,7 +20,7 @@ import functools
 import json
 from dataclasses import dataclass, replace
 
-from .format.blocks import PAPER_BLOCK, ROUNDING_MODES, BlockShape
+from .format.blocks import ROUNDING_MODES, BlockShape
 
 PRECISIONS = ("bf16", "int8-linear", "int8", "int8+fallback")
 NONFINITE_POLICIES = ("raise", "propagate")
@@ -34,6 +34,12 @@ class Int8TrainingConfig:
     median block absmax of the tensor (see docs/models.md for the sweep that chose 8).
     fallback_budget: at most this fraction of a tensor's blocks fall back (the largest ratios win),
     which bounds the extra GEMM work.
+    fallback_groups: 1xK activation blocks with weight blocks of the same K width (the default 1x128 /
+    128x128): the second term is column-structured. Per tensor, the ``G = ceil(fallback_groups * K / bk)``
+    K groups (``bk`` = the block's K width, at least 1, at most all of them) holding the largest block ratios
+    may carry it, and the GEMM runs once over ``K + G * bk`` (`ops.fallback`, docs/design.md "Fallback"):
+    the extra GEMM work is ``G * bk / K``. Flagged blocks outside those groups get no second term. Other
+    geometries (32x32) ignore it.
     nonfinite: what an INT8 operator does with a NaN/Inf input. ``raise``: refuse it with a
     ``NonFiniteError`` naming the operator and tensor (checking costs a device sync per quantization).
     ``propagate``: no check; a block holding NaN/Inf gets a non-finite scale, so the fault flows on as
@@ -54,6 +60,7 @@ class Int8TrainingConfig:
     quantize_wgrad: bool = True
     fallback_threshold: float = 8.0
     fallback_budget: float = 0.25
+    fallback_groups: float = 0.0625
     nonfinite: str = "raise"
     min_features: int = 32
 
@@ -76,6 +83,9 @@ class Int8TrainingConfig:
             raise ValueError(f"fallback_threshold must be > 1 (a ratio to the median block absmax), got {self.fallback_threshold!r}")
         if not 0.0 <= self.fallback_budget <= 1.0:
             raise ValueError(f"fallback_budget must be a fraction in [0, 1], got {self.fallback_budget!r}")
+        if isinstance(self.fallback_groups, bool) or not 0.0 < self.fallback_groups <= 1.0:
+            raise ValueError(f"fallback_groups must be a fraction in (0, 1] (of the K groups that may carry a "
+                             f"fallback term), got {self.fallback_groups!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:
@@ -102,6 +112,15 @@ class Int8TrainingConfig:
     @property
     def uses_fallback(self) -> bool:
         return self.precision == "int8+fallback"
+
+    @property
+    def column_fallback(self) -> bool:
+        """Fallback by K-concatenation (`ops.fallback`, column-structured): 1xK activation blocks (K >= 8) and
+        weight blocks of the same K width, as in the default 1x128 / 128x128 geometry. The second term then
+        enters the GEMM as extra K columns (one plain GEMM), and backward needs no fallback term (wgrad reads the
+        activation's transposed copy quantized from the float values, as in ``int8``)."""
+        a = self.activation_block
+        return self.uses_fallback and a.rows == 1 and a.cols >= 8 and self.weight_block.cols == a.cols
 
     @property
     def is_quantized(self) -> bool:

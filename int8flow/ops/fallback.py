@@ -10,11 +10,25 @@ the second product for the flagged blocks only (here: a second operand whose oth
 Where the term must be kept for backward it is stored compactly (`compact_term`: flagged block indices,
 their INT8 blocks and scales) and expanded to the dense operand only transiently for the GEMM
 (`expand_term`). The fused data-flow ops never store it: they recompute it from saved INT8 inputs.
+
+Column-structured fallback (1xK activation blocks with weight blocks of the same K width, the default
+1x128 / 128x128; ``Int8TrainingConfig.column_fallback``): a block is (row, K group of ``bk`` channels).
+Per tensor, the ``G`` K groups (`group_capacity`: a static number from ``fallback_groups``) holding the
+largest block ratios are chosen (`select_groups`: a top-G over the per-group maxima of the ratio grid,
+read from the first quantization's scales, never from the dense tensor); inside them, the blocks over the
+threshold (and within the budget) get the second term, computed on those ``G * bk`` columns only
+(`ColumnTerm`). The GEMM then runs once over ``K + G * bk``: ``[x2_g | x_q] @ [w_g | w_q].T`` with ``w_g``
+the weight's columns of the chosen groups (`primitives.gemm`), which equals ``x_q @ w.T + x2 @ w.T``
+exactly. Flagged blocks outside the chosen groups get no second term: real LLM outliers are channel-wise,
+so the flagged blocks of a tensor share a few K groups. No data-dependent shape and no host sync
+anywhere. Backward needs no fallback term: the weight gradient reads the activation's transposed copy
+(blocks along the tokens, one channel each), quantized from the float values, which an outlier channel
+does not crush.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,3 +124,103 @@ def fallback_sqnr_sweep(x: torch.Tensor, w: torch.Tensor, thresholds, block: Blo
         per_row = 10 * torch.log10(ref.pow(2).sum(1) / err.sum(1).clamp_min(1e-300))
         rows.append((thr, float(total), float(per_row.median()), float(mask.float().mean())))
     return rows
+
+
+# --- column-structured fallback (1xK activation blocks) ---------------------------------------------
+
+
+def group_capacity(n_groups: int, fraction: float) -> int:
+    """G: how many of a tensor's ``n_groups`` K groups may carry a fallback term (static; at least 1)."""
+    return min(n_groups, max(1, math.ceil(fraction * n_groups - 1e-9)))
+
+
+class ColumnTerm(NamedTuple):
+    """The second INT8 term of a 1xK-block activation (M, K), on its ``G`` chosen K groups only.
+
+    q: QTensor (M, G * bk), 1 x bk blocks: group ``i`` holds columns ``groups[i] * bk ... + bk`` of the
+    activation's residual (zero blocks with scale 0 where a block is not flagged; zeros past K in a tail group).
+    groups: int64 (G,), ascending, distinct.
+    """
+
+    q: QTensor
+    groups: torch.Tensor
+
+    def dense(self, k: int) -> QTensor:
+        """The same term as a dense (M, k) QTensor, zero outside the chosen groups (the two-term reference)."""
+        m, bk = self.q.shape[0], self.q.block.cols
+        n_groups = -(-k // bk)
+        data = torch.zeros((m, n_groups, bk), dtype=torch.int8, device=self.q.device)
+        data[:, self.groups] = self.q.data.reshape(m, -1, bk)
+        scale = torch.zeros((self.q.scale.shape[0], n_groups), dtype=torch.float32, device=self.q.device)
+        scale[:, self.groups] = self.q.scale
+        return QTensor(data.reshape(m, n_groups * bk)[:, :k].contiguous(), scale, self.q.block)
+
+
+def group_columns(groups: torch.Tensor, bk: int, k: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Column indices (G * bk,) of ``groups`` (clamped into [0, k)) and which are inside [0, k) (None: all)."""
+    idx = (groups[:, None] * bk + torch.arange(bk, device=groups.device)).flatten()
+    if k % bk == 0:
+        return idx, None
+    return idx.clamp_max(k - 1), idx < k
+
+
+def gather_groups(x: torch.Tensor, groups: torch.Tensor, bk: int) -> torch.Tensor:
+    """``x[:, columns of groups]`` (R, G * bk): a gather of those columns only; zeros past x's last column."""
+    idx, valid = group_columns(groups, bk, x.shape[1])
+    out = x.index_select(1, idx)
+    return out if valid is None else torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def gather_groups_q(q: QTensor, groups: torch.Tensor) -> QTensor:
+    """The columns of K groups ``groups`` of a QTensor with blocks ``bk`` wide along K (any block height):
+    INT8 data (R, G * bk) and their scale columns; exact (a block's values and scale move together)."""
+    return QTensor(gather_groups(q.data, groups, q.block.cols), q.scale.index_select(1, groups), q.block)
+
+
+def select_groups(scale: torch.Tensor, threshold: float, budget: float, capacity: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which blocks of a 1xK-block activation get a second term, from its first quantization's scales.
+
+    scale: float32 (M, n_groups), one per block (absmax / 127, so ratios of scales are ratios of block absmax up
+    to one rounding). A block's ratio is its scale over the median block scale of the tensor (as
+    `fallback_mask`). The ``capacity`` groups with the largest per-group maximum ratio are chosen; a block of
+    theirs is flagged when its ratio exceeds ``threshold`` and, when the budget binds (``floor(budget * blocks)
+    < M * capacity``), it is among that many largest ratios. Returns (groups int64 (capacity,) ascending,
+    flags bool (M, capacity)). All static shapes, no host sync.
+    """
+    m, n_groups = scale.shape
+    if not min(1, n_groups) <= capacity <= n_groups:
+        raise ValueError(f"select_groups: capacity must be in [1, {n_groups}] (the K groups), got {capacity}; "
+                         "use group_capacity(n_groups, fraction)")
+    if m == 0 or n_groups == 0:  # an empty tensor: nothing to flag (and no median)
+        return (torch.arange(capacity, device=scale.device),
+                torch.zeros((m, capacity), dtype=torch.bool, device=scale.device))
+    ratio = scale / scale.median().clamp_min(torch.finfo(torch.float32).tiny)
+    if capacity == n_groups:
+        groups = torch.arange(n_groups, device=scale.device)
+    else:
+        groups = torch.topk(ratio.amax(dim=0), capacity).indices.sort().values
+    ratio = ratio.index_select(1, groups)
+    flags = ratio > threshold
+    k = math.floor(budget * m * n_groups)
+    if k == 0:
+        return groups, torch.zeros_like(flags)
+    if k < flags.numel():  # the budget binds: the k largest flagged ratios (ties broken by position)
+        top = torch.topk(torch.where(flags, ratio, -1.0).flatten(), k).indices
+        keep = torch.zeros(flags.numel(), dtype=torch.bool, device=flags.device)
+        keep[top] = True
+        flags &= keep.view_as(flags)
+    return groups, flags
+
+
+def column_residual(values: torch.Tensor, x_q_g: QTensor, flags: torch.Tensor, groups: torch.Tensor,
+                    k: int) -> torch.Tensor:
+    """float32 (M, G * bk): ``values - dequant(x_q_g)`` on the flagged blocks (flags (M, G)), zero elsewhere and
+    past the activation's last column ``k`` (a tail group's padding, where ``values`` may hold anything)."""
+    m, g, bk = flags.shape[0], flags.shape[1], x_q_g.block.cols
+    r = (values.float() - x_q_g.dequantize(torch.float32)).view(m, g, bk)
+    keep = flags[:, :, None]
+    _, valid = group_columns(groups, bk, k)
+    if valid is not None:
+        keep = keep & valid.view(1, g, bk)
+    return torch.where(keep, r, torch.zeros((), dtype=r.dtype, device=r.device)).view(m, g * bk)

@@ -34,6 +34,7 @@ from ..config import Int8TrainingConfig
 from ..format import NonFiniteError
 from . import backend
 from . import primitives as P
+from .fallback import gather_groups, gather_groups_q
 from .linear import int8_linear
 
 NORMS = ("layernorm", "rmsnorm")
@@ -138,19 +139,30 @@ def _norm_output(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig
     saved INT8 input instead of saving it (a memory-bound op; same numbers).
     """
     d = x_q.device
-    if c.uses_fallback:
+    if c.uses_fallback and not c.column_fallback:
         n, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, d, mean, rstd, out_dtype=torch.float32)
         n_q, n2_q, rate = P.quantize_activation(n, c, "norm output")
         return n_q, n2_q, mean, rstd, rate
     n_q, mean, rstd = _norm_forward(norm, x_q, weight, bias, eps, d, mean, rstd, out_block=c.activation_block)
-    return n_q, None, mean, rstd, _no_fallback(d)
+    if not c.uses_fallback:
+        return n_q, None, mean, rstd, _no_fallback(d)
+    bk = c.activation_block.cols
+
+    def values(groups):  # the norm output on the chosen K groups only: the norm of those columns, same statistics
+        cols = lambda v: None if v is None else gather_groups(v.view(1, -1), groups, bk).view(-1)  # noqa: E731
+        n_g, *_ = _norm_forward(norm, gather_groups_q(x_q, groups), cols(weight), cols(bias), eps, d, mean, rstd,
+                                out_dtype=torch.float32)
+        return n_g
+
+    n2_q, rate = P.fallback_term(n_q, values, c, "norm output")
+    return n_q, n2_q, mean, rstd, rate
 
 
 def _norm_output_t(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig) -> list:
     """The wgrad operand(s) of the norm output, recomputed in backward from the saved normalized input: with 1xK
     blocks and no fallback the producer writes the transposed copy itself (one pass, one rounding of the float
     output); otherwise the INT8 output (and fallback term) transposed as `_t_terms`."""
-    if _writes_t(c.activation_block) and not c.uses_fallback:
+    if _t_from_float(c):
         n_t, *_ = _norm_forward(norm, x_q, weight, bias, eps, x_q.device, *_unit_stats(norm, x_q),
                                 out_block=c.activation_block, with_t="only")
         return [n_t]
@@ -160,7 +172,7 @@ def _norm_output_t(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConf
 
 def _activation_t(f_q, g_q, activation: str, c: Int8TrainingConfig) -> list:
     """The wgrad operand(s) of the fc2 input, recomputed in backward as `_norm_output_t` does the norm's."""
-    if _writes_t(c.activation_block) and not c.uses_fallback:
+    if _t_from_float(c):
         d, out = f_q.device, dict(out_block=c.activation_block, with_t="only")  # the transposed copy alone
         if activation == "swiglu":
             return [backend.call("swiglu_forward", g_q, f_q, device=d, **out)]
@@ -173,14 +185,32 @@ def _activate(f_q, g_q, activation: str, c: Int8TrainingConfig):
     """act(fc1 output) -> INT8 fc2 input (+ fallback term). Returns (a_q, a2_q, rate); recomputed in backward
     from the saved INT8 fc1 (and gate) outputs instead of being saved."""
     d = f_q.device
-    out = dict(out_dtype=torch.float32) if c.uses_fallback else dict(out_block=c.activation_block)
-    if activation == "swiglu":
-        a = backend.call("swiglu_forward", g_q, f_q, device=d, **out)
-    else:
-        a = backend.call("gelu_forward", f_q, ACTIVATIONS[activation], device=d, **out)
-    if c.uses_fallback:
+    dense = c.uses_fallback and not c.column_fallback
+
+    def act(f, g, **out):
+        if activation == "swiglu":
+            return backend.call("swiglu_forward", g, f, device=d, **out)
+        return backend.call("gelu_forward", f, ACTIVATIONS[activation], device=d, **out)
+
+    a = act(f_q, g_q, **(dict(out_dtype=torch.float32) if dense else dict(out_block=c.activation_block)))
+    if dense:
         return P.quantize_activation(a, c, "activation output")
-    return a, None, _no_fallback(d)
+    if not c.uses_fallback:
+        return a, None, _no_fallback(d)
+    # column fallback: the float activation on the chosen K groups only (elementwise: the gathered inputs' values)
+    a2_q, rate = P.fallback_term(a, lambda groups: act(gather_groups_q(f_q, groups),
+                                                       None if g_q is None else gather_groups_q(g_q, groups),
+                                                       out_dtype=torch.float32), c, "activation output")
+    return a, a2_q, rate
+
+
+def _t_from_float(c: Int8TrainingConfig) -> bool:
+    """Whether the wgrad operand of an activation is the transposed copy its producer writes from the float output
+    (`_writes_t`): without fallback, and with the column-structured fallback, whose term only the forward GEMM
+    reads (the transposed copy's blocks run along the tokens, one channel each, so an outlier channel crushes none
+    of the other channels there; in backward no fallback term is recomputed). The dense fallback of other
+    geometries re-quantizes its INT8 terms transposed instead (`_t_terms`)."""
+    return _writes_t(c.activation_block) and (not c.uses_fallback or c.column_fallback)
 
 
 def _writes_t(block) -> bool:
@@ -249,7 +279,8 @@ def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tenso
         n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, x_q))
         w_qs = [P.quantize(w, c.weight_block, "nearest", 0, c, what) for w, what in zip(ws, _weight_names(ws))]
         segments = _segments(ws, c)
-        y = torch.cat([P.gemm([n_q, n2_q], w_q, None if b is None else b[lo:hi], out_dtype=out_dtype, cfg=c)
+        n_a = P.operand(n_q, n2_q)
+        y = torch.cat([P.gemm(n_a, w_q, None if b is None else b[lo:hi], out_dtype=out_dtype, cfg=c)
                        for (w_q, _), (lo, hi) in zip(_segment_weights(w_qs, ws, segments), segments)], dim=1)
     return [y, *P.pack(x_q, d), _stats(mean, d), rstd, *(t for q in w_qs for t in P.pack(q, d))]
 
@@ -371,11 +402,12 @@ def _mlp_fwd(h: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tensor], w_in
         n_q, n2_q, *_ = _norm_output(h_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, h_q))
         w_in_q = P.quantize(w_in, c.weight_block, "nearest", 0, c, "fc1 weight")
         w_out_q = P.quantize(w_out, c.weight_block, "nearest", 0, c, "fc2 weight")
-        f_q = P.gemm([n_q, n2_q], w_in_q, b_in, out_block=blk, cfg=c, what="fc1 output")
+        n_a = P.operand(n_q, n2_q)  # with a column fallback term: [n2_g | n_q], built once for fc1 and gate
+        f_q = P.gemm(n_a, w_in_q, b_in, out_block=blk, cfg=c, what="fc1 output")
         w_gate_q = g_q = None
         if activation == "swiglu":
             w_gate_q = P.quantize(w_gate, c.weight_block, "nearest", 0, c, "gate weight")
-            g_q = P.gemm([n_q, n2_q], w_gate_q, None, out_block=blk, cfg=c, what="gate output")
+            g_q = P.gemm(n_a, w_gate_q, None, out_block=blk, cfg=c, what="gate output")
         a_q, a2_q, rate = _activate(f_q, g_q, activation, c)
         # fc2's output in the residual stream's dtype, then the residual add: as the BF16 model rounds its linear
         # output before the add, and no (M, D) float32 temporaries (the output, h.float(), their sum)

@@ -36,7 +36,7 @@ def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: st
     with P.running("int8_linear", x.device):
         if keep_t:  # the GEMM's operand and the wgrad operand backward keeps, both from x
             x_q, x_t = P.quantize_dual(x, c.activation_block, "nearest", 0, c, "input")
-            x2_q, rate = None, torch.zeros((), dtype=torch.float32, device=x.device)
+            x2_q, rate = P.second_term(x, x_q, c, "input")  # a column term or None: backward never reads it
         else:
             x_q, x2_q, rate = P.quantize_activation(x, c, "input")
         w_q = P.quantize(w, c.weight_block, "nearest", 0, c, "weight")
@@ -48,7 +48,7 @@ def _linear_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], seed: Tensor, cfg: st
     d = x.device
     capacity = P.fallback_capacity(x.shape, c) if static_storage else None
     return [y, *P.pack((x_t if keep_t else x_q) if keep else None, d),
-            *P.pack_compact(x2_q if keep else None, d, capacity), rate]
+            *P.pack_compact(x2_q if keep and not keep_t else None, d, capacity), rate]
 
 
 def _keeps_int8_input(c: Int8TrainingConfig, save_input: bool) -> bool:
@@ -59,9 +59,17 @@ def _keeps_int8_input(c: Int8TrainingConfig, save_input: bool) -> bool:
 def _keeps_transposed_input(c: Int8TrainingConfig, save_input: bool) -> bool:
     """Whether the INT8 x backward gets is its transposed copy (K, M) in 1xK blocks along M - the only form
     wgrad reads, written by the forward's quantize from the same read of x - rather than x_q (M, K), which
-    backward would have to dequantize and re-quantize transposed. 1xK activation blocks without fallback."""
+    backward would have to dequantize and re-quantize transposed."""
+    return _keeps_int8_input(c, save_input) and _wgrad_reads_float_t(c)
+
+
+def _wgrad_reads_float_t(c: Int8TrainingConfig) -> bool:
+    """Whether wgrad's x operand is x.T quantized from x itself (1xK activation blocks, K >= 8): without fallback,
+    or with the column-structured one (``column_fallback``), whose second term only the forward GEMM reads (an
+    outlier channel crushes its row blocks of x_q, not the transposed copy's blocks, one channel each). The
+    dense fallback of other 1xK geometries adds its term's transposed copy instead (`_linear_bwd`)."""
     b = c.activation_block
-    return _keeps_int8_input(c, save_input) and b.rows == 1 and b.cols >= 8 and not c.uses_fallback
+    return b.rows == 1 and b.cols >= 8 and (not c.uses_fallback or c.column_fallback)
 
 
 @_linear_fwd.register_fake
@@ -71,10 +79,11 @@ def _(x, w, b, seed, cfg, out_dtype, save_input, static_storage):
     keep = _keeps_int8_input(c, save_input)
     x_shape = (x.shape[1], x.shape[0]) if _keeps_transposed_input(c, save_input) else x.shape
     x_keep = P.fake_q(x, x_shape, c.activation_block) if keep else P.fake_absent(x)
-    if keep and c.uses_fallback and not static_storage:
+    dense_store = keep and c.uses_fallback and not c.column_fallback  # the compact store of a dense term
+    if dense_store and not static_storage:
         raise NotImplementedError("int8_linear: an exact-size fallback store has a data-dependent shape; "
                                   "trace with static_storage=True (int8_linear does so under torch.compile)")
-    capacity = P.fallback_capacity(x.shape, c) if keep and c.uses_fallback else None
+    capacity = P.fallback_capacity(x.shape, c) if dense_store else None
     return [x.new_empty((M, N), dtype=out_dtype), *x_keep, *P.fake_compact(x, c.activation_block, capacity),
             x.new_empty((), dtype=torch.float32)]
 
@@ -92,7 +101,7 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
         elif x_saved.dtype == torch.int8:
             x_q = P.unpack(x_saved, x_scale, blk)
             x2_q = P.unpack_compact(x2_index, x2_blocks, x2_scale, x_saved.shape, blk)
-        elif c.quantize_wgrad and blk.rows == 1 and blk.cols >= 8 and not c.uses_fallback:
+        elif c.quantize_wgrad and _wgrad_reads_float_t(c):
             x_ts = [P.quantize_transposed(x_saved, blk, "nearest", 0, c, "saved input")]  # one pass over x
         elif c.quantize_wgrad:  # x itself was kept (held anyway): the forward's INT8 operands, recomputed
             x_q, x2_q, _ = P.quantize_activation(x_saved, c, "saved input")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -17,7 +17,10 @@ from ..config import Int8TrainingConfig
 from ..format import NonFiniteError, QTensor
 from ..format.blocks import BlockShape
 from . import backend
-from .fallback import compact_term, expand_term, fallback_mask, residual_term
+from .fallback import (
+    ColumnTerm, column_residual, compact_term, expand_term, fallback_mask, gather_groups, gather_groups_q,
+    group_capacity, residual_term, select_groups,
+)
 
 EMPTY_SHAPE = (0,)
 
@@ -85,18 +88,80 @@ def running(op: str, device: torch.device) -> Iterator[None]:
 
 
 def quantize_activation(x: torch.Tensor, cfg: Int8TrainingConfig,
-                        what: str) -> tuple[QTensor, Optional[QTensor], torch.Tensor]:
-    """Forward-pass activation: nearest rounding; with fallback also the second INT8 term of flagged blocks.
+                        what: str) -> tuple[QTensor, Union[QTensor, ColumnTerm, None], torch.Tensor]:
+    """Forward-pass activation x (M, K) float: nearest rounding; with fallback also the second INT8 term.
 
-    Returns (x_q, x2_q or None, fraction of blocks that fell back as a float32 scalar tensor).
+    Returns (x_q, second term or None, fraction of x's blocks given a second term as a float32 scalar tensor on
+    x's device). The second term is a `ColumnTerm` under ``cfg.column_fallback`` (the default 1x128 geometry:
+    `fallback_term`), else a dense QTensor of x's shape, zero outside the flagged blocks (`fallback_mask`).
+    `gemm` takes either as its second term.
     """
-    block = cfg.activation_block
-    x_q = quantize(x, block, "nearest", 0, cfg, what)
+    x_q = quantize(x, cfg.activation_block, "nearest", 0, cfg, what)
+    return (x_q, *second_term(x, x_q, cfg, what))
+
+
+def second_term(x: torch.Tensor, x_q: QTensor, cfg: Int8TrainingConfig,
+                what: str) -> tuple[Union[QTensor, ColumnTerm, None], torch.Tensor]:
+    """(second term or None, fallback rate) of the float activation x (M, K) whose nearest-rounded quantization
+    is x_q, as `quantize_activation` returns them (None and rate 0 without fallback)."""
     if not cfg.uses_fallback:
-        return x_q, None, torch.zeros((), dtype=torch.float32, device=x.device)
+        return None, torch.zeros((), dtype=torch.float32, device=x.device)
+    block = cfg.activation_block
+    if cfg.column_fallback:
+        return fallback_term(x_q, lambda groups: gather_groups(x, groups, block.cols), cfg, what)
     mask = fallback_mask(x, block, cfg.fallback_threshold, cfg.fallback_budget)
     x2_q = quantize(residual_term(x, x_q, mask), block, "nearest", 0, cfg, f"{what} (fallback term)")
-    return x_q, x2_q, mask.float().mean()
+    return x2_q, mask.float().mean()
+
+
+def fallback_term(x_q: QTensor, values: Callable[[torch.Tensor], torch.Tensor], cfg: Int8TrainingConfig,
+                  what: str) -> tuple[ColumnTerm, torch.Tensor]:
+    """Column-structured fallback term of an activation whose first quantization is ``x_q`` (M, K), 1xK blocks.
+
+    values: ``groups`` (int64 (G,)) -> float (M, G * bk), the activation's float values on the columns of those
+    K groups (`fallback.gather_groups` of the float tensor, or its producer re-run on the gathered INT8 inputs);
+    anything past column K. Only those columns are read: the selection uses x_q's scales (`select_groups`),
+    and the residual and its quantization cover M x G * bk elements, not the dense tensor.
+    Returns (`ColumnTerm`, fraction of x_q's blocks given a second term: float32 scalar tensor, no sync).
+    """
+    m, n_groups = x_q.scale.shape
+    groups, flags = select_groups(x_q.scale, cfg.fallback_threshold, cfg.fallback_budget,
+                                  group_capacity(n_groups, cfg.fallback_groups))
+    residual = column_residual(values(groups), gather_groups_q(x_q, groups), flags, groups, x_q.shape[1])
+    x2_q = quantize(residual, x_q.block, "nearest", 0, cfg, f"{what} (fallback term)")
+    return ColumnTerm(x2_q, groups), flags.sum(dtype=torch.float32) / max(1, m * n_groups)
+
+
+class Extended(NamedTuple):
+    """A GEMM's A operand with its column fallback term in front along K: ``a = [term.q | x_q]`` (M, G * bk + K),
+    and the term's K groups (int64 (G,)), which pick the B operand's extra columns (`extend_b`)."""
+
+    a: QTensor
+    groups: torch.Tensor
+
+
+def with_term(x_q: QTensor, term: ColumnTerm) -> Extended:
+    """The A operand of one GEMM over the extended K (`gemm`): a copy of x_q and the term side by side (1 byte per
+    element). Build it once for several GEMMs reading the same activation (fc1 and gate)."""
+    if term.q.block != x_q.block or term.q.shape[0] != x_q.shape[0]:
+        raise ValueError(f"with_term: the fallback term {tuple(term.q.shape)} {term.q.block} does not belong to the "
+                         f"activation {tuple(x_q.shape)} {x_q.block}; build it with fallback_term from that activation")
+    return Extended(concat_k([term.q, x_q]), term.groups)
+
+
+def operand(x_q: QTensor, term: Union[QTensor, ColumnTerm, None]) -> list:
+    """The ``terms`` of `gemm` for activation x_q and its second term: a column term joined to x_q once
+    (`with_term`), so that several GEMMs reading the activation share the extended operand."""
+    return [with_term(x_q, term)] if isinstance(term, ColumnTerm) else [x_q, term]
+
+
+def extend_b(b_q: QTensor, groups: torch.Tensor, bk: int) -> QTensor:
+    """``[b_g | b_q]``: the B operand (N, K) of a GEMM whose A operand carries a `ColumnTerm` (`with_term`), with
+    ``b_g`` b's columns of the K groups ``groups`` (its K blocks must be ``bk`` wide: the activation's)."""
+    if b_q.block.cols != bk:
+        raise ValueError(f"a column fallback term needs weight blocks {bk} wide along K (the activation's), got "
+                         f"{b_q.block}; use weight_block='{bk}x{bk}' or the dense fallback of other geometries")
+    return concat_k([gather_groups_q(b_q, groups), b_q])
 
 
 def stackable(ws: Sequence[torch.Tensor], cfg: Int8TrainingConfig) -> bool:
@@ -132,11 +197,19 @@ def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape
     return quantize(y, out_block, rounding, seed, cfg, what)
 
 
-def gemm(terms: Sequence[Optional[QTensor]], b_q: QTensor, bias=None, out_dtype=torch.float32, out_block=None,
-         rounding="nearest", seed: int = 0, cfg: Int8TrainingConfig = None, what: str = "GEMM output"):
+def gemm(terms: Sequence[Union[QTensor, ColumnTerm, "Extended", None]], b_q: QTensor, bias=None, out_dtype=torch.float32,
+         out_block=None, rounding="nearest", seed: int = 0, cfg: Int8TrainingConfig = None, what: str = "GEMM output"):
     """``sum(a @ b.T for a in terms) + bias``; ``None`` terms are skipped (absent fallback terms).
+
+    terms: QTensors (M, K); or ``[x_q, ColumnTerm]`` (column-structured fallback: one GEMM over K + G * bk,
+    ``[x2_g | x_q] @ [b_g | b_q].T``, every epilogue as without fallback, the Gluon route on sm_90); or
+    ``[Extended]`` (`with_term`). b_q: (N, K).
     what: names the output where it is re-quantized here (several terms with ``out_block``)."""
     terms = [t for t in terms if t is not None]
+    if len(terms) == 2 and isinstance(terms[1], ColumnTerm):
+        terms = [with_term(terms[0], terms[1])]
+    if len(terms) == 1 and isinstance(terms[0], Extended):
+        terms, b_q = [terms[0].a], extend_b(b_q, terms[0].groups, terms[0].a.block.cols)
     device = b_q.device
     if backend.uses_kernel("block_gemm", device):
         # Hopper's 8-bit wgmma reads both operands K-major only: a transposed view (w_q.t() in dgrad, dy_q.t()
@@ -146,7 +219,8 @@ def gemm(terms: Sequence[Optional[QTensor]], b_q: QTensor, bias=None, out_dtype=
         return backend.call("block_gemm", terms[0], b_q, bias, out_dtype=out_dtype, out_block=out_block,
                             rounding=rounding, device=device, seed=seed)
     if len(terms) == 2 and backend.uses_kernel("block_gemm", device):
-        # the kernel adds the fallback term inside its K loop, only for flagged blocks: one pass, not two GEMMs
+        # dense fallback term (32x32 geometry): the Triton kernel adds it inside its K loop, only for flagged
+        # blocks: one pass, not two GEMMs
         return backend.call("block_gemm", terms[0], b_q, bias, out_dtype=out_dtype, out_block=out_block,
                             rounding=rounding, device=device, seed=seed, a_fallback=terms[1])
     y = sum(backend.call("block_gemm", a, b_q, None, out_dtype=torch.float32, device=device) for a in terms)
