@@ -7,7 +7,9 @@ Times (triton.testing.do_bench medians) at M = 8192 tokens, N in {4096, 11008}: 
 quantize_transposed, quantize_dual, the INT8 transpose kernel, RMSNorm forward with given statistics with and
 without the transposed copy, SwiGLU forward/backward with and without it (backward also
 with v3's launch choices, 'v3' rows); GB/s by the least bytes each must move,
-and the fraction of a same-run bf16 copy's bandwidth. ``--warps W`` overrides the warps of the [128, G, 128] tiles
+and the fraction of a same-run bf16 copy's bandwidth. The transposed-copy producers run twice: session 5's one-warp
+programs (``_launch.transposed_tile``) and, rows marked 's4', session 4's launches (``_launch.T_ONE_WARP = False``);
+a table of both closes the run. ``--warps W`` overrides the warps of the [128, G, 128] tiles
 of the transposed copy (0: the library's choice), to see whether occupancy or spills decide. Table last.
 """
 from __future__ import annotations
@@ -23,6 +25,11 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 
+# ops whose transposed launch changed in session 5 (timed again with session 4's launches: 's4' rows)
+_S5_ROWS = ("quantize_transposed", "quantize_dual", "quantize_dual stochastic", "rmsnorm fwd with_t='only'",
+            "swiglu fwd with_t='only'", "swiglu bwd with_t")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -35,6 +42,13 @@ def main() -> int:
         kq._launch.warps_for_tile = _launch.warps_for_tile
     M = 8192
     rows = []
+
+    def _s4(fn):
+        _launch.T_ONE_WARP = False
+        try:
+            return fn()
+        finally:
+            _launch.T_ONE_WARP = True
 
     def _v3(fn):
         saved = activations.BACKWARD_PER_THREAD, activations.SPLIT_BACKWARD_T
@@ -87,6 +101,8 @@ def main() -> int:
             ("swiglu bwd with_t v3 fused", lambda: _v3(lambda: activations.swiglu_backward(
                 dy, q, u, out_block="1x128", rounding="stochastic", seed=3, with_t=True)), 7 * e + 7 * sc),
         ]
+        # session 4's transposed-copy launches in the same run
+        cases += [(name + " s4", lambda fn=fn: _s4(fn), nbytes) for name, fn, nbytes in cases if name in _S5_ROWS]
         for name, fn, nbytes in cases:
             try:
                 ms = do_bench(fn)
@@ -98,6 +114,14 @@ def main() -> int:
                              warps=a.warps))
             print(f"{name:28s} {M}x{N:<6d} {ms * 1e3:8.1f} us {gbps:7.0f} GB/s {gbps / copy_bw:5.2f} of copy",
                   flush=True)
+    by = {(r["op"], r["shape"][1]): r for r in rows}
+    print("\nsession 5 (one-warp transposed programs) vs session 4, us (fraction of copy):")
+    print(f"{'op':30s} {'N':>6s} {'session 4':>16s} {'session 5':>16s} {'s4/s5':>6s}")
+    for (op, n), r in by.items():
+        old = by.get((op + " s4", n))
+        if old:
+            print(f"{op:30s} {n:6d} {old['ms'] * 1e3:8.1f} ({old['frac']:.2f}) {r['ms'] * 1e3:8.1f} ({r['frac']:.2f}) "
+                  f"{old['ms'] / r['ms']:6.2f}")
     with open(os.path.join(a.out, f"dual_probe_w{a.warps}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return 0
