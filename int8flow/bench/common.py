@@ -101,8 +101,10 @@ def result_path(info: dict, what: str) -> str:
 def write_json(path: str, records: list[dict], info: dict) -> None:
     """``{"device":..., "records": [...]}`` with the device fields repeated on every record (long format)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:  # atomic: a reader (or a run killed mid-write) never sees half a file
         json.dump({**info, "records": [{**info, **r} for r in records]}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def print_table(records: Iterable[dict], file=None) -> None:

@@ -56,18 +56,21 @@ def main(args) -> int:
         require_cuda()
     models = {"tiny": ["max_steps=4"]} if args.cpu_smoke else {m: MODELS[m] for m in parse_choices(args.models, MODELS, "--models")}
     records = []
+    info = device_info()
+    out = args.out or result_path(info, "train")
     for preset, extra in models.items():
-        base = None
         for mode in parse_choices(args.modes, RECIPES, "--modes"):  # any recipe: int8-1x128, jetfire, ...
             r = run_one(preset, extra, mode, args.steps, args.warmup, not args.no_compile, device)
-            base = r["tokens_per_s"] if mode == "bf16" else base
-            r["speedup_vs_bf16"] = r["tokens_per_s"] / base if base else None
             records.append(r)
+            base = {x["mode"]: x["tokens_per_s"] for x in records if x["model"] == preset}.get("bf16")
+            for x in records:  # BF16 may come after the INT8 modes: every record of the model gets its ratio
+                if x["model"] == preset:
+                    x["speedup_vs_bf16"] = x["tokens_per_s"] / base if base else None
             print(f"{preset:10s} {mode:14s} {r['tokens_per_s']:12,.0f} tok/s"
                   + (f"  {r['speedup_vs_bf16']:.2f}x" if base else "")
                   + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""), flush=True)
+            # written after every run: a long compile that hits a time limit keeps the records before it
+            write_json(out, records, info)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    info = device_info()
-    write_json(args.out or result_path(info, "train"), records, info)
     return 0
