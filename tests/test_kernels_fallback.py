@@ -150,5 +150,9 @@ def test_bench_records_on_tiny_shapes(monkeypatch):
     monkeypatch.setattr(kernels, "M_TOKENS", 64)
     torch.manual_seed(0)
     records = kernels.fallback_records([(64, 256)], timer=lambda fn: (fn(), 1.0)[1], fractions=(0.25,))
-    assert len({r["mode"] for r in records}) == 4 and {r["op"] for r in records} == {"gemm_fwd_fallback"}
+    assert len({r["mode"] for r in records}) == 4 and {r["op"] for r in records} == {"gemm_fwd_fallback", "fwd_fallback"}
     assert all(0 <= r["flagged"] <= 1 and r["shape"] == [64, 64, 256] and r["speedup"] == 1.0 for r in records)
+    # coarse128 times the column-structured path: the GEMM over K + G x 128 and the whole forward, G = 1 of 2 groups
+    column = [r for r in records if r["mode"].startswith("coarse128")]
+    assert len(column) == 4 and all(r["G"] == 1 and r["groups"] == 2 for r in column)
+    assert all(r["flagged"] > 0 for r in column if "channels" in r["mode"])
