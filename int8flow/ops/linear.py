@@ -9,9 +9,10 @@ backward is INT8 - ``x_q``, or for 1xK activation blocks without fallback x's tr
 wgrad reads - not the high-precision x (the memory saving of INT8 training), and the weight parameter
 itself (which exists anyway): backward quantizes ``w.T`` straight into the K-major layout dgrad reads,
 with nearest rounding, so for square weight blocks it is the forward's INT8 weight, transposed, bit for
-bit, and no INT8 copy of a weight is kept between forward and backward. With fallback quantization the
-flagged blocks of the second INT8 term are saved too, compactly (indices + blocks + scales; see
-`fallback.compact_term`).
+bit, and no INT8 copy of a weight is kept between forward and backward. With fallback quantization in the 1xK
+geometry (``column_fallback``) the second term only enters the forward GEMM (as extra K columns) and backward is
+plain INT8's: x's transposed copy, no term saved. In other geometries the flagged blocks of the dense second term
+are saved too, compactly (indices + blocks + scales; see `fallback.compact_term`), and wgrad reads them.
 
 The op is opaque to torch.compile (one node per call, a fake impl gives shapes), so models compile
 without graph breaks; parameters stay ordinary tensors.
