@@ -150,6 +150,8 @@ def main(args) -> int:
     table = TINY_SHAPES if args.cpu_smoke else SHAPES
     names = parse_choices(args.shapes, table, "--shapes") if args.shapes else list(table)
     records = []
+    info = device_info()
+    out = args.out or result_path(info, "blocks")
     for shape in names:
         config, layers, batch, tokens = table[shape]
         base = None
@@ -166,8 +168,8 @@ def main(args) -> int:
             sp = f"{r['speedup_vs_bf16']:.2f}x" if r["speedup_vs_bf16"] else "-"
             print(f"{shape:18s} {mode:18s} {r['ms']:9.2f} ms  {sp:>6s}  saved {r['saved_gib']:.3f} GiB"
                   + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""), flush=True)
+            write_json(out, records, info)  # after every mode: a run cut by a time limit keeps what it measured
             if device == "cuda":
                 torch.cuda.empty_cache()
-    info = device_info()
-    write_json(args.out or result_path(info, "blocks"), records, info)
+    write_json(out, records, info)
     return 0
