@@ -292,11 +292,20 @@ def test_column_fallback_takes_one_plain_gemm_on_the_kernel_path(monkeypatch):
     from int8flow.ops import primitives as P
     from int8flow.reference import block_gemm as ref_gemm
 
+    from int8flow.kernels._launch import interpreting
+
+    device = "cpu" if interpreting() else "cuda"  # the kernel's device: CPU tensors only under the interpreter
     cfg = Int8TrainingConfig(precision="int8+fallback", fallback_groups=0.25)
     x = _column_input(64, 384, "channels", seed=3)
     w_q = quantize(torch.randn(32, 384, generator=torch.Generator().manual_seed(4)) / 16, cfg.weight_block)
     x_q, term, _ = P.quantize_activation(x, cfg, "x")
     want = ref_gemm(x_q, w_q) + ref_gemm(term.dense(384), w_q)
+    from int8flow.format import QTensor
+
+    def dev(q):
+        return QTensor(q.data.to(device), q.scale.to(device), q.block)
+
+    x_q, w_q, term = dev(x_q), dev(w_q), type(term)(dev(term.q), term.groups.to(device))
     calls, real_call = [], backend.call
 
     def spy(name, *args, **kwargs):
@@ -306,7 +315,7 @@ def test_column_fallback_takes_one_plain_gemm_on_the_kernel_path(monkeypatch):
 
     monkeypatch.setattr(backend, "uses_kernel", lambda name, device: name == "block_gemm")
     monkeypatch.setattr(backend, "call", spy)
-    got = P.gemm([x_q, term], w_q, cfg=cfg)
+    got = P.gemm([x_q, term], w_q, cfg=cfg).cpu()
     assert calls == [((64, 384 + 128), (32, 384 + 128), None)], calls
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
