@@ -30,10 +30,13 @@ def test_blocks_smoke(tmp_path):
 
 def test_train_and_accuracy_smoke(tmp_path):
     out = tmp_path / "train.json"
-    assert main(["train", "--cpu-smoke", "--no-compile", "--modes", "bf16,int8", "--steps", "3", "--warmup", "1",
-                 "--out", str(out)]) == 0
+    assert main(["train", "--cpu-smoke", "--no-compile", "--modes", "int8,bf16", "--steps", "3", "--warmup", "1",
+                 "--set", "batch_size=2", "--out", str(out)]) == 0
     recs = _records(out)
-    assert [r["mode"] for r in recs] == ["bf16", "int8"]
+    assert [r["mode"] for r in recs] == ["int8", "bf16"]
+    # BF16 ran last, and the INT8 record still gets its ratio; the --set setting is applied and recorded
+    assert recs[0]["speedup_vs_bf16"] == recs[0]["tokens_per_s"] / recs[1]["tokens_per_s"]
+    assert all(r["settings"][-1] == "batch_size=2" for r in recs)
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"]) for r in recs)
 
     acc = tmp_path / "acc.json"
@@ -45,6 +48,14 @@ def test_train_and_accuracy_smoke(tmp_path):
     assert (tmp_path / "acc_gpt-tiny.png").stat().st_size > 1000
     assert main(args) == 0  # a second call finds the finished records and does not train again
     assert len(_records(acc)) == 2
+
+
+def test_train_refuses_an_unknown_setting_in_one_line(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert main(["train", "--cpu-smoke", "--set", "batchsize=2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batchsize" in err and "batch_size" in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("sub", ["blocks", "train", "accuracy"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 
 import torch
@@ -27,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the tokens/s median")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (checks the code path only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="training setting for every run, after the model's defaults (repeatable), e.g. --set batch_size=16; "
+                        "recorded in each record")
 
 
 def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, compile: bool, device: str) -> dict:
@@ -44,7 +48,7 @@ def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, c
         log = [r for r in read_log(out_dir) if r.get("tokens_per_s") and r["step"] > warmup]
     if not log:
         raise RuntimeError(f"{preset}/{mode}: no timed steps (steps={steps} must exceed warmup={warmup})")
-    return {"model": preset, "mode": mode, "steps": steps,
+    return {"model": preset, "mode": mode, "steps": steps, "settings": list(extra),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in log),
             "final_loss": result.losses[-1],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
@@ -55,10 +59,19 @@ def main(args) -> int:
     if device == "cuda":
         require_cuda()
     models = {"tiny": ["max_steps=4"]} if args.cpu_smoke else {m: MODELS[m] for m in parse_choices(args.models, MODELS, "--models")}
+    from ..training import make_config
+
+    for preset, extra in models.items():  # a bad --set fails here, in one line, before any model trains
+        try:
+            make_config(preset, overrides=[*extra, *args.set])
+        except ValueError as e:
+            print(f"int8flow.bench train: --set: {e}", file=sys.stderr)
+            return 2
     records = []
     info = device_info()
     out = args.out or result_path(info, "train")
     for preset, extra in models.items():
+        extra = [*extra, *args.set]  # the command line's settings win (make_config applies overrides in order)
         for mode in parse_choices(args.modes, RECIPES, "--modes"):  # any recipe: int8-1x128, jetfire, ...
             r = run_one(preset, extra, mode, args.steps, args.warmup, not args.no_compile, device)
             records.append(r)
