@@ -44,7 +44,7 @@ def _sass_count(cubin: bytes) -> int:
 
 
 def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, num_warps: int, num_stages: int,
-                       divisible: tuple = ()) -> dict:
+                       divisible: tuple = (), enable_fp_fusion: bool = True) -> dict:
     """Compile ``fn`` (a @triton.jit kernel) for sm_90; other int arguments are i32.
 
     Specialized as a real launch would be: pointers 16-byte aligned, the ints named in ``divisible`` multiples
@@ -55,11 +55,13 @@ def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, num_warps: int
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n in divisible}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+    kernel = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages,
+                                                         "enable_fp_fusion": enable_fp_fusion})
     ptx = kernel.asm["ptx"]
     return {**_resources(kernel.asm["cubin"]), "shared_bytes": kernel.metadata.shared,
             "sass": _sass_count(kernel.asm["cubin"]),
-            "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx)))}
+            "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.\S+", ptx))),
+            "f32_mul_rn": len(re.findall(r"\bmul\.rn\.f32", ptx)), "f32_fma": len(re.findall(r"\bfma\.rn\.f32", ptx))}
 
 
 def _warps_per_sm(r: dict, num_warps: int) -> int:
@@ -141,6 +143,24 @@ def transposed_variants() -> list[dict]:
         out += [dict(swiglu_variant(True, False, True, st, 128, 1, 32, 4), session=4),
                 dict(swiglu_variant(True, False, True, st, 128, 1, ci, 1), session=5)]
     return out
+
+
+def fallback_term_variant(G: int = 2, n_groups: int = 32, gathered: bool = False, x_dtype: str = "bf16") -> dict:
+    """The fused column fallback term (`fallback_term._column_term_kernel`: residual of G term groups quantized
+    1x128 + the copy of x_q behind it, one launch), as launched for K = 128 * n_groups; compiled without fp
+    fusion as the launch does (``f32_mul_rn``: the dequantize multiplies stay rounded, not contracted into fma).
+    SASS per element counts the larger (copy) tile: an upper bound of the copy programs' issue cost."""
+    from . import fallback_term
+    t = fallback_term.tiling(128, n_groups, G)
+    consts = dict(stride_xc=1, stride_qc=1, stride_sc=1, stride_fc=1, GATHERED=gathered, BK=128, **t)
+    ptrs = {"x_ptr": f"*{x_dtype}", "q_ptr": "*i8", "s_ptr": "*fp32", "groups_ptr": "*i64", "f_ptr": "*u8",
+            "out_ptr": "*i8", "out_scale_ptr": "*fp32", "flag_ptr": "*i32"}
+    r = compile_for_hopper(fallback_term._column_term_kernel, ptrs, consts, fallback_term.NUM_WARPS, 1,
+                           divisible=("stride_xr", "stride_qr", "K"), enable_fp_fusion=False)
+    return {"kernel": "fallback_column_term", "G": G, "n_groups": n_groups, "gathered": gathered, "x": x_dtype,
+            "tile": [t["R"], t["GT"], t["GC"], t["BK_P"]], "warps": fallback_term.NUM_WARPS, **r,
+            "sass_per_element": round(r["sass"] * 32 * fallback_term.NUM_WARPS / (t["R"] * t["GC"] * t["BK_P"]), 1),
+            "warps_per_sm": _warps_per_sm(r, fallback_term.NUM_WARPS)}
 
 
 def gemm_variant(dequant: bool, out_quant: bool, group: int, a_br: int, b_br: int, cfg, layout: int = 0,
@@ -237,6 +257,9 @@ def main(quick: bool = False) -> list[dict]:
     # the launches of quantize / quantize_transposed (quantize_dual is one of each; kernels.quantize._launch_quant3)
     reports += [quant3_variant(True, False, False, 8, 8, 128, 16)]
     reports += transposed_variants()
+    # the fused column fallback term (K = 4096: G = 2 of 32 groups; the gathered producer re-run; fp32 x)
+    reports += [fallback_term_variant(2, 32), fallback_term_variant(2, 32, gathered=True, x_dtype="fp32"),
+                fallback_term_variant(6, 86)]
     # SwiGLU backward, stochastic, 1x128 INT8 in/out: v3's fused with_t launch and row launch, v4's row launch (its
     # transposed launch is in transposed_variants)
     reports += [swiglu_variant(True, True, True, True, 128, 1, 128, 32), swiglu_variant(True, True, False, True, 4, 8, 128, 32),

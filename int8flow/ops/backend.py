@@ -30,6 +30,9 @@ _KERNEL_MODULE = {
     "swiglu_forward": "activations",
     "swiglu_backward": "activations",
     "residual_add_forward": "residual",
+    # the column fallback term written into the extended GEMM operand [term | x_q] (CUDA only: the ops layer keeps
+    # the torch composition of primitives.fallback_term, the oracle, elsewhere)
+    "fallback_column_term": "fallback_term",
 }
 
 

@@ -140,10 +140,14 @@ class ColumnTerm(NamedTuple):
     q: QTensor (M, G * bk), 1 x bk blocks: group ``i`` holds columns ``groups[i] * bk ... + bk`` of the
     activation's residual (zero blocks with scale 0 where a block is not flagged; zeros past K in a tail group).
     groups: int64 (G,), ascending, distinct.
+    a: the GEMM's extended A operand ``[q | x_q]`` (M, G * bk + K) when the fused kernel wrote it with the term
+    (``kernels.fallback_term``, CUDA: then ``q`` is a view of its first G * bk columns and `primitives.with_term`
+    returns it as is), else None (`with_term` concatenates).
     """
 
     q: QTensor
     groups: torch.Tensor
+    a: Optional[QTensor] = None
 
     def dense(self, k: int) -> QTensor:
         """The same term as a dense (M, k) QTensor, zero outside the chosen groups (the two-term reference)."""

@@ -108,28 +108,41 @@ def second_term(x: torch.Tensor, x_q: QTensor, cfg: Int8TrainingConfig,
         return None, torch.zeros((), dtype=torch.float32, device=x.device)
     block = cfg.activation_block
     if cfg.column_fallback:
-        return fallback_term(x_q, lambda groups: gather_groups(x, groups, block.cols), cfg, what)
+        return fallback_term(x_q, x, cfg, what)
     mask = fallback_mask(x, block, cfg.fallback_threshold, cfg.fallback_budget)
     x2_q = quantize(residual_term(x, x_q, mask), block, "nearest", 0, cfg, f"{what} (fallback term)")
     return x2_q, mask.float().mean()
 
 
-def fallback_term(x_q: QTensor, values: Callable[[torch.Tensor], torch.Tensor], cfg: Int8TrainingConfig,
-                  what: str) -> tuple[ColumnTerm, torch.Tensor]:
+def fallback_term(x_q: QTensor, values: Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
+                  cfg: Int8TrainingConfig, what: str) -> tuple[ColumnTerm, torch.Tensor]:
     """Column-structured fallback term of an activation whose first quantization is ``x_q`` (M, K), 1xK blocks.
 
-    values: ``groups`` (int64 (G,)) -> float (M, G * bk), the activation's float values on the columns of those
-    K groups (`fallback.gather_groups` of the float tensor, or its producer re-run on the gathered INT8 inputs);
-    anything past column K. Only those columns are read: the selection uses x_q's scales (`select_groups`),
-    and the residual and its quantization cover M x G * bk elements, not the dense tensor.
+    values: the float activation x (M, K) itself (any strides; only the chosen groups' columns are read), or
+    ``groups`` (int64 (G,)) -> float (M, G * bk), the activation's float values on the columns of those K groups
+    (its producer re-run on the gathered INT8 inputs); anything past column K. The selection uses x_q's scales
+    (`select_groups`), and the residual and its quantization cover M x G * bk elements, not the dense tensor.
+    On the kernel path (CUDA) one fused launch (``fallback_column_term``, `kernels.fallback_term`) writes the term
+    and the GEMM's extended operand ``[term | x_q]`` (`ColumnTerm.a`, which `with_term` then returns): a
+    callable's gathered values are its x input with the identity group mapping. Elsewhere the torch composition
+    below (gather, residual, quantize; `with_term` concatenates), the oracle the kernel equals bit for bit.
     Returns (`ColumnTerm`, fraction of x_q's blocks given a second term: float32 scalar tensor, no sync).
     """
     m, n_groups = x_q.scale.shape
     groups, flags = select_groups(x_q.scale, cfg.fallback_threshold, cfg.fallback_budget,
                                   group_capacity(n_groups, cfg.fallback_groups))
-    residual = column_residual(values(groups), gather_groups_q(x_q, groups), flags, groups, x_q.shape[1])
+    rate = flags.sum(dtype=torch.float32) / max(1, m * n_groups)
+    dense = isinstance(values, torch.Tensor)
+    bk = x_q.block.cols
+    if backend.uses_kernel("fallback_column_term", x_q.device):
+        a = backend.call("fallback_column_term", values if dense else values(groups), x_q, groups, flags,
+                         gathered=not dense, device=x_q.device, flag_op=f"{what} (fallback term)")
+        g = groups.shape[0]
+        return ColumnTerm(QTensor(a.data[:, :g * bk], a.scale[:, :g], a.block), groups, a), rate
+    vals = gather_groups(values, groups, bk) if dense else values(groups)
+    residual = column_residual(vals, gather_groups_q(x_q, groups), flags, groups, x_q.shape[1])
     x2_q = quantize(residual, x_q.block, "nearest", 0, cfg, f"{what} (fallback term)")
-    return ColumnTerm(x2_q, groups), flags.sum(dtype=torch.float32) / max(1, m * n_groups)
+    return ColumnTerm(x2_q, groups), rate
 
 
 class Extended(NamedTuple):
@@ -146,6 +159,11 @@ def with_term(x_q: QTensor, term: ColumnTerm) -> Extended:
     if term.q.block != x_q.block or term.q.shape[0] != x_q.shape[0]:
         raise ValueError(f"with_term: the fallback term {tuple(term.q.shape)} {term.q.block} does not belong to the "
                          f"activation {tuple(x_q.shape)} {x_q.block}; build it with fallback_term from that activation")
+    if term.a is not None:  # the fused kernel wrote [term | x_q] with the term (the activation's copy included)
+        if tuple(term.a.shape) != (x_q.shape[0], term.q.shape[1] + x_q.shape[1]):
+            raise ValueError(f"with_term: the term's extended operand {tuple(term.a.shape)} does not belong to the "
+                             f"activation {tuple(x_q.shape)}; build it with fallback_term from that activation")
+        return Extended(term.a, term.groups)
     return Extended(concat_k([term.q, x_q]), term.groups)
 
 
