@@ -42,3 +42,56 @@ def test_result_files_are_named_by_device():
     assert result_path({"device": "NVIDIA H200"}, "train") == os.path.join("bench", "results", "h200_train.json")
     assert result_path({"device": "cpu (x86_64, 2 cores, 2 threads)"}, "blocks") == os.path.join(
         "bench", "results", "cpu_blocks.json")
+
+
+SAMPLE = """
+import time
+
+def test_ok():
+    pass
+
+def test_bad():
+    assert 1 == 2
+
+def test_slow():
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failure_log_names_failures_as_they_happen(tmp_path, workers):
+    """The plugin writes each failing test once (under xdist only the controller writes) while pytest runs."""
+    from int8flow.bench import failure_log
+
+    (tmp_path / "test_sample.py").write_text(SAMPLE)
+    log = tmp_path / "failures.log"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "int8flow.bench.failure_log",
+           str(tmp_path / "test_sample.py"), "-k", "not slow"]
+    if workers > 1:
+        cmd += ["-n", str(workers)]
+    env = {**__import__("os").environ, failure_log.ENV: str(log)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert log.read_text().splitlines() == ["test_sample.py::test_bad\tcall"]
+    assert failure_log.read(str(log)) == [{"test": "test_sample.py::test_bad", "phase": "call"}]
+
+
+def test_gpu_check_cut_by_its_time_limit_keeps_counts_and_failure_names(tmp_path, monkeypatch):
+    """--max-seconds interrupts pytest (a test sleeps 60 s); the record says incomplete and still names the
+    failure seen before the cut."""
+    import json
+    import types
+
+    from int8flow.bench import gpu_check
+
+    (tmp_path / "test_sample.py").write_text(SAMPLE)
+    monkeypatch.setattr(gpu_check, "require_cuda", lambda: None)
+    monkeypatch.setattr(gpu_check, "device_info", lambda: {"device": "test"})
+    out = tmp_path / "out.json"
+    args = types.SimpleNamespace(tests=str(tmp_path / "test_sample.py"), workers=1, out=str(out), no_bench=True,
+                                 pytest_args="", max_seconds=15)
+    assert gpu_check.main(args) == 1
+    rec = json.loads(out.read_text())
+    assert rec["incomplete"] is True and rec["ok"] is False
+    assert any("test_bad" in t for t in rec["failures_seen"])
+    assert rec["failed"] >= 1 and rec["passed"] >= 1

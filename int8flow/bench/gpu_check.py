@@ -23,7 +23,11 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 
+from . import failure_log
 from .common import device_info, require_cuda, result_path, write_json
+
+# after the time limit's SIGINT, how long pytest may take to stop and write its report before it is killed
+REPORT_GRACE_S = 60
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bench", action="store_true", help="skip the quick kernel benchmark")
     p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. \"-k gemm\"")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="interrupt the tests after this long (the summary then says incomplete)")
+                   help="interrupt the tests after this long (the summary then says incomplete); pytest then has "
+                        f"{REPORT_GRACE_S} s to write its report, so give an outer time limit that much more; the "
+                        "failures seen before the cut are named either way (failures_seen)")
 
 
 def parse_junit(path: str) -> dict:
@@ -67,24 +73,36 @@ def main(args) -> int:
     out = args.out or result_path(info, "gpu_tests")
     with tempfile.TemporaryDirectory() as tmp:
         junit = os.path.join(tmp, "junit.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", args.tests]
+        seen_log = os.path.join(tmp, "failures.log")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "int8flow.bench.failure_log",
+               f"--junitxml={junit}", args.tests]
         if args.workers > 1:
             cmd += ["-n", str(args.workers)]
         cmd += args.pytest_args.split()
         t0 = time.time()
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen(cmd, env={**os.environ, failure_log.ENV: seen_log})
         incomplete = False
         try:
             rc = proc.wait(timeout=args.max_seconds)
         except subprocess.TimeoutExpired:  # like Ctrl-C: pytest stops and still writes its report
             incomplete = True
             proc.send_signal(signal.SIGINT)
-            rc = proc.wait()
+            try:
+                rc = proc.wait(timeout=REPORT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
         test_s = time.time() - t0
-        if not os.path.exists(junit):
-            print(f"gpu-check: pytest wrote no report (exit {rc})", file=sys.stderr)
-            return 1
-        summary = parse_junit(junit)
+        seen = failure_log.read(seen_log)  # failures named as they happened: kept even when the report is lost
+        if os.path.exists(junit):
+            summary = parse_junit(junit)
+        else:
+            print(f"gpu-check: pytest wrote no report (exit {rc}); counts unknown, the failures seen so far are kept",
+                  file=sys.stderr)
+            incomplete = True
+            summary = {"tests": None, "failed": len(seen), "errors": None, "skipped": None, "passed": None,
+                       "failures": [{"test": f["test"], "kind": f"failure ({f['phase']})", "message": ""} for f in seen]}
+        summary["failures_seen"] = [f["test"] for f in seen]
     bench = None
     if not args.no_bench:
         t0 = time.time()
