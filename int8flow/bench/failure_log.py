@@ -12,9 +12,17 @@ import os
 ENV = "INT8FLOW_FAILURE_LOG"
 
 
+_WORKER = False  # set per process by pytest_configure: an xdist worker forwards its reports, the controller writes
+
+
+def pytest_configure(config) -> None:
+    global _WORKER
+    _WORKER = hasattr(config, "workerinput")  # xdist's mark of a worker (an env variable would leak to subprocesses)
+
+
 def pytest_runtest_logreport(report) -> None:
     path = os.environ.get(ENV)
-    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not path or not report.failed or _WORKER:
         return
     with open(path, "a") as f:  # one short line per write: appends from one process stay whole
         f.write(f"{report.nodeid}\t{report.when}\n")
