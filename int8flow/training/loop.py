@@ -287,10 +287,13 @@ def train(cfg: TrainConfig, build_fn: Callable | None = None) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = setup_distributed(cfg.parallel, cfg.device)
+    finished = False
     try:
-        return _train(cfg, info, build_fn)
+        result = _train(cfg, info, build_fn)
+        finished = True
+        return result
     finally:
-        teardown_distributed()
+        teardown_distributed(finished)  # a barrier first only when this rank ended normally
         torch.set_num_threads(threads)
 
 

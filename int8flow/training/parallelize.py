@@ -78,8 +78,14 @@ def setup_distributed(parallel: str, device: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, torch_device)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(finished: bool = False) -> None:
+    """Leave the process group. ``finished`` (every rank ended its run normally): meet at a barrier first, so
+    no rank destroys its group while another still has a collective in flight (seen once in CI: a gloo rank of
+    an FSDP2 run aborted at exit with "terminate called without an active exception"). After an error, no
+    barrier: the other ranks may never arrive."""
     if dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
