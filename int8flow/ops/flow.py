@@ -159,10 +159,11 @@ def _norm_output(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig
 
 
 def _norm_output_t(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConfig) -> list:
-    """The wgrad operand(s) of the norm output, recomputed in backward from the saved normalized input: with 1xK
-    blocks and no fallback the producer writes the transposed copy itself (one pass, one rounding of the float
-    output); otherwise the INT8 output (and fallback term) transposed as `_t_terms`."""
-    if _t_from_float(c):
+    """The wgrad operand(s) of the norm output, recomputed in backward from the saved normalized input: where
+    `primitives.wgrad_from_float_t` (1xK blocks, no fallback or the column one) the producer writes the
+    transposed copy itself (one pass, one rounding of the float output); otherwise the INT8 output (and
+    fallback term) transposed as `_t_terms`."""
+    if P.wgrad_from_float_t(c):
         n_t, *_ = _norm_forward(norm, x_q, weight, bias, eps, x_q.device, *_unit_stats(norm, x_q),
                                 out_block=c.activation_block, with_t="only")
         return [n_t]
@@ -172,7 +173,7 @@ def _norm_output_t(x_q, norm: str, weight, bias, eps: float, c: Int8TrainingConf
 
 def _activation_t(f_q, g_q, activation: str, c: Int8TrainingConfig) -> list:
     """The wgrad operand(s) of the fc2 input, recomputed in backward as `_norm_output_t` does the norm's."""
-    if _t_from_float(c):
+    if P.wgrad_from_float_t(c):
         d, out = f_q.device, dict(out_block=c.activation_block, with_t="only")  # the transposed copy alone
         if activation == "swiglu":
             return [backend.call("swiglu_forward", g_q, f_q, device=d, **out)]
@@ -202,15 +203,6 @@ def _activate(f_q, g_q, activation: str, c: Int8TrainingConfig):
                                                        None if g_q is None else gather_groups_q(g_q, groups),
                                                        out_dtype=torch.float32), c, "activation output")
     return a, a2_q, rate
-
-
-def _t_from_float(c: Int8TrainingConfig) -> bool:
-    """Whether the wgrad operand of an activation is the transposed copy its producer writes from the float output
-    (`_writes_t`): without fallback, and with the column-structured fallback, whose term only the forward GEMM
-    reads (the transposed copy's blocks run along the tokens, one channel each, so an outlier channel crushes none
-    of the other channels there; in backward no fallback term is recomputed). The dense fallback of other
-    geometries re-quantizes its INT8 terms transposed instead (`_t_terms`)."""
-    return _writes_t(c.activation_block) and (not c.uses_fallback or c.column_fallback)
 
 
 def _writes_t(block) -> bool:

@@ -61,16 +61,7 @@ def _keeps_transposed_input(c: Int8TrainingConfig, save_input: bool) -> bool:
     """Whether the INT8 x backward gets is its transposed copy (K, M) in 1xK blocks along M - the only form
     wgrad reads, written by the forward's quantize from the same read of x - rather than x_q (M, K), which
     backward would have to dequantize and re-quantize transposed."""
-    return _keeps_int8_input(c, save_input) and _wgrad_reads_float_t(c)
-
-
-def _wgrad_reads_float_t(c: Int8TrainingConfig) -> bool:
-    """Whether wgrad's x operand is x.T quantized from x itself (1xK activation blocks, K >= 8): without fallback,
-    or with the column-structured one (``column_fallback``), whose second term only the forward GEMM reads (an
-    outlier channel crushes its row blocks of x_q, not the transposed copy's blocks, one channel each). The
-    dense fallback of other 1xK geometries adds its term's transposed copy instead (`_linear_bwd`)."""
-    b = c.activation_block
-    return b.rows == 1 and b.cols >= 8 and (not c.uses_fallback or c.column_fallback)
+    return _keeps_int8_input(c, save_input) and P.wgrad_from_float_t(c)
 
 
 @_linear_fwd.register_fake
@@ -102,7 +93,7 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
         elif x_saved.dtype == torch.int8:
             x_q = P.unpack(x_saved, x_scale, blk)
             x2_q = P.unpack_compact(x2_index, x2_blocks, x2_scale, x_saved.shape, blk)
-        elif c.quantize_wgrad and _wgrad_reads_float_t(c):
+        elif c.quantize_wgrad and P.wgrad_from_float_t(c):
             x_ts = [P.quantize_transposed(x_saved, blk, "nearest", 0, c, "saved input")]  # one pass over x
         elif c.quantize_wgrad:  # x itself was kept (held anyway): the forward's INT8 operands, recomputed
             x_q, x2_q, _ = P.quantize_activation(x_saved, c, "saved input")

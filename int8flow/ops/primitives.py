@@ -182,6 +182,16 @@ def extend_b(b_q: QTensor, groups: torch.Tensor, bk: int) -> QTensor:
     return concat_k([gather_groups_q(b_q, groups), b_q])
 
 
+def wgrad_from_float_t(cfg: Int8TrainingConfig) -> bool:
+    """Whether an activation's wgrad operand is its transposed copy quantized from the float values (1xK activation
+    blocks, K >= 8: the producer or quantize_transposed writes it): without fallback, and with the column-structured
+    fallback (``column_fallback``), whose second term only the forward GEMM reads (the transposed copy's blocks run
+    along the tokens, one channel each, so an outlier channel crushes no other channel there; backward recomputes
+    no term). The dense fallback of other geometries re-quantizes its INT8 terms transposed instead."""
+    b = cfg.activation_block
+    return b.rows == 1 and b.cols >= 8 and (not cfg.uses_fallback or cfg.column_fallback)
+
+
 def stackable(ws: Sequence[torch.Tensor], cfg: Int8TrainingConfig) -> bool:
     """Whether GEMMs over weights stacked by rows (q|k|v) can run as one: every boundary between them falls
     on a weight-block row and on a gradient-block column of the output, so no block mixes two weights."""
