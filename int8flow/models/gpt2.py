@@ -11,7 +11,9 @@ ln_f, lm_head and the loss stay in high precision in every mode, so runs are com
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +35,35 @@ def attention_output_is_saved(y: torch.Tensor) -> bool:
     return y.is_contiguous()
 
 
+_HOST_CHECKED = threading.local()
+
+
+@contextlib.contextmanager
+def token_ids_checked_on_host():
+    """Forwards in this block skip the range check of `check_token_ids`: the caller checked the ids on the host
+    before copying them to the device (the training loop does, once per batch), so the forward needs no
+    device->host sync for it. The dtype check still runs."""
+    before = getattr(_HOST_CHECKED, "on", False)
+    _HOST_CHECKED.on = True
+    try:
+        yield
+    finally:
+        _HOST_CHECKED.on = before
+
+
 def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
     """Refuse token ids outside [0, vocab_size) with the likely cause and fix, where the embedding would
     give a bare IndexError (on CUDA, a device-side assert that ends the process).
 
-    One min/max over idx and one device sync per forward. Skipped under torch.compile (the check depends on
-    the values, so it would break the graph) and for meta tensors (no values).
+    One min/max over idx and, for a device tensor, one device sync per forward. Skipped under torch.compile
+    (the check depends on the values, so it would break the graph), for meta tensors (no values) and inside
+    `token_ids_checked_on_host` (the caller checked the ids before the host->device copy).
     """
     if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
         raise TypeError(f"token ids must be an integer tensor (torch.long), got {idx.dtype}; pass token ids "
                         f"(e.g. torch.randint(0, {vocab_size}, (B, T))), not embeddings or activations")
-    if torch.compiler.is_compiling() or idx.device.type == "meta" or idx.numel() == 0:
+    if torch.compiler.is_compiling() or idx.device.type == "meta" or idx.numel() == 0 \
+            or getattr(_HOST_CHECKED, "on", False):
         return
     lo, hi = torch.stack(torch.aminmax(idx)).tolist()
     if hi >= vocab_size:

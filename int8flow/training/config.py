@@ -16,10 +16,12 @@ from typing import Any
 from ..config import PRECISIONS, RECIPES
 from ..guards import POLICIES as NONFINITE
 
-__all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "make_config", "parse_overrides", "load_toml",
+__all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "COMPILE_MODES", "make_config", "parse_overrides", "load_toml",
            "settings_help"]
 
 PARALLEL = ("none", "ddp", "fsdp2")
+# torch.compile's modes that the loop supports; reduce-overhead = CUDA graphs (cudagraph trees)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def _setting(default, help: str, **kw):
@@ -87,13 +89,17 @@ class TrainConfig:
     device: str = _setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
     threads: int = _setting(0, "CPU threads for torch ops (0 = torch's default; the tiny preset uses 1)")
     compile: bool = _setting(False, "torch.compile the model")
+    compile_mode: str = _setting("default", "torch.compile mode when compile=true: default | reduce-overhead (CUDA "
+                                            "graphs: CUDA only, fixed shapes) | max-autotune-no-cudagraphs; a mode "
+                                            "other than default needs compile=true")
     parallel: str = _setting("none", "none | ddp | fsdp2 (launch with torchrun)")
 
     def __post_init__(self):
         def bad(key, value, expected):
             raise ValueError(f"{key}={value!r}: expected {expected}")
 
-        for key, choices in (("precision", tuple(RECIPES)), ("parallel", PARALLEL), ("nonfinite", NONFINITE)):
+        for key, choices in (("precision", tuple(RECIPES)), ("parallel", PARALLEL), ("nonfinite", NONFINITE),
+                             ("compile_mode", COMPILE_MODES)):
             if getattr(self, key) not in choices:
                 bad(key, getattr(self, key), f"one of {', '.join(choices)}")
         for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
@@ -130,6 +136,9 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: resume continues the run "
                              "in the run folder, overwrite replaces it; pass one of them")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode} needs compile=true (the mode applies to "
+                             "torch.compile only); pass compile=true or drop compile_mode")
 
     @property
     def resume_checkpoint(self) -> Path | None:

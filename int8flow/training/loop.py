@@ -40,6 +40,7 @@ from ..config import Int8TrainingConfig
 from ..data import PreparedData, ensure_prepared, eval_offsets, gather_batch, load_prepared, step_offsets
 from ..format import NonFiniteError
 from ..guards import locate_nonfinite, nonfinite_params, recompute_high_precision
+from ..models.gpt2 import check_token_ids, token_ids_checked_on_host
 from .checkpoint import (CKPT_DIR, MODEL_FILE, CheckpointError, check_state_dict, checkpoint_folders,
                          latest_checkpoint, load_checkpoint, save_checkpoint)
 from .config import TrainConfig
@@ -164,9 +165,49 @@ def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
                                   f"{key}={getattr(cfg, key)!r}; pass the same value or use a new out_dir")
 
 
+def _uses_cudagraphs(cfg: TrainConfig) -> bool:
+    """compile_mode=reduce-overhead: the compiled model replays CUDA graphs (cudagraph trees)."""
+    return cfg.compile and cfg.compile_mode == "reduce-overhead"
+
+
+def _model_vocab(model) -> int | None:
+    """The vocabulary the model's embedding takes (its config's ``vocab_size``), None for a model without one."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
+
+
+def _batch(tokens, chunk: torch.Tensor, cfg: TrainConfig, info: DistInfo, vocab: int | None):
+    """(inputs, targets) on the run's device. The token-id range check runs here, on the host tensors before the
+    host->device copy (one min/max of a few thousand ids on the CPU), instead of in the model's forward, where
+    it costs a device->host sync per forward on CUDA (`check_token_ids`)."""
+    if vocab is None or info.device.type != "cuda":
+        return gather_batch(tokens, chunk, cfg.seq_len, info.device)
+    x, y = gather_batch(tokens, chunk, cfg.seq_len, "cpu")
+    check_token_ids(x, vocab)
+    check_token_ids(y, vocab)  # targets too: an id past the vocabulary is a device-side assert in the loss
+    return x.pin_memory().to(info.device, non_blocking=True), y.pin_memory().to(info.device, non_blocking=True)
+
+
+def _forward_loss(model, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, info: DistInfo, vocab: int | None,
+                  autocast) -> torch.Tensor:
+    """The model's loss on (x, y). Under compile_mode=reduce-overhead each forward starts a new cudagraph-trees
+    step (`torch.compiler.cudagraph_mark_step_begin`): the previous replay's outputs may then be overwritten, so
+    callers consume the loss (accumulate it into a tensor of their own) before the next forward and keep no
+    reference to it. The logits are dropped here (not kept alive through the backward)."""
+    if _uses_cudagraphs(cfg):
+        torch.compiler.cudagraph_mark_step_begin()
+    checked = token_ids_checked_on_host() if vocab is not None and info.device.type == "cuda" \
+        else contextlib.nullcontext()
+    with checked, autocast():
+        return model(x, y)[1]
+
+
 @torch.no_grad()
-def evaluate(model, data: PreparedData, cfg: TrainConfig, info: DistInfo, autocast) -> float:
-    """Mean val loss over fixed windows (eval_batches x global batch), split evenly over ranks."""
+def evaluate(model, data: PreparedData, cfg: TrainConfig, info: DistInfo, autocast, vocab: int | None = None) -> float:
+    """Mean val loss over fixed windows (eval_batches x global batch), split evenly over ranks.
+
+    Every window batch has batch_size rows (fixed shapes for CUDA graphs); the losses are summed into a tensor
+    of the loop's own (no graph output outlives the next replay) and read once, at the end."""
     per_rank = cfg.eval_batches * cfg.batch_size * cfg.grad_accum
     offsets = eval_offsets(per_rank * info.world_size, len(data.val), cfg.seq_len)
     mine = offsets[info.rank * per_rank:(info.rank + 1) * per_rank]
@@ -174,10 +215,8 @@ def evaluate(model, data: PreparedData, cfg: TrainConfig, info: DistInfo, autoca
     total = torch.zeros((), device=info.device)
     try:
         for chunk in mine.split(cfg.batch_size):
-            x, y = gather_batch(data.val, chunk, cfg.seq_len, info.device)
-            with autocast():
-                _, loss = model(x, y)
-            total += loss.float() * len(chunk)
+            x, y = _batch(data.val, chunk, cfg, info, vocab)
+            total += _forward_loss(model, x, y, cfg, info, vocab, autocast).float() * len(chunk)
     except NonFiniteError:  # an INT8 operator refused NaN/Inf: the val loss is not finite
         total.fill_(math.nan)
     finally:
@@ -186,61 +225,86 @@ def evaluate(model, data: PreparedData, cfg: TrainConfig, info: DistInfo, autoca
 
 
 def _step_closure(model, data: PreparedData, offsets: torch.Tensor, cfg: TrainConfig, info: DistInfo, step: int,
-                  autocast) -> Callable[[], torch.Tensor]:
-    """Forward + backward of one step on this rank's windows; returns the rank's mean loss.
+                  autocast, vocab: int | None = None) -> Callable[[], torch.Tensor]:
+    """Forward + backward of one step on this rank's windows; returns the rank's mean loss (a device tensor: the
+    loop reads it once per step, with the gradient norm and the kernels' non-finite flag).
 
     Reseeds the RNG first, so a re-run (to locate a fault, or the bf16 recompute) sees the same dropout
-    masks and stochastic-rounding seeds as the step itself.
+    masks and stochastic-rounding seeds as the step itself. Each micro-batch's loss is added into ``loss_sum``
+    (the loop's own tensor) right after its backward, before the next forward may replay a CUDA graph over it.
     """
     def run() -> torch.Tensor:
         _seed_step(cfg.seed, step, info.rank)
         loss_sum = torch.zeros((), device=info.device)
         for micro, chunk in enumerate(offsets.split(cfg.batch_size)):
-            x, y = gather_batch(data.train, chunk, cfg.seq_len, info.device)
+            x, y = _batch(data.train, chunk, cfg, info, vocab)
             set_grad_sync(model, micro == cfg.grad_accum - 1)
-            with autocast():
-                _, loss = model(x, y)
+            loss = _forward_loss(model, x, y, cfg, info, vocab, autocast)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
+            del loss
         return loss_sum / cfg.grad_accum
     return run
 
 
-def _clip_grads(model, cfg: TrainConfig) -> float:
+def _clip_grads_tensor(model, cfg: TrainConfig) -> torch.Tensor:
+    """Clip the gradients; their norm before clipping as a device tensor (no host sync)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _clip_grads(model, cfg: TrainConfig) -> float:
+    return float(_clip_grads_tensor(model, cfg))
 
 
 def _forward_backward(model, run_step: Callable, cfg: TrainConfig, info: DistInfo) -> tuple[float, float, str | None]:
     """(loss, clipped grad norm, fault): an INT8 operator refusing NaN/Inf (``NonFiniteError``) ends the step
-    with loss and grad norm NaN and its message as ``fault``; the caller applies the non-finite policy."""
+    with loss and grad norm NaN and its message as ``fault``; the caller applies the non-finite policy.
+    The loss, the gradient norm and the kernels' non-finite flag reach the host in ONE copy, the step's only
+    host sync."""
     try:
         loss = run_step()
     except NonFiniteError as err:
         return all_reduce_mean(torch.full((), math.nan, device=info.device), info).item(), math.nan, str(err)
-    loss_val, flagged = _loss_and_kernel_flag(all_reduce_mean(loss, info), info)
+    loss = all_reduce_mean(loss, info)
+    norm = _clip_grads_tensor(model, cfg)
+    (loss_val, norm_val), flagged = _read_step([loss, norm], info)
     if flagged is not None:  # an INT8 kernel wrote a NaN/Inf block this step: the step is non-finite, named
-        return math.nan, _clip_grads(model, cfg), f"{flagged}"
-    return loss_val, _clip_grads(model, cfg), None
+        return math.nan, norm_val, f"{flagged}"
+    return loss_val, norm_val, None
+
+
+def _read_step(values: list[torch.Tensor], info: DistInfo):
+    """([the scalars as floats], what the INT8 kernels flagged or None) from ONE device->host copy.
+
+    On CUDA the kernels do not check for NaN/Inf eagerly (that would cost a pass and a host sync per
+    operator); they set a device flag (`int8flow.kernels.nonfinite`), read here together with the loss and
+    gradient norm the loop reads anyway, and cleared asynchronously. Elsewhere the operators check eagerly:
+    nothing to read.
+    """
+    row = [v.detach().float().reshape(1) for v in values]
+    flag = None
+    if info.device.type == "cuda":
+        try:
+            from ..kernels import nonfinite
+        except ImportError:  # no triton: the reference path checks eagerly
+            pass
+        else:
+            flag = nonfinite.device_flag(info.device)
+            row.append(flag.float())
+    got = torch.cat(row).tolist()
+    if flag is None:
+        return got, None
+    from ..guards import device_nonfinite
+
+    n = len(values)
+    return got[:n], device_nonfinite(info.device, flag_values=got[n:])
 
 
 def _loss_and_kernel_flag(loss: torch.Tensor, info: DistInfo):
-    """(loss as a float, what the INT8 kernels flagged or None) from ONE device->host copy.
-
-    On CUDA the kernels do not check for NaN/Inf eagerly (that would cost a pass and a host sync per
-    operator); they set a device flag (`int8flow.kernels.nonfinite`), read here together with the loss the
-    loop reads anyway, and cleared asynchronously. Elsewhere the operators check eagerly: nothing to read.
-    """
-    if info.device.type != "cuda":
-        return loss.item(), None
-    try:
-        from ..kernels import nonfinite
-    except ImportError:  # no triton: the reference path checks eagerly
-        return loss.item(), None
-    from ..guards import device_nonfinite
-
-    values = torch.cat([loss.detach().float().view(1), nonfinite.device_flag(info.device).float()]).tolist()
-    return values[0], device_nonfinite(info.device, flag_values=values[1:])
+    """(loss as a float, what the INT8 kernels flagged or None) from ONE device->host copy (`_read_step`)."""
+    (value,), flagged = _read_step([loss], info)
+    return value, flagged
 
 
 def _recompute_high_precision(model, run_step: Callable, cfg: TrainConfig, info: DistInfo) -> tuple[float, float]:
@@ -488,8 +552,17 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         dist.barrier()
 
     model.to(device)
-    model = parallelize(model, cfg.parallel, info, cfg.compile)
+    vocab = _model_vocab(model)  # the token-id range check runs on the host, once per batch (`_batch`)
+    model = parallelize(model, cfg.parallel, info, cfg.compile, cfg.compile_mode)
     optimizer = _build_optimizer(model, cfg, device)
+    # CUDA graphs with gradient accumulation: a .grad first allocated by a graph replay lives in the graph's
+    # memory pool and the next micro-batch's replay overwrites it; stable zeroed .grad buffers allocated here,
+    # zeroed (not freed) after each step, take the accumulation instead
+    keep_grads = _uses_cudagraphs(cfg) and cfg.grad_accum > 1
+    if keep_grads:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     if ckpt is not None:
         load_optimizer_state(model, optimizer, ckpt.trainer["optimizer"])
     guard = {"loss_ema": None, "skips_in_a_row": 0, "skipped": 0, "fallbacks": 0, **(ckpt.state["guard"] if ckpt else {})}
@@ -502,13 +575,16 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         f"{f' x{info.world_size} {cfg.parallel}' if info.distributed else ''}; data {data.folder} "
         f"({data.meta['train_tokens'] / 1e6:.2f}M train tokens, vocab {data.vocab_size}); "
         f"{tokens_per_step} tokens/step, steps {start_step}..{cfg.max_steps}")
+    if _uses_cudagraphs(cfg) and device.type != "cuda":
+        say(f"int8flow: note: compile_mode=reduce-overhead uses CUDA graphs, which need CUDA; on {device} the model "
+            "is compiled without them")
     if cfg.warmup_steps > cfg.max_steps:
         say(f"int8flow: note: warmup_steps={cfg.warmup_steps} > max_steps={cfg.max_steps}: the learning rate never "
             f"reaches lr={cfg.lr} and never decays; set warmup_steps below max_steps for the usual schedule")
 
     log = MetricsLog(run_dir, ckpt.step if ckpt else None, cfg.tensorboard) if info.is_main else None
     if ckpt is None:
-        val = evaluate(model, data, cfg, info, autocast)
+        val = evaluate(model, data, cfg, info, autocast, vocab)
         if log:
             log.log({"step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "tokens": 0, "time_s": 0.0})
 
@@ -532,6 +608,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     train_seconds = 0.0
     stopper = _StopSignals(lambda msg: print(msg, file=sys.stderr, flush=True) if info.is_main else None)
     stopped = 0
+    t_prev_read = None  # CUDA step timing: when the previous step's loss was read (None: start from the step's start)
     with stopper:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
@@ -540,8 +617,9 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
                 group["lr"] = lr
             offsets = step_offsets(cfg.seed, step, per_rank * info.world_size, len(data.train), cfg.seq_len)
             run_step = _step_closure(model, data, offsets[info.rank * per_rank:(info.rank + 1) * per_rank], cfg, info,
-                                     step, autocast)
+                                     step, autocast, vocab)
             loss_val, grad_norm, fault = _forward_backward(model, run_step, cfg, info)
+            t_read = time.perf_counter()
 
             reason, fallback = None, None
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
@@ -568,10 +646,17 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
                         + (f"; {where.rstrip('.')}" if where else "") + "; "
                         + ("nonfinite=raise" if cfg.nonfinite == "raise" else f"{guard['skips_in_a_row']} steps skipped "
                            f"in a row (max_skips={cfg.max_skips})") + "; lower lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not keep_grads)
             if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
+                # No synchronize here: the loss read above is the step's only host sync. The GPU work between two
+                # consecutive reads is one whole step (the previous optimizer step, this forward and backward), so
+                # the time from the previous read to this one is the step's time; after anything that waited for
+                # the GPU in between (evaluation, a checkpoint, a recomputed or located step) the clock restarts
+                # at this step's start.
+                dt = t_read - (t_prev_read if t_prev_read is not None else t0)
+                t_prev_read = t_read if reason is None and fallback is None else None
+            else:
+                dt = time.perf_counter() - t0
             train_seconds += dt
 
             done = step + 1
@@ -590,13 +675,15 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
                 record.update(fallback="bf16", fault=fallback)
                 note(f"int8flow: step {done} recomputed in high precision (nonfinite=bf16): {fallback}")
             if done % cfg.eval_interval == 0 or done == end_step:
-                val = evaluate(model, data, cfg, info, autocast)
+                val = evaluate(model, data, cfg, info, autocast, vocab)
                 record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                t_prev_read = None
             if log:
                 log.log(record)
             stopped = stopper.stop_requested(info) if done < end_step else 0
             if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step or stopped:
                 last_ckpt = save(done, record) or last_ckpt
+                t_prev_read = None
             bar.set_postfix(loss=f"{loss_val:.3f}", val=f"{val:.3f}" if val is not None else "-",
                             tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
             bar.update(1)

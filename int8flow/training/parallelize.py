@@ -97,10 +97,12 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def parallelize(model: nn.Module, parallel: str, info: DistInfo, compile: bool) -> nn.Module:
-    """Compile, then wrap for DDP or FSDP2. The model must already be on ``info.device``."""
+def parallelize(model: nn.Module, parallel: str, info: DistInfo, compile: bool,
+                compile_mode: str = "default") -> nn.Module:
+    """Compile (torch.compile's ``compile_mode``: default, reduce-overhead = CUDA graphs, or
+    max-autotune-no-cudagraphs), then wrap for DDP or FSDP2. The model must already be on ``info.device``."""
     if compile:
-        model.compile()  # in place: parameter names and module types stay as they are
+        model.compile(mode=compile_mode)  # in place: parameter names and module types stay as they are
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
