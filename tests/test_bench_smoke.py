@@ -66,3 +66,31 @@ def test_gpu_benchmarks_refuse_without_cuda(sub, capsys):
         pytest.skip("has a GPU")
     assert main([sub, "--out", "/nonexistent/x.json"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_train_records_the_compile_mode(tmp_path, monkeypatch):
+    """--compile-mode reaches model.compile and every record; compilation itself is stubbed (CPU smoke)."""
+    import torch
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: modes.append(kw.get("mode")))
+    out = tmp_path / "train.json"
+    assert main(["train", "--cpu-smoke", "--compile-mode", "reduce-overhead", "--modes", "int8", "--steps", "2",
+                 "--warmup", "1", "--set", "batch_size=2", "--out", str(out)]) == 0
+    recs = _records(out)
+    assert modes == ["reduce-overhead"]
+    assert [(r["compile"], r["compile_mode"]) for r in recs] == [(True, "reduce-overhead")]
+
+    assert main(["train", "--cpu-smoke", "--no-compile", "--modes", "bf16", "--steps", "2", "--warmup", "1",
+                 "--out", str(out)]) == 0
+    assert [(r["compile"], r["compile_mode"]) for r in _records(out)] == [(False, None)]
+
+
+def test_train_refuses_a_compile_mode_without_compilation(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert main(["train", "--cpu-smoke", "--no-compile", "--compile-mode", "reduce-overhead", "--out", str(out)]) == 2
+    assert "--no-compile" in capsys.readouterr().err
+    assert main(["train", "--cpu-smoke", "--no-compile", "--set", "compile_mode=reduce-overhead", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "compile=true" in err
+    assert not out.exists()

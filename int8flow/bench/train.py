@@ -3,6 +3,11 @@
 Each (model, mode) pair runs the real training loop (`int8flow.training.train`) for a fixed number of steps on
 the same data, seed and batch; tokens/s is the median over the steps after the first ``warmup`` (compilation and
 autotuning happen there). Writes ``bench/results/<gpu>_train.json``.
+
+Models are compiled (``torch.compile``, mode ``--compile-mode``: default, reduce-overhead = CUDA graphs, or
+max-autotune-no-cudagraphs) unless ``--no-compile``; each record says ``compile`` and ``compile_mode``.
+Per-step tokens/s come from the training log, timed between the loop's once-per-step loss reads (no
+synchronize per step, which would hide the CPU/GPU overlap CUDA graphs give).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import tempfile
 import torch
 
 from ..config import RECIPES
+from ..training.config import COMPILE_MODES
 from .common import device_info, parse_choices, require_cuda, result_path, write_json
 
 MODELS = {"gpt2-124m": ["batch_size=16", "grad_accum=1"], "llama-1b": ["batch_size=4", "grad_accum=1", "parallel=none"]}
@@ -27,21 +33,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the tokens/s median")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled runs (reduce-overhead = CUDA graphs); recorded in each "
+                        "record as compile_mode (null with --no-compile)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (checks the code path only)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="training setting for every run, after the model's defaults (repeatable), e.g. --set batch_size=16; "
                         "recorded in each record")
 
 
-def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, compile: bool, device: str) -> dict:
+def compile_settings(compile: bool, compile_mode: str) -> list[str]:
+    """--no-compile / --compile-mode as training settings; they come before --set, so a --set compile... wins."""
+    return [f"compile={str(compile).lower()}", *([f"compile_mode={compile_mode}"] if compile else [])]
+
+
+def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, compile: bool, device: str,
+            compile_mode: str = "default") -> dict:
     from ..training import make_config, train
     from ..training.metrics import read_log
 
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = make_config(preset, overrides=[*extra, f"precision={mode}", f"max_steps={steps}", f"eval_interval={steps}", "eval_batches=1",
+        cfg = make_config(preset, overrides=[*compile_settings(compile, compile_mode), *extra, f"precision={mode}",
+                                             f"max_steps={steps}", f"eval_interval={steps}", "eval_batches=1",
                                              "ckpt_interval=0", "keep_checkpoints=1", "progress=false",
-                                             "tensorboard=false", f"compile={str(compile).lower()}",
-                                             f"device={device}", f"out_dir={out_dir}"])
+                                             "tensorboard=false", f"device={device}", f"out_dir={out_dir}"])
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result = train(cfg)
@@ -49,6 +64,7 @@ def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, c
     if not log:
         raise RuntimeError(f"{preset}/{mode}: no timed steps (steps={steps} must exceed warmup={warmup})")
     return {"model": preset, "mode": mode, "steps": steps, "settings": list(extra),
+            "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in log),
             "final_loss": result.losses[-1],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
@@ -56,6 +72,10 @@ def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, c
 
 def main(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
+    if args.no_compile and args.compile_mode != "default":
+        print(f"int8flow.bench train: --compile-mode {args.compile_mode} needs compilation; drop --no-compile",
+              file=sys.stderr)
+        return 2
     if device == "cuda":
         require_cuda()
     models = {"tiny": ["max_steps=4"]} if args.cpu_smoke else {m: MODELS[m] for m in parse_choices(args.models, MODELS, "--models")}
@@ -63,7 +83,7 @@ def main(args) -> int:
 
     for preset, extra in models.items():  # a bad --set fails here, in one line, before any model trains
         try:
-            make_config(preset, overrides=[*extra, *args.set])
+            make_config(preset, overrides=[*compile_settings(not args.no_compile, args.compile_mode), *extra, *args.set])
         except ValueError as e:
             print(f"int8flow.bench train: --set: {e}", file=sys.stderr)
             return 2
@@ -73,7 +93,7 @@ def main(args) -> int:
     for preset, extra in models.items():
         extra = [*extra, *args.set]  # the command line's settings win (make_config applies overrides in order)
         for mode in parse_choices(args.modes, RECIPES, "--modes"):  # any recipe: int8-1x128, jetfire, ...
-            r = run_one(preset, extra, mode, args.steps, args.warmup, not args.no_compile, device)
+            r = run_one(preset, extra, mode, args.steps, args.warmup, not args.no_compile, device, args.compile_mode)
             records.append(r)
             base = {x["mode"]: x["tokens_per_s"] for x in records if x["model"] == preset}.get("bf16")
             for x in records:  # BF16 may come after the INT8 modes: every record of the model gets its ratio
