@@ -32,6 +32,7 @@ OUR_MODES = ("bf16", "int8", "int8+fallback", "int8-linear")
 # Any recipe of int8flow.config.RECIPES runs too, e.g. the 1x128 geometry: int8-1x128, int8+fallback-1x128.
 GEOMETRY_MODES = ("int8-1x128", "int8+fallback-1x128", "int8-linear-1x128", "jetfire")
 TORCHAO_MODES = ("float8-tensorwise", "float8-rowwise")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile modes
 
 
 class BlockStack(nn.Module):
@@ -109,14 +110,17 @@ def _time_step(step, device: str, iters: int) -> float:
 
 
 def measure(shape: str, config, layers: int, batch: int, tokens: int, mode: str, device: str, iters: int,
-            compile: bool) -> dict:
+            compile: bool, compile_mode: str = "default") -> dict:
     model = _build(config, layers, mode, device)
     dim = config.dim if isinstance(config, LlamaConfig) else config.n_embd
     x = torch.randn(batch, tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     saved = saved_bytes(model, x)  # eager: hooks see what autograd keeps
-    run = torch.compile(model) if compile else model
+    run = torch.compile(model, mode=compile_mode) if compile else model
+    graphs = compile and compile_mode == "reduce-overhead"
 
     def step():
+        if graphs:  # cudagraph trees: a new iteration, the previous replay's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         run(x).float().square().mean().backward()
 
     for _ in range(3):
@@ -127,7 +131,8 @@ def measure(shape: str, config, layers: int, batch: int, tokens: int, mode: str,
     ms = _time_step(step, device, iters)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return {"shape": shape, "mode": mode, "ms": ms, "peak_gib": peak, "saved_gib": saved / 2**30,
-            "layers": layers, "batch": batch, "tokens": tokens}
+            "layers": layers, "batch": batch, "tokens": tokens,
+            "compile_mode": compile_mode if compile else "eager"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,6 +142,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default=None, help=f"comma-separated subset of {sorted(SHAPES)}")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="eager mode (the anchors compile everything)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode for every mode (reduce-overhead: CUDA graphs, cudagraph trees)")
     p.add_argument("--cpu-smoke", action="store_true", help="toy shapes on the CPU (checks the code path only)")
 
 
@@ -158,7 +165,8 @@ def main(args) -> int:
         for mode in modes:
             try:
                 torch._dynamo.reset()
-                r = measure(shape, config, layers, batch, tokens, mode, device, args.iters, not args.no_compile)
+                r = measure(shape, config, layers, batch, tokens, mode, device, args.iters, not args.no_compile,
+                            args.compile_mode)
             except ImportError as e:  # torchao missing: say so, keep going
                 print(f"{shape:18s} {mode:18s} skipped: {e}")
                 continue
