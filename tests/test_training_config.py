@@ -44,6 +44,9 @@ def test_precedence_preset_toml_cli(tmp_path):
     (["val_fraction=1"], "val_fraction=1.0"),
     (["lr"], "expected key=value"),
     (["preset=gpt5"], "unknown run preset 'gpt5'"),
+    (["compile=true", "compile_mode=max-autotune"],
+     "compile_mode='max-autotune': expected one of default, reduce-overhead, max-autotune-no-cudagraphs"),
+    (["compile_mode=reduce-overhead"], "compile_mode=reduce-overhead needs compile=true"),
 ])
 def test_bad_values_name_the_key(items, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
@@ -63,3 +66,15 @@ def test_bad_toml(tmp_path):
         load_toml(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_toml(tmp_path / "missing.toml")
+
+
+def test_compile_mode_defaults_and_choices(tmp_path):
+    assert make_config().compile_mode == "default"
+    for mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
+        assert make_config(overrides=["compile=true", f"compile_mode={mode}"]).compile_mode == mode
+    assert make_config(overrides=["compile=false", "compile_mode=default"]).compile is False
+    path = tmp_path / "run.toml"
+    path.write_text('compile = true\ncompile_mode = "reduce-overhead"\n')
+    cfg = make_config(toml_path=path)
+    assert (cfg.compile, cfg.compile_mode) == (True, "reduce-overhead")
+    assert cfg.to_dict()["compile_mode"] == "reduce-overhead"
