@@ -6,7 +6,9 @@ correctly rounded float32 division torch does), finite scales are clamped to the
 (absmax = FLT_MAX would otherwise dequantize to Inf), zero-scale blocks give 0, and round half to even
 is written with exact float32 operations (the Triton interpreter, the CPU test path, has no libdevice).
 Stochastic rounding is ``floor(v + u)``, ``u ~ U[0, 1)`` from ``tl.rand(seed, element_index)``: a
-counter-based RNG keyed by position, so a seed gives the same bits on any launch geometry.
+counter-based RNG keyed by position, so a seed gives the same bits on any launch geometry. Kernels read
+the base seed from device memory (``seed_ptr``, a 1-element int64 tensor) and derive the Philox key with
+``derive_seed(base, salt)`` (``load_seed``): graph-safe seeds, see ``_launch`` ("seeds").
 
 The host side (validation, allocation, seeds, launch geometry) lives in ``_launch``.
 """
@@ -22,6 +24,32 @@ _QMAX_F = tl.constexpr(float(QMAX))
 _SCALE_MAX_F = tl.constexpr(_SCALE_MAX)
 # Triton itself picks the interpreter when a kernel is decorated, so reading the switch at import agrees with it.
 _INTERPRETING = tl.constexpr(interpreting())
+
+
+@triton.jit
+def _mix64(z):
+    """splitmix64's finalizer on a uint64 (64-bit wrapping multiplies, logical shifts): ``_launch.mix64``."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+@triton.jit
+def derive_seed(base, salt):
+    """31-bit Philox key (int32 in [0, 2**31 - 1)) of an int64 base seed and an integer salt; the one device-side
+    derivation of every Triton kernel, bit for bit ``_launch.derive_seed`` (which documents the formula):
+    ``(mix64(base ^ mix64((salt + 1) * 0x9E3779B97F4A7C15)) >> 33) % (2**31 - 1)``. Scalar work, once a program."""
+    b = base.to(tl.uint64, bitcast=True)  # salt: a runtime int (kernels list it in do_not_specialize)
+    s = salt.to(tl.int64).to(tl.uint64, bitcast=True)
+    z = _mix64(b ^ _mix64((s + 1) * 0x9E3779B97F4A7C15))
+    return (z >> 33).to(tl.int32) % 0x7FFFFFFF
+
+
+@triton.jit
+def load_seed(seed_ptr, salt):
+    """``derive_seed`` of the base seed at ``seed_ptr`` (1-element int64 on the device): what kernels call where
+    they need a stream's key (only under STOCHASTIC / a dropout mask, so nearest launches read nothing)."""
+    return derive_seed(tl.load(seed_ptr), salt)
 
 
 @triton.jit
@@ -152,8 +180,8 @@ def row_stats_update(mean, m2, x, c0, N, BLOCK_D: tl.constexpr, RMS: tl.constexp
     return mean, m2
 
 
-__all__ = ["absmax_nan", "cast_rne", "div_by_recip", "emit3", "emit3_t", "emit_tile", "flag_nonfinite", "i8_to_f32", "load3",
-           "load_operand", "load_tile", "noise3", "quantize_by_scale", "quantize_tile", "quantize_values", "round_half_even",
+__all__ = ["absmax_nan", "cast_rne", "derive_seed", "div_by_recip", "emit3", "emit3_t", "emit_tile", "flag_nonfinite", "i8_to_f32", "load3",
+           "load_operand", "load_seed", "load_tile", "noise3", "quantize_by_scale", "quantize_tile", "quantize_values", "round_half_even",
            "row_stats3", "row_stats_update", "scale_from_absmax", "tile3", "tile_coords", "uniform16"]
 
 
@@ -300,7 +328,7 @@ def load3(ptr, scale_ptr, rows, gcol, M, N, IS_Q: tl.constexpr, QR: tl.constexpr
 
 
 @triton.jit
-def _emit3_blocks(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code,
+def _emit3_blocks(y, out_ptr, out_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code,
                   QR: tl.constexpr, QC: tl.constexpr, STOCHASTIC: tl.constexpr,
                   R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
     """INT8 store of an [R, G, C] tile whose groups are whole QR x C blocks (QC == C)."""
@@ -314,7 +342,7 @@ def _emit3_blocks(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_
     scale = scale_from_absmax(am)
     noise = 0.0
     if STOCHASTIC:
-        noise = noise3(seed, rows, gcol, N, R, G, C)
+        noise = noise3(load_seed(seed_ptr, salt), rows, gcol, N, R, G, C)
     q = quantize_by_scale(y, scale[:, :, None], noise, STOCHASTIC)
     tl.store(out_ptr + offs, q, mask=mask)
     smask = (rows[:, None] < M) & (gcol[None, :] < N)
@@ -324,7 +352,7 @@ def _emit3_blocks(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_
 
 
 @triton.jit
-def emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code,
+def emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code,
           OUT_Q: tl.constexpr, QR: tl.constexpr, QC: tl.constexpr, STOCHASTIC: tl.constexpr,
           R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
     """Write the float32 [R, G, C] tile as float (out dtype) or per-block INT8 (QC divides C, QR divides R).
@@ -332,24 +360,25 @@ def emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code,
     INT8: block absmax over the QC columns (and QR rows), scales stored once per block, non-finite
     blocks recorded in the device flag. Blocks narrower than C split each group (a register reshape), so
     every kernel keeps C = 128-wide groups whatever the output format and computes the same float values.
-    Stochastic noise (``noise3``) is keyed by (seed, row, column).
+    Stochastic noise (``noise3``) is keyed by (seed, row, column), the seed ``load_seed(seed_ptr, salt)`` (read
+    only when STOCHASTIC).
     """
     if OUT_Q:
         if QC == C:
-            _emit3_blocks(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, QR, QC, STOCHASTIC,
-                          R, G, C)
+            _emit3_blocks(y, out_ptr, out_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, QR, QC,
+                          STOCHASTIC, R, G, C)
         else:
             K: tl.constexpr = C // QC
             gcol2 = tl.reshape(gcol[:, None] + tl.arange(0, K)[None, :] * QC, (G * K,))
-            _emit3_blocks(tl.reshape(y, (R, G * K, QC)), out_ptr, out_scale, rows, gcol2, M, N, seed, flag_ptr,
-                          flag_code, QR, QC, STOCHASTIC, R, G * K, QC)
+            _emit3_blocks(tl.reshape(y, (R, G * K, QC)), out_ptr, out_scale, rows, gcol2, M, N, seed_ptr, salt,
+                          flag_ptr, flag_code, QR, QC, STOCHASTIC, R, G * K, QC)
     else:
         _, mask, offs = tile3(rows, gcol, M, N, C)
         tl.store(out_ptr + offs, cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed, flag_ptr, flag_code,
+def emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code,
             STOCHASTIC: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     """Write the tile's transpose quantized with blocks of 1 x R along M: ``quantize(x.t(), '1xR')``.
 
@@ -364,8 +393,8 @@ def emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed, flag_ptr, fla
     flag_nonfinite(am, flag_ptr, flag_code)
     scale = scale_from_absmax(am)
     noise = 0.0
-    if STOCHASTIC:  # keyed by the element's (row, col) of x, with the copy's own seed
-        noise = noise3(seed, rows, gcol, N, R, G, C)
+    if STOCHASTIC:  # keyed by the element's (row, col) of x, with the copy's own salt
+        noise = noise3(load_seed(seed_ptr, salt), rows, gcol, N, R, G, C)
     q = quantize_by_scale(y, scale[None, :, :], noise, STOCHASTIC)
     # a 2-D [G*C, R] transpose: Triton lowers it to one shared-memory round trip with both sides vectorized; the
     # 3-D permute of v1 stored at ~0.5 TB/s on the H200 (quantize_dual 252 us for 8192 x 4096 bf16)

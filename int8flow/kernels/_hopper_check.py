@@ -51,7 +51,9 @@ def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, num_warps: int
     of 16 (pass a unit stride as a constexpr 1). Without these Triton cannot vectorize the memory accesses, and
     the register and instruction counts of the memory-bound kernels come out 2-3x too high."""
     names = list(inspect.signature(fn.fn).parameters)
-    sig = {n: pointer_types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    # seed pointers (``seed_ptr``, ``mask_seed_ptr``): the 1-element int64 base seed every seeded kernel reads
+    sig = {n: pointer_types.get(n, "constexpr" if n in constexprs else "*i64" if n.endswith("seed_ptr") else "i32")
+           for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n in divisible}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
@@ -102,6 +104,7 @@ def swiglu_variant(backward: bool, row_out: bool, with_t: bool, stochastic: bool
     ptrs = {n: ("*i8" if n.endswith("_ptr") and n != "flag_ptr" else "*fp32") for n in names
             if n.endswith("_ptr") or n.endswith("_scale")}
     ptrs["flag_ptr"] = "*i32"
+    ptrs.pop("seed_ptr", None)  # *i64 (compile_for_hopper's default for seed pointers)
     r = compile_for_hopper(fn, ptrs, consts, num_warps, 1, divisible=("M", "N"))
     return {"kernel": getattr(fn, "__name__", str(fn)), "backward": backward, "row_out": row_out, "with_t": with_t,
             "stochastic": stochastic, "tile": [R, G, C], "warps": num_warps, **extra, **r,
@@ -218,7 +221,7 @@ def gluon_variant(out: str = "bf16", bias: bool = True, magic: bool = False, ove
     names = list(inspect.signature(fn.fn).parameters)
     types = {"a_desc": desc("i8", gl.int8, [bm if consumers == 2 else gg.HALF, gg.BK]), "b_desc": desc("i8", gl.int8, [gg.BN, gg.BK]),
              "c_desc": desc(dt[0], dt[1], [gg.HALF, gg.BN]), "sa_ptr": "*fp32", "sb_ptr": "*fp32",
-             "bias_ptr": "*fp32", "sc_ptr": "*fp32", "sb_desc": desc("fp32", gl.float32, [1, gg.BN])}
+             "bias_ptr": "*fp32", "sc_ptr": "*fp32", "sb_desc": desc("fp32", gl.float32, [1, gg.BN]), "seed_ptr": "*i64"}
     sig = {n: types.get(n, "constexpr" if n in consts else "i32") for n in names}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     kernel = triton.compile(src, target=HOPPER, options={"num_warps": 4, "maxnreg": maxnreg})

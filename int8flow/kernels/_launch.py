@@ -132,20 +132,112 @@ def check_stats(v: torch.Tensor, name: str, m: int, device: torch.device) -> Non
 
 
 # --- seeds -----------------------------------------------------------------------------------------
+#
+# Graph-safe seeds. A kernel never takes its random seed as a scalar argument: it takes ``seed_ptr``, a
+# 1-element int64 tensor on the launch device holding the *base* seed, and an integer ``salt``, and derives
+# the 31-bit Philox key in the kernel (``_blockquant.derive_seed``, twin of ``derive_seed`` below). A CUDA
+# graph captures the pointer, not the value, so a base seed drawn on the device inside the captured region
+# (``torch.randint(..., device='cuda')``, which CUDA graphs replay with a fresh Philox offset) gives new
+# noise on every replay, and the host never reads a seed. Several random streams of one call (the row copy
+# and the transposed copy, a dropout mask and the output's rounding) differ by salt: stream k of a call
+# with salt s uses ``stream_salt(s, k) = s + k``.
+
+SEED_MAX = 2**63  # seeds (ints or the base tensor's value) are int64; ints must be in [0, SEED_MAX)
+SALT_MAX = 2**62  # salts are in [0, SALT_MAX] (kernels add a stream index < 8)
+KEY_MOD = 2**31 - 1  # Philox keys are in [0, KEY_MOD)
+_M64 = 2**64 - 1
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2**64 / golden ratio, odd)
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
 
 
-def stream_seed(seed: int, stream: int = 0) -> int:
-    """31-bit Philox seed (what ``tl.rand`` takes) for random stream ``stream`` of a call seeded with ``seed``.
+def mix64(z: int) -> int:
+    """splitmix64's finalizer (Steele et al. 2014), a bijection of 64-bit words, in 64-bit wrapping arithmetic."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
 
-    ``seed`` may be any non-negative int (the ops layer draws 62-bit ones). One call may draw several
-    streams (a dropout mask and the rounding noise of each output); a multiplicative hash keeps
-    ``stream_seed(s, 1)`` from colliding with ``stream_seed(s + 1, 0)``.
+
+def derive_seed(base: int, salt: int = 0) -> int:
+    """The 31-bit Philox key (what ``tl.rand`` / ``tl.randint4x`` take) of base seed ``base`` and ``salt``.
+
+    Python twin of the device helper ``_blockquant.derive_seed`` (and of ``gluon_gemm._derive_seed``), the
+    formula both compute with 64-bit wrapping arithmetic on the base read from ``seed_ptr``::
+
+        z   = mix64(base_u64 ^ mix64((salt + 1) * 0x9E3779B97F4A7C15 mod 2**64))
+        key = (z >> 33) mod (2**31 - 1)
+
+    ``mix64`` is splitmix64's finalizer; ``mix64((salt + 1) * gamma)`` is the (salt + 1)-th splitmix64
+    output, so salts 0, 1, 2, ... give unrelated words and (base, salt) pairs that differ in either give
+    unrelated keys (no ``stream 1 of seed s == stream 0 of seed s + 1`` collisions). ``base_u64`` is the
+    int64 base's two's-complement bits (negative bases are fine on the device; ints must be non-negative).
     """
+    z = mix64((base & _M64) ^ mix64(((salt + 1) * _GAMMA) & _M64))
+    return (z >> 33) % KEY_MOD
+
+
+def stream_salt(salt: int, stream: int) -> int:
+    """Salt of random stream ``stream`` (0-7) of a call with ``salt``: ``salt + stream``."""
+    return salt + stream
+
+
+def check_salt(salt, name: str = "salt") -> int:
+    if isinstance(salt, bool) or not isinstance(salt, int):
+        raise TypeError(f"{name} must be an int, got {type(salt).__name__}; pass int({name})")
+    if not 0 <= salt <= SALT_MAX:
+        raise ValueError(f"{name} must be in [0, 2**62], got {salt}")
+    return salt
+
+
+def check_seed(seed, device: Optional[torch.device] = None, name: str = "seed") -> None:
+    """A kernel seed: a non-negative int below 2**63, or a 1-element int64 tensor on ``device``."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise TypeError(f"{name} tensor must be int64, got {seed.dtype}; pass {name}.long() (a 1-element "
+                            f"int64 tensor on the input's device, e.g. torch.randint(0, 2**31 - 1, (1,), "
+                            f"dtype=torch.int64, device=x.device))")
+        if seed.numel() != 1:
+            raise ValueError(f"{name} tensor must hold exactly 1 element (the base seed), got shape "
+                             f"{tuple(seed.shape)}; pass {name}[:1] or draw one with torch.randint(0, 2**31 - 1, (1,), "
+                             f"dtype=torch.int64, device=x.device)")
+        if device is not None and seed.device != device:
+            raise ValueError(f"{name} tensor is on {seed.device}, but the kernel runs on {device}; the kernel reads "
+                             f"the seed from device memory: pass {name}.to({str(device)!r})")
+        return
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}; pass int(seed)")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed}")
-    return ((seed * 0x9E3779B1) ^ (stream * 0x85EBCA77 + 0x165667B1)) % (2**31 - 1)
+        raise TypeError(f"{name} must be an int or a 1-element int64 tensor, got {type(seed).__name__}; "
+                        f"pass int({name})")
+    if not 0 <= seed < SEED_MAX:
+        raise ValueError(f"{name} must be a non-negative int below 2**63, got {seed}")
+
+
+def seed_ptr(seed, device: torch.device, used: bool = True, placeholder: Optional[torch.Tensor] = None,
+             name: str = "seed") -> torch.Tensor:
+    """The ``seed_ptr`` kernel argument of ``seed`` (validated by ``check_seed``).
+
+    A tensor seed is passed as is: no host work, and graph-safe (a CUDA graph replays the launch reading
+    whatever the tensor holds then). An int seed becomes a new 1-element int64 tensor on ``device``: a fill
+    launch carrying the value from the host (a small host-to-device transfer, no sync), and under CUDA graph
+    capture the value is frozen into the graph, so every replay draws the same noise - pass a tensor drawn
+    on the device for fresh noise per replay. When the kernel will not read the seed (``used`` False: nearest
+    rounding, no dropout mask) an int seed costs nothing: ``placeholder`` (any tensor of the launch) is passed.
+    """
+    check_seed(seed, device, name)
+    if isinstance(seed, torch.Tensor):
+        return seed
+    if not used and placeholder is not None:
+        return placeholder
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
+
+
+def seed_args(seed, salt: int, device: torch.device, used: bool, placeholder: torch.Tensor,
+              streams: tuple = (0, 2)) -> tuple:
+    """``seed_ptr, salt_a, salt_b, ...``: the kernel arguments of a call with ``seed`` and ``salt`` whose random
+    streams are ``streams`` (default: 0 the row-major output, 2 its transposed copy, the streams the
+    elementwise kernels have always used)."""
+    check_salt(salt)
+    return (seed_ptr(seed, device, used, placeholder), *(stream_salt(salt, k) for k in streams))
 
 
 # --- operands and outputs of the row-major kernels ---------------------------------------------------

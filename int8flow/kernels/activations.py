@@ -3,7 +3,8 @@
 Each program owns a tile of whole output blocks (``tile_shape``): it loads its inputs (dequantizing
 INT8 on load), computes in float32 and writes the output tile once, quantized in registers. The
 formulas are those of ``int8flow.reference.nonlinear``; signatures mirror it with ``seed`` in place of
-``generator`` (the noise of stochastic rounding comes from ``tl.rand(seed, element_index)``).
+``generator`` (the noise of stochastic rounding is keyed by (seed, row, column); ``seed`` an int or a 1-element int64
+device tensor, ``salt`` an int: ``_launch`` "seeds").
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import triton.language as tl
 from . import _launch, nonfinite
 from ._blockquant import emit3, emit3_t, load3
 from ._launch import (
-    Output, check_int32_addressable, check_same_shape, interpreting, next_pow2, operand, stream_seed, t_cols,
+    Output, check_int32_addressable, check_same_shape, interpreting, next_pow2, operand, seed_args, t_cols,
     tile3_launch, transposed_tile, warps_for_tile,
 )
 
@@ -70,12 +71,12 @@ def _tile(R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
     return row0, row0 + tl.arange(0, R), tl.program_id(1) * (G * C) + tl.arange(0, G) * C
 
 
-@triton.jit(do_not_specialize=['seed', 'seed_t'])
+@triton.jit(do_not_specialize=['salt', 'salt_t'])
 def _gelu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                  x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                  out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
                  STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
-                 M, N, seed, seed_t, flag_ptr, flag_code, BACKWARD: tl.constexpr, TANH: tl.constexpr,
+                 M, N, seed_ptr, salt, salt_t, flag_ptr, flag_code, BACKWARD: tl.constexpr, TANH: tl.constexpr,
                  R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ROW_OUT: tl.constexpr = True):
     """out = gelu(x) (forward) or dy * gelu'(x) (BACKWARD); all tensors (M, N) row-major; [R, G, C] tiles.
     ROW_OUT=False: only the transposed copy (``with_t='only'``)."""
@@ -97,20 +98,21 @@ def _gelu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_Q
     else:
         y = x * cdf
     if ROW_OUT:
-        emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
+        emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
               R, G, C)
     if WITH_T:
-        emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+        emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_ptr, salt_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
-@triton.jit(do_not_specialize=['seed', 'seed2', 'seed_t', 'seed2_t'])
+@triton.jit(do_not_specialize=['salt', 'salt2', 'salt_t', 'salt2_t'])
 def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                    g_ptr, g_scale, G_Q: tl.constexpr, G_QR: tl.constexpr, G_QC: tl.constexpr,
                    u_ptr, u_scale, U_Q: tl.constexpr, U_QR: tl.constexpr, U_QC: tl.constexpr,
                    out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
                    STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
                    out2_ptr, out2_scale, out2t_ptr, out2t_scale,
-                   M, N, seed, seed2, seed_t, seed2_t, flag_ptr, flag_code, BACKWARD: tl.constexpr,
+                   M, N, seed_ptr, salt, salt2, salt_t, salt2_t, flag_ptr, flag_code,
+                   BACKWARD: tl.constexpr,
                    R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ROW_OUT: tl.constexpr = True):
     """out = silu(g) * u (forward) or (out, out2) = (dgate, dup) (BACKWARD); out2 has out's format.
     ROW_OUT=False: only the transposed copies (``with_t='only'``)."""
@@ -122,24 +124,24 @@ def _swiglu_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY
         dy = load3(dy_ptr, dy_scale, rows, gcol, M, N, DY_Q, DY_QR, DY_QC, C)
         dgate = dy * u * sig * (1.0 + g * one_minus)
         if ROW_OUT:
-            emit3(dgate, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
+            emit3(dgate, out_ptr, out_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
                   STOCHASTIC, R, G, C)
         if WITH_T:
-            emit3_t(dgate, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+            emit3_t(dgate, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_ptr, salt_t, flag_ptr, flag_code, STOCHASTIC, R, C)
         dup = dy * g * sig
         if ROW_OUT:
-            emit3(dup, out2_ptr, out2_scale, rows, gcol, M, N, seed2, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
+            emit3(dup, out2_ptr, out2_scale, rows, gcol, M, N, seed_ptr, salt2, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
                   STOCHASTIC, R, G, C)
         if WITH_T:
-            emit3_t(dup, out2t_ptr, out2t_scale, row0, rows, gcol, M, N, seed2_t, flag_ptr, flag_code, STOCHASTIC,
+            emit3_t(dup, out2t_ptr, out2t_scale, row0, rows, gcol, M, N, seed_ptr, salt2_t, flag_ptr, flag_code, STOCHASTIC,
                     R, C)
     else:
         y = g * sig * u
         if ROW_OUT:
-            emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
+            emit3(y, out_ptr, out_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC,
                   STOCHASTIC, R, G, C)
         if WITH_T:
-            emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+            emit3_t(y, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_ptr, salt_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
 def _check_approx(approximate: str) -> None:
@@ -147,7 +149,7 @@ def _check_approx(approximate: str) -> None:
         raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
 
 
-def _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t):
+def _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t, salt=0):
     _check_approx(approximate)
     x_op = operand(x, "x")
     dy_op = x_op if dy is None else operand(dy, "dy")
@@ -158,27 +160,27 @@ def _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t):
     grid, meta = tile3_launch(shape, out, per_thread=16 if dy is None else 8, t_cols=t_cols(x_op, dy_op))
     flag, code = nonfinite.flag_args(device, "gelu_forward" if dy is None else "gelu_backward")
     if shape[0] and shape[1]:
-        _gelu_kernel[grid](*dy_op.args, *x_op.args, *out.args, *out.t_args, shape[0], shape[1], stream_seed(seed, 0),
-                           stream_seed(seed, 2), flag, code, BACKWARD=dy is not None, TANH=approximate == "tanh",
+        _gelu_kernel[grid](*dy_op.args, *x_op.args, *out.args, *out.t_args, shape[0], shape[1],
+                           *seed_args(seed, salt, device, out.stochastic, flag), flag, code, BACKWARD=dy is not None, TANH=approximate == "tanh",
                            ROW_OUT=out.row, **meta)
     return out.result()
 
 
 def gelu_forward(x, approximate: str = "none", out_dtype: torch.dtype = torch.float32, out_block=None,
-                 rounding: str = "nearest", seed: int = 0, *, with_t=False):
+                 rounding: str = "nearest", seed=0, *, with_t=False, salt: int = 0):
     """gelu(x); x float (M, D) or QTensor; returns a float tensor of out_dtype or a QTensor (out_block);
     with ``with_t`` (1xK out_block) the pair (y_q, y_t_q), y_t_q = quantize_transposed(y) from the same pass;
     with ``with_t='only'`` y_t_q alone (the wgrad operand, when y itself is not needed)."""
-    return _gelu(None, x, approximate, out_dtype, out_block, rounding, seed, with_t)
+    return _gelu(None, x, approximate, out_dtype, out_block, rounding, seed, with_t, salt)
 
 
 def gelu_backward(dy, x, approximate: str = "none", out_dtype: torch.dtype = torch.float32, out_block=None,
-                  rounding: str = "nearest", seed: int = 0, *, with_t: bool = False):
+                  rounding: str = "nearest", seed=0, *, with_t: bool = False, salt: int = 0):
     """dx = dy * gelu'(x) (with ``with_t``: (dx_q, dx_t_q))."""
-    return _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t)
+    return _gelu(dy, x, approximate, out_dtype, out_block, rounding, seed, with_t, salt)
 
 
-def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t):
+def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t, salt=0):
     g_op, u_op = operand(gate, "gate"), operand(up, "up")
     dy_op = g_op if dy is None else operand(dy, "dy")
     shape = check_same_shape(("dy", dy_op), ("gate", g_op), ("up", u_op))
@@ -187,7 +189,7 @@ def _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t):
     out = Output(shape, device, out_dtype, out_block, rounding, with_t, t_only_ok=dy is None)
     out2 = Output(shape, device, out_dtype, out_block, rounding, with_t) if dy is not None else out
     flag, code = nonfinite.flag_args(device, "swiglu_forward" if dy is None else "swiglu_backward")
-    seeds = [stream_seed(seed, i) for i in range(4)]
+    seeds = seed_args(seed, salt, device, out.stochastic, flag, streams=(0, 1, 2, 3))  # ptr, salts of out, out2, t's
 
     def launch(grid, meta, row_out, with_t):
         t1 = out.t_args[:2] if with_t else (out.data, out.scale)
@@ -237,17 +239,17 @@ SPLIT_BACKWARD_T = True
 
 
 def swiglu_forward(gate, up, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                   seed: int = 0, *, with_t=False):
+                   seed=0, *, with_t=False, salt: int = 0):
     """silu(gate) * up (Llama's MLP activation); gate/up float (M, D) or QTensors; ``with_t`` as `gelu_forward`
     (True: the pair (y_q, y_t_q); 'only': y_t_q alone)."""
-    return _swiglu(None, gate, up, out_dtype, out_block, rounding, seed, with_t)
+    return _swiglu(None, gate, up, out_dtype, out_block, rounding, seed, with_t, salt)
 
 
 def swiglu_backward(dy, gate, up, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                    seed: int = 0, *, with_t: bool = False):
+                    seed=0, *, with_t: bool = False, salt: int = 0):
     """Returns (dgate, dup), both in the requested output format (independent rounding noise); with
     ``with_t`` each is a pair (q, q_t)."""
-    return _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t)
+    return _swiglu(dy, gate, up, out_dtype, out_block, rounding, seed, with_t, salt)
 
 
 __all__ = ["GELU_APPROXIMATIONS", "gelu_backward", "gelu_forward", "swiglu_backward", "swiglu_forward"]

@@ -145,13 +145,13 @@ def _check(x, x_q, groups, flags, gathered: bool) -> None:
 
 
 def fallback_column_term(x: torch.Tensor, x_q: QTensor, groups: torch.Tensor, flags: torch.Tensor,
-                         gathered: bool = False, seed: int = 0, flag_op: str = "fallback term") -> QTensor:
+                         gathered: bool = False, seed=0, flag_op: str = "fallback term", salt: int = 0) -> QTensor:
     """``[term | x_q]``: the A operand (M, G*bk + K) of the GEMM over K + G*bk with the column fallback term.
 
     x: float (M, K) of any strides (the activation x_q quantizes), or with ``gathered`` its values on the term's
     groups, (M, G*bk) (anything past column K). x_q: 1xbk QTensor (M, K). groups: int64 (G,) on x's device (distinct,
-    in [0, nG): not checked, that would sync). flags: bool (M, G). ``seed`` is unused (nearest rounding only; the
-    dispatch passes one). A NaN/Inf block of the term is recorded as ``flag_op`` in the device flag.
+    in [0, nG): not checked, that would sync). flags: bool (M, G). ``seed`` / ``salt`` are unused (nearest rounding only;
+    the dispatch passes them). A NaN/Inf block of the term is recorded as ``flag_op`` in the device flag.
     Returns a QTensor of x_q's block, data int8 (M, G*bk + K) and scales float32 (M, G + nG), contiguous.
     """
     _check(x, x_q, groups, flags, gathered)

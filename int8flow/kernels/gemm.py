@@ -56,11 +56,11 @@ import triton.testing
 
 from ..format import BlockShape, QTensor
 from ..format.blocks import BlockLike
-from ._blockquant import cast_rne, quantize_tile
+from ._blockquant import cast_rne, load_seed, quantize_tile
 from . import _launch
 from ._launch import (
-    check_int32_addressable, check_out_dtype, check_qtensor, check_rounding, check_vector, interpreting, is_pow2,
-    num_sms, stream_seed,
+    check_int32_addressable, check_out_dtype, check_qtensor, check_rounding, check_salt, check_seed, check_vector,
+    interpreting, is_pow2, num_sms, seed_ptr, stream_salt,
 )
 from .quantize import quantize as _quantize_kernel_wrapper
 from . import gluon_gemm
@@ -142,7 +142,7 @@ def _fallback_group(acc, a2_desc, a2_ptr, b_desc, b_ptr, sa2_rows, sb, pid_m, pi
     return acc
 
 
-@triton.jit(do_not_specialize=['seed'])
+@triton.jit(do_not_specialize=['salt'])
 def _block_gemm_kernel(
     a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, sc_ptr,
     a2_ptr, sa2_ptr, flag_ptr,  # fallback term of a (int8 + scales) and its band flags (uint8)
@@ -151,7 +151,7 @@ def _block_gemm_kernel(
     stride_sam, stride_sak, stride_sbn, stride_sbk,  # per-block float32 scales of a and b
     stride_a2m, stride_a2k, stride_fm, stride_fk,  # a2's scales have a's strides (the wrapper makes sure)
     stride_cm, stride_cn, stride_scm, stride_scn,  # c: (M, N) float or int8; sc: output scales
-    seed,
+    seed_ptr, salt,  # base seed (1-element int64 on the device) and salt of the output's rounding noise
     A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr,
     FALLBACK: tl.constexpr, A2_LAYOUT: tl.constexpr, FLAG_ROWS: tl.constexpr,
     A_BR: tl.constexpr, A_BK: tl.constexpr, B_BR: tl.constexpr, B_BK: tl.constexpr,  # operand blocks
@@ -174,6 +174,9 @@ def _block_gemm_kernel(
     a2_desc = a2_ptr
     if FALLBACK and A2_LAYOUT != 2:
         a2_desc = _operand_desc(a2_ptr, M, K, stride_a2m, stride_a2k, BM, BK, A2_LAYOUT)
+    seed = 0
+    if OUT_QUANT and STOCHASTIC:  # the Philox key, once a program (a scalar kept across the tile loop)
+        seed = load_seed(seed_ptr, salt)
     # Persistent grid: each program walks tiles in GROUP_M-row bands so neighbours share L2 lines.
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         band = tile // (GROUP_M * num_pid_n)
@@ -339,7 +342,7 @@ def resolve_impl(impl: str, group: int, fallback: bool = False) -> str:
     return impl
 
 
-def _check_gemm_args(a, b, bias, out_dtype, rounding, seed):
+def _check_gemm_args(a, b, bias, out_dtype, rounding, seed, salt=0):
     for name, t in (("a", a), ("b", b)):
         check_qtensor(t, name)
         check_int32_addressable(t.data, f"{name}.data")
@@ -351,7 +354,8 @@ def _check_gemm_args(a, b, bias, out_dtype, rounding, seed):
     check_vector(bias, "bias", b.shape[0], a.device)
     check_out_dtype(out_dtype)
     check_rounding(rounding)
-    stream_seed(seed)
+    check_seed(seed, a.device)
+    check_salt(salt)
 
 
 def _check_fallback(a: QTensor, a_fallback: Optional[QTensor], flags: Optional[torch.Tensor]) -> None:
@@ -437,12 +441,13 @@ def block_gemm(
     out_dtype: torch.dtype = torch.float32,
     out_block: Optional[BlockLike] = None,
     rounding: str = "nearest",
-    seed: int = 0,
+    seed=0,
     impl: str = "auto",
     tma: bool = True,
     a_fallback: Optional[QTensor] = None,
     a_fallback_flags: Optional[torch.Tensor] = None,
     kernel: str = "auto",
+    salt: int = 0,
 ):
     """``a @ b.T (+ bias)`` on per-block INT8 operands; float ``out_dtype`` or, with ``out_block``, a QTensor.
 
@@ -450,7 +455,9 @@ def block_gemm(
     where it cannot) or "triton".
 
     Kernel twin of `int8flow.reference.block_gemm` (``seed`` in place of ``generator``; ``rounding`` applies
-    only to a quantized output). ``impl``: "auto" | "int8" | "dequant" (module docstring). ``tma=False``
+    only to a quantized output; ``seed`` an int or a 1-element int64 tensor on the operands' device, read by the
+    kernel from device memory - graph-safe, see ``_launch`` "seeds" - and ``salt`` an int in [0, 2**62] picking an
+    independent stream of that base seed). ``impl``: "auto" | "int8" | "dequant" (module docstring). ``tma=False``
     forces pointer loads (for comparison; views TMA cannot read use them anyway).
 
     Fallback quantization: ``a_fallback`` is a's second INT8 term (same shape and block; zero outside the
@@ -459,19 +466,19 @@ def block_gemm(
     grid) says which blocks; default ``a_fallback.scale != 0``, exact since a zero-scale block holds zeros.
     Given flags must cover every non-zero block of ``a_fallback`` (unflagged blocks are skipped unread).
     """
-    _check_gemm_args(a, b, bias, out_dtype, rounding, seed)
+    _check_gemm_args(a, b, bias, out_dtype, rounding, seed, salt)
     _check_fallback(a, a_fallback, a_fallback_flags)
     group = promotion_group(a, b)
     choice = route(a, b, out_dtype, out_block, impl, a_fallback, kernel)
     _note_route(choice)
     if choice[0] == "gluon":
-        return gluon_gemm.block_gemm(a, b, bias, out_dtype, out_block, rounding, seed, checked=True)
+        return gluon_gemm.block_gemm(a, b, bias, out_dtype, out_block, rounding, seed, checked=True, salt=salt)
     dequant = resolve_impl(impl, group, a_fallback is not None) == "dequant"
     out_block = None if out_block is None else BlockShape.parse(out_block)
     if out_block is not None and not out_block_fits(out_block):
         y = block_gemm(a, b, bias, torch.float32, None, rounding, seed, impl, tma, a_fallback, a_fallback_flags,
-                       kernel)
-        return _quantize_kernel_wrapper(y, out_block, rounding, seed, check_finite=False)
+                       kernel, salt)
+        return _quantize_kernel_wrapper(y, out_block, rounding, seed, check_finite=False, salt=salt)
 
     M, K = a.shape
     N = b.shape[0]
@@ -500,7 +507,7 @@ def block_gemm(
             a2_data.stride(0), a2_data.stride(1),
             band_flags.stride(0), band_flags.stride(1),
             c.stride(0), c.stride(1), sc.stride(0) if out_quant else 0, sc.stride(1) if out_quant else 0,
-            stream_seed(seed))
+            seed_ptr(seed, a.device, out_quant and rounding == "stochastic", placeholder=sc), stream_salt(salt, 0))
     meta = dict(A_LAYOUT=_layout(a.data, tma), B_LAYOUT=_layout(b.data, tma),
                 FALLBACK=fallback, A2_LAYOUT=_layout(a2_data, tma) if fallback else _POINTERS, FLAG_ROWS=FLAG_ROWS,
                 A_BR=a.block.rows, A_BK=a.block.cols, B_BR=b.block.rows, B_BK=b.block.cols,

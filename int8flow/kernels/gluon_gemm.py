@@ -192,6 +192,24 @@ if gluon is not None:
         return sa, sb
 
     @gluon.jit
+    def _mix64(z):
+        """splitmix64's finalizer on a uint64: ``_blockquant._mix64`` (``_launch.mix64``), the same operations."""
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+        return z ^ (z >> 31)
+
+    @gluon.jit
+    def _derive_seed(base, salt):
+        """The Gluon twin of ``_blockquant.derive_seed`` (a Gluon kernel calls Gluon functions): identical
+        arithmetic, ``(mix64(base ^ mix64((salt + 1) * 0x9E3779B97F4A7C15)) >> 33) % (2**31 - 1)`` in 64-bit
+        wrapping arithmetic, bit for bit ``_launch.derive_seed`` (the tests compare the GEMM's noise with
+        ``kernels.quantize``'s, which uses the Triton helper)."""
+        b = base.to(gl.uint64, bitcast=True)
+        s = salt.to(gl.int64).to(gl.uint64, bitcast=True)
+        z = _mix64(b ^ _mix64((s + 1) * 0x9E3779B97F4A7C15))
+        return (z >> 33).to(gl.int32) % 0x7FFFFFFF
+
+    @gluon.jit
     def _philox_uniform(seed, offsets):
         """``tl.rand(seed, offsets)`` for int32 offsets: Philox-4x32-10, first word, mapped to [0, 1).
 
@@ -318,7 +336,7 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                   WG: gl.constexpr, A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                   HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                   MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
@@ -334,6 +352,9 @@ if gluon is not None:
         num_pid_n = gl.cdiv(N, BN)
         num_groups = gl.cdiv(K, BK)
         c_smem = c_bufs.index(WG)
+        seed = 0
+        if OUT_MODE == 1 and STOCHASTIC:  # the Philox key from the device-resident base seed, once a warpgroup
+            seed = _derive_seed(gl.load(seed_ptr), salt)
         it = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
@@ -431,7 +452,7 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer_wg1(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                       A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
@@ -439,13 +460,13 @@ if gluon is not None:
                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
                       PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                   1, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                   BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)
 
     @gluon.jit
     def _consumer_wg2(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                       A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
@@ -453,13 +474,13 @@ if gluon is not None:
                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
                       PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                   2, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                   BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)
 
     @gluon.jit
     def _consumer_wg0(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                      M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                       A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                       HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                       MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
@@ -467,13 +488,13 @@ if gluon is not None:
                       STAGES: gl.constexpr, GROUP_M: gl.constexpr, SB_SMEM: gl.constexpr,
                       PREFETCH: gl.constexpr):
         _consumer(a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                  M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                   0, A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                   BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)
 
-    @gluon.jit(do_not_specialize=['seed'])  # a new random seed per call must not pick a new specialization
+    @gluon.jit(do_not_specialize=['salt'])  # a new salt per call must not pick a new specialization
     def block_gemm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                          M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                          M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                           A_BR: gl.constexpr, B_BR: gl.constexpr, B_PER_COL: gl.constexpr,
                           HAS_BIAS: gl.constexpr, OUT_MODE: gl.constexpr, STOCHASTIC: gl.constexpr,
                           MAGIC: gl.constexpr, OVERLAP: gl.constexpr, SCALE_MAX: gl.constexpr,
@@ -505,15 +526,15 @@ if gluon is not None:
         if NC == 3:
             gl.warp_specialize([
                 (_consumer_wg0, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                               BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_consumer_wg1, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                               BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_consumer_wg2, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                               BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_producer, (a_desc, b_desc, sb_desc, a_bufs, b_bufs, sb_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M,
@@ -522,11 +543,11 @@ if gluon is not None:
         else:
             gl.warp_specialize([
                 (_consumer_wg0, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                               BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_consumer_wg1, (a_bufs, b_bufs, c_bufs, sb_bufs, full, empty, c_desc, sa_ptr, sb_ptr, bias_ptr, sc_ptr,
-                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed,
+                              M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, stride_scm, seed_ptr, salt,
                               A_BR, B_BR, B_PER_COL, HAS_BIAS, OUT_MODE, STOCHASTIC, MAGIC, OVERLAP, SCALE_MAX,
                               BM, BN, BK, HALF, STAGES, GROUP_M, SB_SMEM, PREFETCH)),
                 (_producer, (a_desc, b_desc, sb_desc, a_bufs, b_bufs, sb_bufs, full, empty, M, N, K, BM, BN, BK, STAGES, GROUP_M,
@@ -609,9 +630,9 @@ def _desc(t: torch.Tensor, block: list[int]):
 
 
 def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
-               out_block=None, rounding: str = "nearest", seed: int = 0, magic: bool = False,
+               out_block=None, rounding: str = "nearest", seed=0, magic: bool = False,
                overlap: int = 0, consumers: Optional[int] = None, checked: bool = False, noise: str = "philox7x8w",
-               sb_smem: Optional[bool] = None, prefetch: Optional[bool] = None):
+               sb_smem: Optional[bool] = None, prefetch: Optional[bool] = None, salt: int = 0):
     """``a @ b.T (+ bias)`` with the warp-specialized kernel; float ``out_dtype`` or 1x128-block INT8 QTensor.
 
     a (M, K) and b (N, K) must be K-major QTensors with K blocks of 128 (a: any rows per block, e.g. 1 or
@@ -627,9 +648,11 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     consumers read them from shared memory instead of L2 (default: on where TMA can address the transposed scale
     grid, N a multiple of 4, and ``overlap`` is 0). ``prefetch``: each K group's scale loads are issued one group
     ahead (default for scalar B scales, fwd/dgrad: +14-16% on the H200; default off for per-column ones, where it
-    measured 12% slower with the shared-memory scales: 2.23 vs 1.97 ms at 16384 x 11008 x 4096).
+    measured 12% slower with the shared-memory scales: 2.23 vs 1.97 ms at 16384 x 11008 x 4096). ``seed``: an int or
+    a 1-element int64 tensor on the operands' device (read by the kernel: graph-safe, ``_launch`` "seeds"), ``salt``
+    an int in [0, 2**62]; the key is ``_derive_seed(base, salt)``, the memory-bound kernels' derivation.
     """
-    from ._launch import alloc, num_sms, stream_seed
+    from ._launch import alloc, check_salt, check_seed, num_sms, seed_ptr, stream_salt
     from ..format.blocks import _SCALE_MAX
 
     out_block = None if out_block is None else BlockShape.parse(out_block)
@@ -640,6 +663,8 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
         raise ValueError(f"gluon_gemm.block_gemm cannot run this call: {why}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"gluon_gemm.block_gemm needs a (M, K), b (N, K); got {tuple(a.shape)}, {tuple(b.shape)}")
+    check_seed(seed, a.device)
+    check_salt(salt)
     M, K = a.shape
     N = b.shape[0]
     out_quant = out_block is not None
@@ -683,7 +708,7 @@ def block_gemm(a: QTensor, b: QTensor, bias: Optional[torch.Tensor] = None, out_
     block_gemm_kernel[grid](
         a_desc, b_desc, c_desc, a.scale, b_scale, bias.contiguous() if bias is not None else sc, sc,
         M, N, K, a.scale.stride(0), a.scale.stride(1), b_scale.stride(0), b_scale.stride(1), sc.stride(0),
-        stream_seed(seed),
+        seed_ptr(seed, a.device, out_quant and rounding == "stochastic", placeholder=sc), stream_salt(salt, 0),
         A_BR=a.block.rows, B_BR=b.block.rows, B_PER_COL=b_per_col,
         HAS_BIAS=bias is not None, OUT_MODE=OUT_INT8 if out_quant else OUT_FLOAT,
         STOCHASTIC=NOISES[noise] if rounding == "stochastic" else 0, MAGIC=magic, OVERLAP=int(overlap),

@@ -32,7 +32,7 @@ from . import _launch, nonfinite
 from ._blockquant import emit3, emit3_t, load3, row_stats3
 from ._launch import (
     Output, check_eps, check_int32_addressable, check_same_shape, check_stats, check_vector, interpreting, num_sms,
-    operand, row_launch, stream_seed,
+    operand, row_launch, seed_args,
 )
 
 
@@ -52,12 +52,12 @@ def _normalize(x, mean, rstd, w_ptr, b_ptr, gcol, N, HAS_W: tl.constexpr, HAS_B:
     return y
 
 
-@triton.jit(do_not_specialize=['seed', 'seed_t'])
+@triton.jit(do_not_specialize=['salt', 'salt_t'])
 def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                      w_ptr, b_ptr, mean_ptr, rstd_ptr,
                      y_ptr, y_scale, Y_Q: tl.constexpr, Y_QR: tl.constexpr, Y_QC: tl.constexpr,
                      STOCHASTIC: tl.constexpr, yt_ptr, yt_scale, WITH_T: tl.constexpr,
-                     M, N, eps, seed, seed_t, flag_ptr, flag_code,
+                     M, N, eps, seed_ptr, salt, salt_t, flag_ptr, flag_code,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, STATS_GIVEN: tl.constexpr,
                      R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ONE: tl.constexpr,
                      ROW_OUT: tl.constexpr = True):
@@ -79,7 +79,7 @@ def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC
             mean, m2 = row_stats3(mean, tl.zeros((R,), tl.float32), x, 0, N, BD, RMS, C)
             rstd = 1.0 / tl.sqrt(m2 / N + eps)
         y = _normalize(x, mean, rstd, w_ptr, b_ptr, gcol0, N, HAS_W, HAS_B, C)
-        emit3(y, y_ptr, y_scale, rows, gcol0, M, N, seed, flag_ptr, flag_code, Y_Q, Y_QR, Y_QC, STOCHASTIC, R, G, C)
+        emit3(y, y_ptr, y_scale, rows, gcol0, M, N, seed_ptr, salt, flag_ptr, flag_code, Y_Q, Y_QR, Y_QC, STOCHASTIC, R, G, C)
     else:
         if not STATS_GIVEN:
             m2 = tl.zeros((R,), tl.float32)
@@ -94,10 +94,10 @@ def _norm_fwd_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC
             x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
             y = _normalize(x, mean, rstd, w_ptr, b_ptr, gcol, N, HAS_W, HAS_B, C)
             if ROW_OUT:
-                emit3(y, y_ptr, y_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, Y_Q, Y_QR, Y_QC, STOCHASTIC,
+                emit3(y, y_ptr, y_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, Y_Q, Y_QR, Y_QC, STOCHASTIC,
                       R, G, C)
             if WITH_T:
-                emit3_t(y, yt_ptr, yt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+                emit3_t(y, yt_ptr, yt_scale, row0, rows, gcol, M, N, seed_ptr, salt_t, flag_ptr, flag_code, STOCHASTIC, R, C)
     if not STATS_GIVEN:
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
         if not RMS:
@@ -141,14 +141,14 @@ def _finish_dx(dx, dxs_ptr, res_ptr, rows, gcol, M, N, HAS_DXS: tl.constexpr, HA
     return dx
 
 
-@triton.jit(do_not_specialize=['seed', 'seed_t'])
+@triton.jit(do_not_specialize=['salt', 'salt_t'])
 def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, DY_QC: tl.constexpr,
                      x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                      w_ptr, mean_ptr, rstd_ptr,
                      dx_ptr, dx_scale, DX_Q: tl.constexpr, DX_QR: tl.constexpr, DX_QC: tl.constexpr,
                      STOCHASTIC: tl.constexpr, dxt_ptr, dxt_scale, WITH_T: tl.constexpr,
                      dw_part_ptr, db_part_ptr,
-                     M, N, seed, seed_t, flag_ptr, flag_code,
+                     M, N, seed_ptr, salt, salt_t, flag_ptr, flag_code,
                      RMS: tl.constexpr, HAS_W: tl.constexpr,
                      R: tl.constexpr, G: tl.constexpr, C: tl.constexpr, ONE: tl.constexpr,
                      dxs_ptr=None, res_ptr=None, HAS_DXS: tl.constexpr = False, HAS_RES: tl.constexpr = False):
@@ -175,7 +175,7 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
             sum_g, sum_gx = _row_sums(g, xhat)
             dx = _finish_dx(_dx(g, xhat, rstd, sum_g / N, sum_gx / N, RMS), dxs_ptr, res_ptr, rows, gcol0, M, N,
                             HAS_DXS, HAS_RES, C)
-            emit3(dx, dx_ptr, dx_scale, rows, gcol0, M, N, seed, flag_ptr, flag_code, DX_Q, DX_QR, DX_QC,
+            emit3(dx, dx_ptr, dx_scale, rows, gcol0, M, N, seed_ptr, salt, flag_ptr, flag_code, DX_Q, DX_QR, DX_QC,
                   STOCHASTIC, R, G, C)
             if HAS_W:
                 dw_acc += tl.sum(dy * xhat, axis=0)
@@ -198,10 +198,10 @@ def _norm_bwd_kernel(dy_ptr, dy_scale, DY_Q: tl.constexpr, DY_QR: tl.constexpr, 
                                         DY_Q, DY_QR, DY_QC, X_Q, X_QR, X_QC, HAS_W, C)
                 dx = _finish_dx(_dx(g, xhat, rstd, mean_g, mean_gx, RMS), dxs_ptr, res_ptr, rows, gcol, M, N,
                                 HAS_DXS, HAS_RES, C)
-                emit3(dx, dx_ptr, dx_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, DX_Q, DX_QR, DX_QC,
+                emit3(dx, dx_ptr, dx_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, DX_Q, DX_QR, DX_QC,
                       STOCHASTIC, R, G, C)
                 if WITH_T:
-                    emit3_t(dx, dxt_ptr, dxt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code,
+                    emit3_t(dx, dxt_ptr, dxt_scale, row0, rows, gcol, M, N, seed_ptr, salt_t, flag_ptr, flag_code,
                             STOCHASTIC, R, C)
                 pcols = c0 + pcols0
                 if HAS_W:
@@ -223,7 +223,7 @@ def _persistent_programs(n_bands: int, device: torch.device, per_sm: int = 4) ->
     return min(n_bands, per_sm * num_sms(device.index if device.index is not None else torch.cuda.current_device()))
 
 
-def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, rounding, seed, with_t, op):
+def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, rounding, seed, with_t, op, salt=0):
     x_op = operand(x, "x")
     (m, n), device = x_op.shape, x_op.data.device
     check_int32_addressable(x_op.data, "x")
@@ -249,14 +249,14 @@ def _norm_forward(x, weight, bias, eps, rms, mean, rstd, out_dtype, out_block, r
         split = stats_given and not meta["ONE"]  # column chunks need no row reduction: one program each
         grid = (triton.cdiv(m, meta["R"]), triton.cdiv(n, meta["G"] * meta["C"]) if split else 1)
         _norm_fwd_kernel[grid](
-            *x_op.args, weight, bias, mean, rstd, *out.args, *out.t_args, m, n, float(eps), stream_seed(seed, 0),
-            stream_seed(seed, 2), flag, code, RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
+            *x_op.args, weight, bias, mean, rstd, *out.args, *out.t_args, m, n, float(eps),
+            *seed_args(seed, salt, device, out.stochastic, flag), flag, code, RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
             STATS_GIVEN=stats_given, ROW_OUT=out.row, **meta)
     return out.result(), mean, rstd
 
 
 def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, rounding, seed, with_t, op,
-                   dx_scale=None, residual=None):
+                   dx_scale=None, residual=None, salt=0):
     dy_op, x_op = operand(dy, "dy"), operand(x, "x")
     (m, n) = check_same_shape(("dy", dy_op), ("x", x_op))
     device = x_op.data.device
@@ -286,7 +286,7 @@ def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, roundin
     if m:
         _norm_bwd_kernel[(programs,)](
             *dy_op.args, *x_op.args, weight, mean, rstd, *out.args, *out.t_args, dw_part, db_part, m, n,
-            stream_seed(seed, 0), stream_seed(seed, 2), flag, code, RMS=rms, HAS_W=weight is not None, **meta,
+            *seed_args(seed, salt, device, out.stochastic, flag), flag, code, RMS=rms, HAS_W=weight is not None, **meta,
             dxs_ptr=dx_scale, res_ptr=residual, HAS_DXS=dx_scale is not None, HAS_RES=residual is not None)
         dweight = dw_part.sum(dim=0) if weight is not None else None
         dbias = db_part.sum(dim=0) if not rms else None
@@ -298,43 +298,43 @@ def _norm_backward(dy, x, weight, mean, rstd, rms, out_dtype, out_block, roundin
 
 def layer_norm_forward(x, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                        eps: float = 1e-5, out_dtype: torch.dtype = torch.float32, out_block=None,
-                       rounding: str = "nearest", seed: int = 0, *, mean: Optional[torch.Tensor] = None,
-                       rstd: Optional[torch.Tensor] = None, with_t=False):
+                       rounding: str = "nearest", seed=0, *, mean: Optional[torch.Tensor] = None,
+                       rstd: Optional[torch.Tensor] = None, with_t=False, salt: int = 0):
     """Returns (y, mean, rstd): x (M, D) float or QTensor; y float (out_dtype) or QTensor (out_block), with
     ``with_t`` the pair (y_q, y_t_q) (``with_t='only'``: y_t_q alone); mean/rstd float32 (M,). Given ``mean``/``rstd`` (from the fused
     residual add) x is read once and they are returned as is."""
     return _norm_forward(x, weight, bias, eps, False, mean, rstd, out_dtype, out_block, rounding, seed, with_t,
-                         "layer_norm_forward")
+                         "layer_norm_forward", salt)
 
 
 def layer_norm_backward(dy, x, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                         out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                        seed: int = 0, *, with_t: bool = False, dx_scale: Optional[torch.Tensor] = None,
-                        residual: Optional[torch.Tensor] = None):
+                        seed=0, *, with_t: bool = False, dx_scale: Optional[torch.Tensor] = None,
+                        residual: Optional[torch.Tensor] = None, salt: int = 0):
     """Returns (dx, dweight, dbias); dweight/dbias float32 (D,) (dweight None without weight);
     with ``with_t`` dx is the pair (dx_q, dx_t_q). ``dx_scale`` float32 (M,) / ``residual`` float (M, D),
     contiguous: dx becomes ``dx * dx_scale[:, None] + residual`` in registers before it is written."""
     return _norm_backward(dy, x, weight, mean, rstd, False, out_dtype, out_block, rounding, seed, with_t,
-                          "layer_norm_backward", dx_scale, residual)
+                          "layer_norm_backward", dx_scale, residual, salt)
 
 
 def rms_norm_forward(x, weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                      out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                     seed: int = 0, *, rstd: Optional[torch.Tensor] = None, with_t=False):
+                     seed=0, *, rstd: Optional[torch.Tensor] = None, with_t=False, salt: int = 0):
     """Returns (y, rstd). Given ``rstd`` (from the fused residual add) x is read once."""
     y, _, rstd = _norm_forward(x, weight, None, eps, True, None, rstd, out_dtype, out_block, rounding, seed, with_t,
-                               "rms_norm_forward")
+                               "rms_norm_forward", salt)
     return y, rstd
 
 
 def rms_norm_backward(dy, x, weight: Optional[torch.Tensor], rstd: torch.Tensor,
                       out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                      seed: int = 0, *, with_t: bool = False, dx_scale: Optional[torch.Tensor] = None,
-                      residual: Optional[torch.Tensor] = None):
+                      seed=0, *, with_t: bool = False, dx_scale: Optional[torch.Tensor] = None,
+                      residual: Optional[torch.Tensor] = None, salt: int = 0):
     """Returns (dx, dweight); dweight float32 (None without weight); ``dx_scale`` / ``residual`` as
     `layer_norm_backward`."""
     dx, dweight, _ = _norm_backward(dy, x, weight, None, rstd, True, out_dtype, out_block, rounding, seed, with_t,
-                                    "rms_norm_backward", dx_scale, residual)
+                                    "rms_norm_backward", dx_scale, residual, salt)
     return dx, dweight
 
 

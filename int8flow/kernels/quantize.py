@@ -15,23 +15,24 @@ import triton.language as tl
 from ..format import BlockShape, QTensor
 from ..format.blocks import PAPER_BLOCK, BlockLike, _check_input
 from ._blockquant import (
-    cast_rne, emit3, emit3_t, load_tile, quantize_values, scale_from_absmax,
+    cast_rne, emit3, emit3_t, load_seed, load_tile, quantize_values, scale_from_absmax,
 )
 from . import _launch, nonfinite
 from ._launch import (
-    check_float, check_int32_addressable, check_qtensor, check_out_dtype, check_rounding, next_pow2, stream_seed,
+    check_float, check_int32_addressable, check_qtensor, check_out_dtype, check_rounding, check_salt, check_seed,
+    next_pow2, seed_ptr, stream_salt,
 )
 
 # Elements one quantize program handles: 4096 keeps ~32 fp32 values per thread at 4 warps.
 _TILE_ELEMS = 4096
 
 
-@triton.jit(do_not_specialize=['seed'])
+@triton.jit(do_not_specialize=['salt'])
 def _quantize_kernel(
     x_ptr, q_ptr, scale_ptr,  # x: (R, C) any strides; q: contiguous (R, C) or (C, R) when TRANSPOSE
     R, C, stride_xr, stride_xc,
     ld_q, ld_scale,  # leading dimension of the (possibly transposed) contiguous outputs
-    seed,
+    seed_ptr, salt,  # base seed (1-element int64 on the device) and this stream's salt (``_launch`` "seeds")
     BR: tl.constexpr, BC: tl.constexpr,  # quantization block in x's layout
     BR_P: tl.constexpr, BC_P: tl.constexpr,  # the same padded to powers of two (tl.arange needs them)
     RB: tl.constexpr, CB: tl.constexpr,  # blocks per program along rows / cols
@@ -50,6 +51,9 @@ def _quantize_kernel(
 
     amax = tl.max(tl.max(tl.abs(x), axis=3, keep_dims=True), axis=1, keep_dims=True)
     scale = scale_from_absmax(amax)
+    seed = 0
+    if STOCHASTIC:
+        seed = load_seed(seed_ptr, salt)
     q = quantize_values(x, scale, seed, rows * C + cols, STOCHASTIC)
 
     blk_mask = (blk_r < tl.cdiv(R, BR)) & (blk_c < tl.cdiv(C, BC))
@@ -61,11 +65,11 @@ def _quantize_kernel(
         tl.store(scale_ptr + blk_r * ld_scale + blk_c, scale, mask=blk_mask)
 
 
-@triton.jit(do_not_specialize=['seed', 'seed_t'])
+@triton.jit(do_not_specialize=['salt', 'salt_t'])
 def _quant3_kernel(
     x_ptr, M, N, stride_xr, stride_xc,  # x: (M, N) any strides
     q_ptr, q_scale, qt_ptr, qt_scale,  # row-quantized (M, N) and transposed (N, M) outputs, contiguous
-    seed, seed_t, flag_ptr, flag_code,
+    seed_ptr, salt, salt_t, flag_ptr, flag_code,
     QR: tl.constexpr, QC: tl.constexpr, ROWQ: tl.constexpr, TRANS: tl.constexpr, STOCHASTIC: tl.constexpr,
     R: tl.constexpr, G: tl.constexpr, C: tl.constexpr,
 ):
@@ -78,9 +82,10 @@ def _quant3_kernel(
     mask = (rows[:, None, None] < M) & (cols < N)
     x = tl.load(x_ptr + rows[:, None, None] * stride_xr + cols * stride_xc, mask=mask, other=0.0).to(tl.float32)
     if ROWQ:
-        emit3(x, q_ptr, q_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, True, QR, QC, STOCHASTIC, R, G, C)
+        emit3(x, q_ptr, q_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, True, QR, QC, STOCHASTIC,
+              R, G, C)
     if TRANS:
-        emit3_t(x, qt_ptr, qt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+        emit3_t(x, qt_ptr, qt_scale, row0, rows, gcol, M, N, seed_ptr, salt_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
 @triton.jit
@@ -136,8 +141,8 @@ def _tile3(rows: int, cols: int, n: int, elems: int = 8192) -> tuple[int, int, i
     return r, g, c
 
 
-def _launch_quant3(x: torch.Tensor, row_block: Optional[BlockShape], t_len: int, rounding: str, seed: int,
-                   flag_op: str = "quantize"):
+def _launch_quant3(x: torch.Tensor, row_block: Optional[BlockShape], t_len: int, rounding: str, seed,
+                   flag_op: str = "quantize", salt: int = 0):
     """Row-quantized x (``row_block``) and/or x.T in blocks of 1 x ``t_len`` (0: none), one launch each."""
     M, N = x.shape
     device = x.device
@@ -153,10 +158,11 @@ def _launch_quant3(x: torch.Tensor, row_block: Optional[BlockShape], t_len: int,
     if x.numel():
         flag, code = nonfinite.flag_args(device, flag_op)
         stoch = rounding == "stochastic"
+        sp = seed_ptr(seed, device, stoch, placeholder=flag)
 
-        def launch(rowq: bool, r: int, g: int, c: int, warps: int, seed_row: int, seed_t: int) -> None:
+        def launch(rowq: bool, r: int, g: int, c: int, warps: int, salt_row: int, salt_t: int) -> None:
             _quant3_kernel[(triton.cdiv(M, r), triton.cdiv(N, g * c))](
-                x, M, N, x.stride(0), x.stride(1), q, qs, qt, qts, seed_row, seed_t, flag, code,
+                x, M, N, x.stride(0), x.stride(1), q, qs, qt, qts, sp, salt_row, salt_t, flag, code,
                 QR=row_block.rows if rowq else 1, QC=row_block.cols if rowq else 1, ROWQ=rowq, TRANS=not rowq,
                 STOCHASTIC=stoch, R=r, G=g, C=c, num_warps=warps)
 
@@ -165,19 +171,19 @@ def _launch_quant3(x: torch.Tensor, row_block: Optional[BlockShape], t_len: int,
         # issue-bound, not bandwidth-bound (the fused one measured 0.14-0.16 of copy on the H200).
         if row_block is not None:
             r, g, c = _tile3(row_block.rows, row_block.cols, N)
-            launch(True, r, g, c, _launch.warps_for_tile(r * g * c, 16), stream_seed(seed, 0), 0)
+            launch(True, r, g, c, _launch.warps_for_tile(r * g * c, 16), stream_salt(salt, 0), 0)
         if t_len:
             # the transposed copy: 1 x t_len blocks along M; one-warp [t_len, 1, 16] programs keep the block axis in
             # a warp (``_launch.transposed_tile``: bf16 29 SASS instructions per element nearest, 38 stochastic, no
             # spills; session 4's [128, 1, 64] x 8 warps: 40 / 49; [128, 1, 128] x 32 warps: 63)
-            seed_t = stream_seed(seed, 1 if row_block is not None else 0)
+            salt_t = stream_salt(salt, 1 if row_block is not None else 0)
             if _launch.T_ONE_WARP:
                 t = _launch.transposed_tile(t_len, N, _launch.T_COLS_FLOAT_IN)
-                launch(False, t["R"], t["G"], t["C"], t["num_warps"], 0, seed_t)
+                launch(False, t["R"], t["G"], t["C"], t["num_warps"], 0, salt_t)
             else:
                 c = 64
                 g = max(1, min(next_pow2(-(-N // c)), 8192 // (t_len * c)))
-                launch(False, t_len, g, c, _launch.warps_for_tile(t_len * g * c, 32), 0, seed_t)
+                launch(False, t_len, g, c, _launch.warps_for_tile(t_len * g * c, 32), 0, salt_t)
     elif qs is not None or qts is not None:
         for s_ in (qs, qts):
             if s_ is not None:
@@ -189,13 +195,13 @@ def _launch_quant3(x: torch.Tensor, row_block: Optional[BlockShape], t_len: int,
     return outs
 
 
-def _launch_quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, transpose: bool,
-                     flag_op: str = "quantize") -> QTensor:
+def _launch_quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed, transpose: bool,
+                     flag_op: str = "quantize", salt: int = 0) -> QTensor:
     """Quantize x (R, C) with ``block`` in x's layout; with ``transpose`` write x.T (blocks transposed)."""
     if not transpose and _fast_row_block(block) and (rounding == "nearest" or block.cols >= 8):
-        return _launch_quant3(x, block, 0, rounding, seed, flag_op)[0]
+        return _launch_quant3(x, block, 0, rounding, seed, flag_op, salt)[0]
     if transpose and block.cols == 1 and _fast_row_block(block.t()):
-        return _launch_quant3(x, None, block.rows, rounding, seed, flag_op)[0]
+        return _launch_quant3(x, None, block.rows, rounding, seed, flag_op, salt)[0]
     R, C = x.shape
     out_shape = (C, R) if transpose else (R, C)
     out_block = block.t() if transpose else block
@@ -208,64 +214,74 @@ def _launch_quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: in
     nbr, nbc = block.grid((R, C))
     grid = (triton.cdiv(nbr, rb), triton.cdiv(nbc, cb))
     _quantize_kernel[grid](
-        x, q, scale, R, C, x.stride(0), x.stride(1), q.stride(0), scale.stride(0), stream_seed(seed),
+        x, q, scale, R, C, x.stride(0), x.stride(1), q.stride(0), scale.stride(0),
+        seed_ptr(seed, x.device, rounding == "stochastic", placeholder=scale), stream_salt(salt, 0),
         BR=block.rows, BC=block.cols, BR_P=br_p, BC_P=bc_p, RB=rb, CB=cb,
         TRANSPOSE=transpose, STOCHASTIC=rounding == "stochastic", num_warps=warps,
     )
     return QTensor(q, scale, out_block)
 
 
-def _check_args(x: torch.Tensor, rounding: str, seed: int, check_finite: bool) -> None:
+def _check_args(x: torch.Tensor, rounding: str, seed, check_finite: bool, salt: int = 0) -> None:
     check_float(x, "x")
     check_int32_addressable(x, "x")
     check_rounding(rounding)
-    stream_seed(seed)
+    check_seed(seed, x.device)
+    check_salt(salt)
     _check_input(x, "x", check_finite)
+
 
 
 def quantize(
     x: torch.Tensor,
     block: BlockLike = PAPER_BLOCK,
     rounding: str = "nearest",
-    seed: int = 0,
+    seed=0,
     check_finite: bool = True,
     flag_op: str = "quantize",
+    salt: int = 0,
 ) -> QTensor:
-    """Kernel twin of `int8flow.format.quantize`; ``seed`` keys the stochastic rounding noise.
+    """Kernel twin of `int8flow.format.quantize`; ``seed`` (and ``salt``) key the stochastic rounding noise.
 
     x: (M, N) float32/bfloat16/float16, any strides; returns int8 (M, N) contiguous + float32 block scales.
     ``check_finite`` costs an isfinite pass and a device sync; the training hot path passes False and relies
     on the device flag (`int8flow.kernels.nonfinite`), where a NaN/Inf block is recorded as ``flag_op``.
+    ``seed``: an int, or a 1-element int64 tensor on x's device holding the base seed (graph-safe: the kernel
+    reads it from device memory, see ``_launch`` "seeds"; an int becomes such a tensor per stochastic call).
+    ``salt`` (an int in [0, 2**62]) picks an independent stream of the same base seed.
     """
     block = BlockShape.parse(block)
-    _check_args(x, rounding, seed, check_finite)
-    return _launch_quantize(x, block, rounding, seed, transpose=False, flag_op=flag_op)
+    _check_args(x, rounding, seed, check_finite, salt)
+    return _launch_quantize(x, block, rounding, seed, transpose=False, flag_op=flag_op, salt=salt)
 
 
 def quantize_transposed(
     x: torch.Tensor,
     block: BlockLike = PAPER_BLOCK,
     rounding: str = "nearest",
-    seed: int = 0,
+    seed=0,
     check_finite: bool = True,
     flag_op: str = "quantize_transposed",
+    salt: int = 0,
 ) -> QTensor:
     """Kernel twin of `int8flow.format.quantize_transposed`: x.T quantized with ``block``, data contiguous.
 
-    One pass: x is read in its own layout (blocks ``block.t()``) and written transposed (N, M).
+    One pass: x is read in its own layout (blocks ``block.t()``) and written transposed (N, M). ``seed`` / ``salt``
+    as in `quantize`.
     """
     block = BlockShape.parse(block)
-    _check_args(x, rounding, seed, check_finite)
-    return _launch_quantize(x, block.t(), rounding, seed, transpose=True, flag_op=flag_op)
+    _check_args(x, rounding, seed, check_finite, salt)
+    return _launch_quantize(x, block.t(), rounding, seed, transpose=True, flag_op=flag_op, salt=salt)
 
 
 def quantize_dual(
     x: torch.Tensor,
     block: BlockLike = "1x128",
     rounding: str = "nearest",
-    seed: int = 0,
+    seed=0,
     check_finite: bool = True,
     flag_op: str = "quantize_dual",
+    salt: int = 0,
 ) -> tuple[QTensor, QTensor]:
     """Both layouts of x: ``(quantize(x, block), quantize_transposed(x, block))`` (two launches, see
     ``_launch_quant3``).
@@ -274,14 +290,15 @@ def quantize_dual(
     x_q (M, N) int8 in 1xK blocks along N (the next GEMM's operand) and x_t_q (N, M) int8, contiguous,
     in 1xK blocks along M (the K-major copy the weight-gradient GEMM reads). Square blocks need no second
     copy: ``quantize(x, block).t()`` is already that tensor. Stochastic rounding draws independent noise
-    for each copy from the same stream positions as ``quantize`` / ``quantize_transposed``.
+    for each copy from the same stream positions as ``quantize`` / ``quantize_transposed`` (the row copy salt
+    ``salt``, the transposed copy ``salt + 1``; ``seed`` as in `quantize`).
     """
     block = BlockShape.parse(block)
     if block.rows != 1 or not _fast_row_block(block) or block.cols < 8:
         raise ValueError(f"quantize_dual writes 1xK blocks (K a power of two, 8 <= K <= 128, e.g. '1x128'), got {block}; "
                          "square blocks are their own transpose: use quantize(x, block).t()")
-    _check_args(x, rounding, seed, check_finite)
-    x_q, x_t_q = _launch_quant3(x, block, block.cols, rounding, seed, flag_op)
+    _check_args(x, rounding, seed, check_finite, salt)
+    x_q, x_t_q = _launch_quant3(x, block, block.cols, rounding, seed, flag_op, salt)
     return x_q, x_t_q
 
 

@@ -18,17 +18,17 @@ from ..reference.nonlinear import ResidualAdd
 from . import _launch, nonfinite
 from ._blockquant import cast_rne, emit3, emit3_t, load3, row_stats3, tile3
 from ._launch import (
-    Output, check_eps, check_int32_addressable, check_same_shape, operand, row_launch, stream_seed, tile3_launch,
+    Output, check_eps, check_int32_addressable, check_same_shape, operand, row_launch, seed_args, tile3_launch,
 )
 
 NORM_STATS = (None, "layernorm", "rmsnorm")
 
 
-@triton.jit(do_not_specialize=['seed', 'seed_t'])
+@triton.jit(do_not_specialize=['salt', 'salt_t'])
 def _residual_add_kernel(r_ptr, d_ptr, d_scale, D_Q: tl.constexpr, D_QR: tl.constexpr, D_QC: tl.constexpr,
                          h_ptr, hq_ptr, hq_scale, HQ: tl.constexpr, HQ_QR: tl.constexpr, HQ_QC: tl.constexpr,
                          STOCHASTIC: tl.constexpr, hqt_ptr, hqt_scale, WITH_T: tl.constexpr,
-                         mean_ptr, rstd_ptr, M, N, eps, seed, seed_t, flag_ptr, flag_code,
+                         mean_ptr, rstd_ptr, M, N, eps, seed_ptr, salt, salt_t, flag_ptr, flag_code,
                          STATS: tl.constexpr, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
     """Rows [pid*R, +R): h = r + d, optional INT8 h_q (and its transpose), STATS 0 none / 1 LayerNorm / 2 RMSNorm.
 
@@ -50,10 +50,10 @@ def _residual_add_kernel(r_ptr, d_ptr, d_scale, D_Q: tl.constexpr, D_QR: tl.cons
         tl.store(h_ptr + offs, h, mask=mask)
         h = h.to(tl.float32)
         if HQ:
-            emit3(h, hq_ptr, hq_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, True, HQ_QR, HQ_QC, STOCHASTIC,
+            emit3(h, hq_ptr, hq_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, True, HQ_QR, HQ_QC, STOCHASTIC,
                   R, G, C)
             if WITH_T:
-                emit3_t(h, hqt_ptr, hqt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+                emit3_t(h, hqt_ptr, hqt_scale, row0, rows, gcol, M, N, seed_ptr, salt_t, flag_ptr, flag_code, STOCHASTIC, R, C)
         if STATS != 0:
             mean, m2 = row_stats3(mean, m2, h, c0, N, BD, STATS == 2, C)
     if STATS != 0:
@@ -62,24 +62,24 @@ def _residual_add_kernel(r_ptr, d_ptr, d_scale, D_Q: tl.constexpr, D_QR: tl.cons
         tl.store(mean_ptr + rows, mean, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=['seed', 'seed_t'])
+@triton.jit(do_not_specialize=['salt', 'salt_t'])
 def _convert_kernel(x_ptr, x_scale, X_Q: tl.constexpr, X_QR: tl.constexpr, X_QC: tl.constexpr,
                     out_ptr, out_scale, OUT_Q: tl.constexpr, OUT_QR: tl.constexpr, OUT_QC: tl.constexpr,
                     STOCHASTIC: tl.constexpr, outt_ptr, outt_scale, WITH_T: tl.constexpr,
-                    M, N, seed, seed_t, flag_ptr, flag_code, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
+                    M, N, seed_ptr, salt, salt_t, flag_ptr, flag_code, R: tl.constexpr, G: tl.constexpr, C: tl.constexpr):
     """out = x in another format (float <-> per-block INT8, any block shapes), optionally also transposed."""
     row0 = tl.program_id(0) * R
     rows = row0 + tl.arange(0, R)
     gcol = tl.program_id(1) * (G * C) + tl.arange(0, G) * C
     x = load3(x_ptr, x_scale, rows, gcol, M, N, X_Q, X_QR, X_QC, C)
-    emit3(x, out_ptr, out_scale, rows, gcol, M, N, seed, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
+    emit3(x, out_ptr, out_scale, rows, gcol, M, N, seed_ptr, salt, flag_ptr, flag_code, OUT_Q, OUT_QR, OUT_QC, STOCHASTIC,
           R, G, C)
     if WITH_T:
-        emit3_t(x, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_t, flag_ptr, flag_code, STOCHASTIC, R, C)
+        emit3_t(x, outt_ptr, outt_scale, row0, rows, gcol, M, N, seed_ptr, salt_t, flag_ptr, flag_code, STOCHASTIC, R, C)
 
 
-def convert(x, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest", seed: int = 0,
-            *, with_t: bool = False):
+def convert(x, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest", seed=0,
+            *, with_t: bool = False, salt: int = 0):
     """x (float or QTensor, (M, N)) re-emitted as out_dtype or INT8 with out_block blocks, in one pass;
     with ``with_t`` (1xK out_block) the pair (x_q, x_t_q)."""
     x_op = operand(x, "x")
@@ -89,13 +89,13 @@ def convert(x, out_dtype: torch.dtype = torch.float32, out_block=None, rounding:
     grid, meta = tile3_launch(x_op.shape, out)
     flag, code = nonfinite.flag_args(device, "convert")
     if x_op.data.numel():
-        _convert_kernel[grid](*x_op.args, *out.args, *out.t_args, *x_op.shape, stream_seed(seed, 0),
-                              stream_seed(seed, 2), flag, code, **meta)
+        _convert_kernel[grid](*x_op.args, *out.args, *out.t_args, *x_op.shape,
+                              *seed_args(seed, salt, device, out.stochastic, flag), flag, code, **meta)
     return out.result()
 
 
 def residual_add_forward(residual: torch.Tensor, delta, stats=None, eps: float = 1e-5, out_block=None,
-                         rounding: str = "nearest", seed: int = 0, *, with_t: bool = False) -> ResidualAdd:
+                         rounding: str = "nearest", seed=0, *, with_t: bool = False, salt: int = 0) -> ResidualAdd:
     """h = residual + delta (float (M, D) residual; delta float or QTensor) -> ResidualAdd(h, h_q, mean, rstd).
 
     h has the residual's dtype; h_q INT8 in ``out_block`` blocks (with ``with_t``: the pair (h_q, h_t_q));
@@ -125,19 +125,19 @@ def residual_add_forward(residual: torch.Tensor, delta, stats=None, eps: float =
     flag, code = nonfinite.flag_args(device, "residual_add_forward")
     if m:
         _residual_add_kernel[(triton.cdiv(m, meta["R"]),)](
-            residual, *d_op.args, h, *hq_args, *ht_args, mean, rstd, m, n, float(eps), stream_seed(seed, 0),
-            stream_seed(seed, 2), flag, code, STATS=NORM_STATS.index(stats), **meta)
+            residual, *d_op.args, h, *hq_args, *ht_args, mean, rstd, m, n, float(eps),
+            *seed_args(seed, salt, device, h_q is not None and h_q.stochastic, flag), flag, code, STATS=NORM_STATS.index(stats), **meta)
     return ResidualAdd(h, h_q.result() if h_q is not None else None, mean, rstd)
 
 
 def residual_add_backward(dh, out_dtype: torch.dtype = torch.float32, out_block=None, rounding: str = "nearest",
-                          seed: int = 0):
+                          seed=0, *, salt: int = 0):
     """Returns (dresidual, ddelta): dh itself (float32 when dh is INT8) and dh in the requested format."""
     dh_op = operand(dh, "dh")
     dres = convert(dh) if dh_op.is_q else dh
     if out_block is None and not dh_op.is_q and dh.dtype == out_dtype:
         return dres, dh
-    return dres, convert(dh, out_dtype, out_block, rounding, seed)
+    return dres, convert(dh, out_dtype, out_block, rounding, seed, salt=salt)
 
 
 __all__ = ["NORM_STATS", "convert", "residual_add_backward", "residual_add_forward"]

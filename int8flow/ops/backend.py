@@ -1,15 +1,24 @@
 """Backend dispatch: Triton kernels for CUDA tensors, the pure-PyTorch reference everywhere else.
 
 Kernel modules are imported lazily on first use and only for CUDA tensors; when triton or a kernel
-module (or one function in it) is missing, that operator degrades to the reference. Kernels take
-``seed: int`` for stochastic rounding, the reference a ``torch.Generator``; `call` turns one into the
-other so the caller only deals in integer seeds.
+module (or one function in it) is missing, that operator degrades to the reference.
+
+Seeds (graph-safe: CUDA graphs can capture and replay a training step). Each custom op call draws one base
+seed on its device (`draw_seed`: a 1-element int64 tensor from the device's default generator) and the ops
+layer carries it as a `Seed` (base tensor, salt): the i-th stochastic rounding of the call is
+``subseed(seed, i)``, the same base with a new salt computed in pure Python. `call` hands the kernels
+``seed=base, salt=salt``; they read the base from device memory and derive the Philox key on the device
+(``int8flow.kernels._launch`` "seeds"), so no seed value ever reaches the host on CUDA, and a captured graph
+that draws the base inside the capture rounds with fresh noise on every replay. The reference route (CPU, or an
+operator without a kernel) takes a ``torch.Generator``: `call` reads the base there (``base.item()``: free on
+CPU, a device sync on CUDA) and seeds one from (base, salt). Deterministic calls pass ``seed=0`` (an int).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -67,26 +76,74 @@ def generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def call(name: str, *args, device: torch.device, seed: int = 0, **kwargs):
-    """Run operator ``name`` on the kernel for ``device`` if there is one, else on the reference."""
+_M64 = 2**64 - 1
+_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finalizer (the kernels' ``_launch.mix64``; repeated here so the ops layer needs no triton)."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Seed:
+    """One random stream of an op call: ``base``, the call's 1-element int64 tensor on its device (`draw_seed`),
+    and ``salt``, an int in [0, 2**62) naming the stream. Streams of one base differ by salt only, so deriving
+    them (`subseed`) never touches the tensor; kernels get both (``seed=base, salt=salt``) and combine them on
+    the device."""
+
+    base: torch.Tensor
+    salt: int = 0
+
+
+SeedLike = Union[int, Seed]
+
+
+def subseed(seed: Seed, index: int) -> Seed:
+    """The index-th stochastic rounding stream of a call: the same base, salt
+    ``mix64(mix64(salt + gamma) ^ (index + 1) * gamma) >> 2`` (62 bits; pure Python, no device work). Nested
+    streams (``subseed(subseed(s, 0), 1)``) and siblings (``subseed(s, 1)``) get unrelated salts."""
+    if not isinstance(seed, Seed):
+        raise TypeError(f"subseed takes a backend.Seed (base tensor, salt), got {type(seed).__name__}; wrap the "
+                        "op's seed tensor as backend.Seed(seed)")
+    salt = _mix64(_mix64(seed.salt + _GAMMA) ^ (((index + 1) * _GAMMA) & _M64)) >> 2
+    return Seed(seed.base, salt)
+
+
+def host_seed(seed: SeedLike) -> int:
+    """A 63-bit int for ``torch.Generator.manual_seed`` on the reference route: an int seed as is, a `Seed`'s
+    base (read with ``.item()``: no sync on CPU) mixed with its salt."""
+    if not isinstance(seed, Seed):
+        return int(seed)
+    base = int(seed.base.reshape(-1)[0].item())
+    return _mix64((base & _M64) ^ _mix64(((seed.salt + 1) * _GAMMA) & _M64)) >> 1
+
+
+def call(name: str, *args, device: torch.device, seed: SeedLike = 0, **kwargs):
+    """Run operator ``name`` on the kernel for ``device`` if there is one, else on the reference.
+
+    ``seed``: a `Seed` (the kernels get ``seed=base, salt=salt``: no host read) or an int (deterministic calls)."""
     if name in _SEEDLESS:
         return (_kernel(name) if uses_kernel(name, device) else _reference(name))(*args, **kwargs)
     if uses_kernel(name, device):
+        if isinstance(seed, Seed):
+            return _kernel(name)(*args, seed=seed.base, salt=seed.salt, **kwargs)
         return _kernel(name)(*args, seed=seed, **kwargs)
-    gen = generator(seed, device) if kwargs.get("rounding") == "stochastic" else None
+    gen = generator(host_seed(seed), device) if kwargs.get("rounding") == "stochastic" else None
     return _reference(name)(*args, generator=gen, **kwargs)
 
 
-def subseed(seed: int, index: int) -> int:
-    """Independent-looking seed for the index-th stochastic rounding of one op call."""
-    return (seed * 1_000_003 + index * 7_919) % (2**62)
+def draw_seed(device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """One base seed for an op call: a 1-element int64 tensor on ``device`` in [0, 2**31 - 1), drawn from that
+    device's default generator.
 
-
-def draw_seed() -> torch.Tensor:
-    """One seed from torch's default CPU generator, as a CPU int64 tensor.
-
-    A tensor (not a Python int) so torch.compile traces it without a graph break; drawn from the
-    default generator so ``torch.manual_seed`` makes runs reproducible and activation checkpointing
-    (which restores that generator's state on recompute) sees the same seed.
+    A tensor (not a Python int) so torch.compile traces it into the graph without a graph break; on the device
+    so that the kernels read it there (no host sync) and a CUDA graph that captures the draw replays it with a
+    fresh Philox offset (new noise every replay); from the default generator so ``torch.manual_seed`` makes runs
+    reproducible, and activation checkpointing, which stashes and restores the CPU and CUDA RNG states around
+    the recompute (``preserve_rng_state``), sees the same seed on recompute.
     """
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)

@@ -211,7 +211,7 @@ def _writes_t(block) -> bool:
     return block.rows == 1 and block.cols >= 8
 
 
-def _grad_pair(dy: Tensor, seed: int, c: Int8TrainingConfig, what: str = "output gradient"):
+def _grad_pair(dy: Tensor, seed: backend.Seed, c: Int8TrainingConfig, what: str = "output gradient"):
     """(dy_q, dy_t): the output gradient for dgrad and its transposed operand for wgrad, both quantized from dy
     for 1xK gradient blocks (`primitives.quantize_dual`)."""
     if _writes_t(c.grad_block):
@@ -291,7 +291,7 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
                      ws: list[Tensor], seed: Tensor, cfg: str, norm: str, eps: float, x_dtype: torch.dtype,
                      has_bias: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
-    s, d, wd, gb = int(seed.item()), dy.device, ws[0].dtype, c.grad_block
+    s, d, wd, gb = backend.Seed(seed), dy.device, ws[0].dtype, c.grad_block  # no host read of the seed
     x_i8, x_s, mean, rstd, *w_saved = saved
     with P.running("norm_linear", d):
         x_q = P.unpack(x_i8, x_s, c.activation_block)
@@ -362,7 +362,7 @@ def norm_linear(x: Tensor, norm, w: Union[Tensor, Sequence[Tensor]], b: Optional
         if wi.dim() != 2 or wi.shape[1] != x.shape[-1]:
             raise ValueError(f"norm_linear: each weight must be (out_features, {x.shape[-1]}), got {tuple(wi.shape)}")
     x2d = x.reshape(-1, x.shape[-1])
-    y = _norm_linear_fwd(x2d, norm_w, norm_b, ws, b, backend.draw_seed(), cfg.key, kind, float(eps),
+    y = _norm_linear_fwd(x2d, norm_w, norm_b, ws, b, backend.draw_seed(x.device), cfg.key, kind, float(eps),
                          P.output_dtype(x))[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -426,7 +426,7 @@ def _mlp_bwd(dout: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], norm_b
              w_gate: Optional[Tensor], w_out: Tensor, seed: Tensor, cfg: str, norm: str, eps: float, activation: str,
              has_b_in: bool, has_b_out: bool) -> list[Tensor]:
     c = P.decode_config(cfg)
-    s, d, blk, gb, wd = int(seed.item()), dout.device, c.activation_block, c.grad_block, w_in.dtype
+    s, d, blk, gb, wd = backend.Seed(seed), dout.device, c.activation_block, c.grad_block, w_in.dtype  # seed: on device
     h_i8, h_s, mean, rstd, f_i8, f_s, g_i8, g_s, wi_i8, wi_s, wg_i8, wg_s, wo_i8, wo_s = saved
     grad_out = dict(out_block=gb, rounding=c.grad_rounding)
     with P.running("mlp_residual", d):
@@ -525,6 +525,6 @@ def mlp_residual(h: Tensor, norm, w_in: Tensor, b_in: Optional[Tensor], w_out: T
         raise ValueError("activation='swiglu' needs w_gate (the gate projection); GELU MLPs take none")
     kind, norm_w, norm_b, eps = _norm_args(norm)
     h2d = h.reshape(-1, h.shape[-1])
-    out = _mlp_fwd(h2d, norm_w, norm_b, w_in, b_in, w_gate, w_out, b_out, backend.draw_seed(), cfg.key, kind,
+    out = _mlp_fwd(h2d, norm_w, norm_b, w_in, b_in, w_gate, w_out, b_out, backend.draw_seed(h.device), cfg.key, kind,
                    float(eps), activation)
     return out[0].reshape(h.shape), out[-1].detach()

@@ -85,7 +85,7 @@ def _linear_bwd(dy: Tensor, x_saved: Tensor, x_scale: Tensor, x2_index: Tensor, 
                 w_saved: Tensor, seed: Tensor, cfg: str, has_bias: bool, x_dtype: torch.dtype,
                 w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     c = P.decode_config(cfg)
-    s = int(seed.item())
+    s = backend.Seed(seed)  # the call's base seed stays on the device; streams differ by salt (backend.subseed)
     with P.running("int8_linear", dy.device):
         blk, x_ts = c.activation_block, None
         if x_saved.dtype == torch.int8 and _keeps_transposed_input(c, save_input=False):
@@ -165,7 +165,8 @@ def int8_linear(x: Tensor, w: Tensor, b: Optional[Tensor], cfg: Int8TrainingConf
     # The fallback store holds exactly the flagged blocks in eager mode; a traced graph (and a meta tensor,
     # which only the fake implementation sees) needs a static size: the budget's worth, the most that can be flagged.
     static_storage = torch.compiler.is_compiling() or x.device.type == "meta"
-    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(), cfg.key, P.output_dtype(x), save_input, static_storage)
+    y, *_, rate = _linear_fwd(x2d, w, b, backend.draw_seed(x.device), cfg.key, P.output_dtype(x), save_input,
+                                static_storage)
     y = y.reshape(*x.shape[:-1], w.shape[0])
     return (y, rate.detach()) if return_fallback_rate else y
 

@@ -38,7 +38,7 @@ def unpack(data: torch.Tensor, scale: torch.Tensor, block: BlockShape) -> Option
     return None if data.numel() == 0 and data.dim() == 1 else QTensor(data, scale, block)
 
 
-def _quantize_op(op: str, x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
+def _quantize_op(op: str, x: torch.Tensor, block: BlockShape, rounding: str, seed: backend.SeedLike, cfg: Int8TrainingConfig,
                  what: str):
     """Quantizer ``op`` on the dispatched backend. On the CUDA kernel path no eager check (it would cost an isfinite
     pass and a host sync per call): the kernel records a NaN/Inf block in the device flag, checked once at the
@@ -54,7 +54,7 @@ def _quantize_op(op: str, x: torch.Tensor, block: BlockShape, rounding: str, see
         raise NonFiniteError(_renamed(str(err), what)) from err
 
 
-def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
+def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: backend.SeedLike, cfg: Int8TrainingConfig,
              what: str) -> QTensor:
     """Quantize on the dispatched backend; a NaN/Inf is refused (``nonfinite='raise'``) with a ``NonFiniteError``
     naming x as ``what`` ("fc1 weight", "output gradient"), the op added by `running`; on the CUDA kernel path
@@ -62,7 +62,7 @@ def quantize(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: 
     return _quantize_op("quantize", x, block, rounding, seed, cfg, what)
 
 
-def quantize_dual(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
+def quantize_dual(x: torch.Tensor, block: BlockShape, rounding: str, seed: backend.SeedLike, cfg: Int8TrainingConfig,
                   what: str) -> tuple[QTensor, QTensor]:
     """``(quantize(x), quantize_transposed(x))`` in a 1xK ``block``: the next GEMM's operand and the K-major
     copy the weight-gradient GEMM reads (two kernel launches on the kernel path). NaN/Inf as in `quantize`."""
@@ -218,7 +218,7 @@ def concat_k(qs: Sequence[QTensor]) -> Optional[QTensor]:
     return QTensor(torch.cat([q.data for q in qs], dim=1), torch.cat([q.scale for q in qs], dim=1), block)
 
 
-def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape], rounding: str, seed: int,
+def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape], rounding: str, seed: backend.SeedLike,
          cfg: Int8TrainingConfig, what: str):
     if out_block is None:
         return y.to(out_dtype)
@@ -226,7 +226,7 @@ def emit(y: torch.Tensor, out_dtype: torch.dtype, out_block: Optional[BlockShape
 
 
 def gemm(terms: Sequence[Union[QTensor, ColumnTerm, "Extended", None]], b_q: QTensor, bias=None, out_dtype=torch.float32,
-         out_block=None, rounding="nearest", seed: int = 0, cfg: Int8TrainingConfig = None, what: str = "GEMM output"):
+         out_block=None, rounding="nearest", seed: backend.SeedLike = 0, cfg: Int8TrainingConfig = None, what: str = "GEMM output"):
     """``sum(a @ b.T for a in terms) + bias``; ``None`` terms are skipped (absent fallback terms).
 
     terms: QTensors (M, K); or ``[x_q, ColumnTerm]`` (column-structured fallback: one GEMM over K + G * bk,
@@ -268,7 +268,7 @@ def k_major(q: QTensor) -> QTensor:
     return q.k_major()
 
 
-def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: int, cfg: Int8TrainingConfig,
+def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: backend.SeedLike, cfg: Int8TrainingConfig,
                what: str) -> QTensor:
     """``q`` transposed: a free view for square blocks, else re-quantized with the transposed block grid
     from ``hp`` (or from ``q`` dequantized when the high-precision tensor was not kept)."""
@@ -278,7 +278,7 @@ def transposed(q: QTensor, hp: Optional[torch.Tensor], rounding: str, seed: int,
     return quantize_transposed(src, q.block, rounding, seed, cfg, f"{what} (transposed)")
 
 
-def quantize_transposed(x: torch.Tensor, block: BlockShape, rounding: str, seed: int, cfg: Int8TrainingConfig,
+def quantize_transposed(x: torch.Tensor, block: BlockShape, rounding: str, seed: backend.SeedLike, cfg: Int8TrainingConfig,
                         what: str) -> QTensor:
     """``x.T`` quantized with ``block`` into contiguous storage: the K-major operand of a dgrad / wgrad GEMM.
 
