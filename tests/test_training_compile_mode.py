@@ -19,8 +19,9 @@ from int8flow.training.parallelize import DistInfo, parallelize
 class CountingLM(nn.Module):
     """A small LM that logs each forward (train or eval) into ``events``."""
 
-    def __init__(self, vocab_size, events, n_embd=32):
+    def __init__(self, vocab_size, events, n_embd=32, poison_calls=()):
         super().__init__()
+        self.poison_calls, self.train_calls = set(poison_calls), 0
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.mlp = nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, n_embd), nn.GELU())
         self.head = nn.Linear(n_embd, vocab_size)
@@ -31,6 +32,11 @@ class CountingLM(nn.Module):
         x = self.wte(idx)
         logits = self.head(x + self.mlp(x))
         loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        if self.training:
+            self.events.append(all(p.grad is not None for p in self.parameters()))  # .grad buffers present
+            self.train_calls += 1
+            if self.train_calls in self.poison_calls:
+                loss = loss * float("nan")
         return logits, loss
 
 
@@ -62,9 +68,10 @@ def _config(data_dir, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def _run(data_dir, out, events, **kw):
+def _run(data_dir, out, events, poison_calls=(), **kw):
     cfg = _config(data_dir, out, **kw)
-    result = train(cfg, lambda name, precision="bf16", vocab_size=256, **_: CountingLM(vocab_size, events))
+    result = train(cfg, lambda name, precision="bf16", vocab_size=256, **_: CountingLM(vocab_size, events,
+                                                                                      poison_calls=poison_calls))
     return cfg, result
 
 
@@ -91,7 +98,9 @@ def test_reduce_overhead_marks_a_step_before_every_forward(data_dir, tmp_path, s
     n_eval = 1 + cfg.max_steps // cfg.eval_interval + (cfg.max_steps % cfg.eval_interval != 0)  # step 0, 2, 4, 5
     forwards = cfg.max_steps * cfg.grad_accum + n_eval * cfg.eval_batches * cfg.grad_accum
     assert events.count("forward") == forwards
-    assert events == ["mark", "forward"] * forwards  # exactly one mark, right before each forward
+    marks = [e for e in events if e in ("mark", "forward")]
+    assert marks == ["mark", "forward"] * forwards  # exactly one mark, right before each forward
+    assert all(e for e in events if isinstance(e, bool))  # grad_accum=3: stable .grad buffers in every forward
     assert all(math.isfinite(x) for x in result.losses)
     assert "CUDA graphs, which need CUDA" in capsys.readouterr().out  # on the CPU it says the mode does nothing
 
@@ -100,6 +109,7 @@ def test_reduce_overhead_marks_a_step_before_every_forward(data_dir, tmp_path, s
 def test_other_modes_do_not_mark_steps(data_dir, tmp_path, stub_compile, events, mode):
     _run(data_dir, tmp_path / "run", events, compile=True, compile_mode=mode, max_steps=2)
     assert "mark" not in events and events.count("forward") > 0
+    assert False in events  # .grad freed after each step (no stable buffers without CUDA graphs)
 
 
 def test_reduce_overhead_loop_gives_the_same_run(data_dir, tmp_path, stub_compile, events):
@@ -137,3 +147,15 @@ def test_cuda_batches_are_range_checked_on_the_host_before_the_copy():
     info = DistInfo(0, 1, 0, torch.device("cuda"))
     with pytest.raises(ValueError, match="largest token id, 9[0-9]"):
         _batch(tokens, torch.tensor([0, 90]), cfg, info, vocab=64)
+
+
+def test_reduce_overhead_loop_after_the_guard_cleared_the_gradients(data_dir, tmp_path, stub_compile, events):
+    """nonfinite=bf16: a poisoned micro-batch makes the guard clear the gradients (to None) and recompute the step;
+    the recompute and the steps after it get stable .grad buffers again and the run equals the plain loop's."""
+    kw = dict(nonfinite="bf16", poison_calls=(5,))  # step 2, second micro-batch
+    _, plain = _run(data_dir, tmp_path / "plain", [], **kw)
+    events.clear()
+    _, graphs = _run(data_dir, tmp_path / "graphs", events, compile=True, compile_mode="reduce-overhead", **kw)
+    assert [r.get("fallback") for r in read_log(tmp_path / "graphs") if "loss" in r].count("bf16") == 1
+    assert graphs.losses == plain.losses and all(math.isfinite(x) for x in graphs.losses)
+    assert all(e for e in events if isinstance(e, bool))  # the recompute and later steps found .grad buffers too

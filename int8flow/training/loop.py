@@ -170,6 +170,21 @@ def _uses_cudagraphs(cfg: TrainConfig) -> bool:
     return cfg.compile and cfg.compile_mode == "reduce-overhead"
 
 
+def _keeps_grad_buffers(cfg: TrainConfig) -> bool:
+    """CUDA graphs with gradient accumulation: a .grad first allocated by a graph replay lives in the graph's memory
+    pool and the next micro-batch's replay overwrites it. Stable .grad buffers, allocated outside the graphs
+    (`_stable_grads`) and zeroed rather than freed after each step, take the accumulation instead."""
+    return _uses_cudagraphs(cfg) and cfg.grad_accum > 1
+
+
+def _stable_grads(model) -> None:
+    """A zeroed .grad for every trainable parameter without one (at the first step, and after the guards' re-runs,
+    which clear the gradients to None)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def _model_vocab(model) -> int | None:
     """The vocabulary the model's embedding takes (its config's ``vocab_size``), None for a model without one."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -235,6 +250,8 @@ def _step_closure(model, data: PreparedData, offsets: torch.Tensor, cfg: TrainCo
     """
     def run() -> torch.Tensor:
         _seed_step(cfg.seed, step, info.rank)
+        if _keeps_grad_buffers(cfg):
+            _stable_grads(model)
         loss_sum = torch.zeros((), device=info.device)
         for micro, chunk in enumerate(offsets.split(cfg.batch_size)):
             x, y = _batch(data.train, chunk, cfg, info, vocab)
@@ -555,14 +572,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     vocab = _model_vocab(model)  # the token-id range check runs on the host, once per batch (`_batch`)
     model = parallelize(model, cfg.parallel, info, cfg.compile, cfg.compile_mode)
     optimizer = _build_optimizer(model, cfg, device)
-    # CUDA graphs with gradient accumulation: a .grad first allocated by a graph replay lives in the graph's
-    # memory pool and the next micro-batch's replay overwrites it; stable zeroed .grad buffers allocated here,
-    # zeroed (not freed) after each step, take the accumulation instead
-    keep_grads = _uses_cudagraphs(cfg) and cfg.grad_accum > 1
-    if keep_grads:
-        for p in model.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
+    keep_grads = _keeps_grad_buffers(cfg)  # zeroed, not freed, after each step (`_stable_grads`)
     if ckpt is not None:
         load_optimizer_state(model, optimizer, ckpt.trainer["optimizer"])
     guard = {"loss_ema": None, "skips_in_a_row": 0, "skipped": 0, "fallbacks": 0, **(ckpt.state["guard"] if ckpt else {})}
