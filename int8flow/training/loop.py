@@ -558,7 +558,10 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         metrics = ckpt.state.get("metrics", {})
         return TrainResult(run_dir, start_step, [], metrics.get("val_loss"), ckpt.path, time.perf_counter() - t_start)
 
-    # all valid: now the run folder changes
+    # all valid: now the run folder changes, once every rank has checked it (a prepared data folder has no barrier
+    # in load_data, and a rank still in _check_run_dir would find rank 0's new files: "already holds a run")
+    if info.distributed:
+        dist.barrier()
     if info.is_main:
         if cfg.overwrite:
             _clear_run(run_dir)
