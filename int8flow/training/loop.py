@@ -246,7 +246,7 @@ def _step_closure(model, data: PreparedData, offsets: torch.Tensor, cfg: TrainCo
 
     Reseeds the RNG first, so a re-run (to locate a fault, or the bf16 recompute) sees the same dropout
     masks and stochastic-rounding seeds as the step itself. Each micro-batch's loss is added into ``loss_sum``
-    (the loop's own tensor) right after its backward, before the next forward may replay a CUDA graph over it.
+    (the loop's own tensor) right after its forward, before the next forward may replay a CUDA graph over it.
     """
     def run() -> torch.Tensor:
         _seed_step(cfg.seed, step, info.rank)
@@ -257,8 +257,8 @@ def _step_closure(model, data: PreparedData, offsets: torch.Tensor, cfg: TrainCo
             x, y = _batch(data.train, chunk, cfg, info, vocab)
             set_grad_sync(model, micro == cfg.grad_accum - 1)
             loss = _forward_loss(model, x, y, cfg, info, vocab, autocast)
+            loss_sum += loss.detach().float()  # consumed now: the next micro-batch's replay reuses its memory
             (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float()
             del loss
         return loss_sum / cfg.grad_accum
     return run
