@@ -174,9 +174,6 @@ def _block_gemm_kernel(
     a2_desc = a2_ptr
     if FALLBACK and A2_LAYOUT != 2:
         a2_desc = _operand_desc(a2_ptr, M, K, stride_a2m, stride_a2k, BM, BK, A2_LAYOUT)
-    seed = 0
-    if OUT_QUANT and STOCHASTIC:  # the Philox key, once a program (a scalar kept across the tile loop)
-        seed = load_seed(seed_ptr, salt)
     # Persistent grid: each program walks tiles in GROUP_M-row bands so neighbours share L2 lines.
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         band = tile // (GROUP_M * num_pid_n)
@@ -240,6 +237,9 @@ def _block_gemm_kernel(
         in_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         if OUT_QUANT:
+            seed = 0
+            if STOCHASTIC:  # the Philox key, derived in the epilogue (a register held across the K loop spills)
+                seed = load_seed(seed_ptr, salt)
             # Zero the out-of-range rows/cols (they hold wrapped-around rows) before each block's absmax.
             q, scale = quantize_tile(tl.where(in_c, acc, 0.0), offs_m[:, None] * N + offs_n[None, :], seed,
                                      BM, BN, OBR, OBC, STOCHASTIC)
