@@ -101,6 +101,7 @@ def _grads(step, params, runs=3):
     for _ in range(runs):
         for p in params:
             p.grad = None
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous replay's outputs may be overwritten
         step()
         torch.cuda.synchronize()
         out.append([p.grad.detach().clone() for p in params])
@@ -120,8 +121,13 @@ def test_compiled_int8_linear_and_mlp_reduce_overhead_fresh_noise():
     lin = Int8Linear(512, 768, config=cfg, device="cuda", dtype=torch.bfloat16)
     x = _randn((256, 512), 4).to(torch.bfloat16).requires_grad_()
     dy = _randn((256, 768), 5).to(torch.bfloat16)
-    f = torch.compile(lin, mode="reduce-overhead")
-    lin_grads = _grads(lambda: f(x).backward(dy), [x, lin.weight])
+    # the loss inside the compiled function (as the training loop does): d loss / d y = dy. One eager step first:
+    # module-level caches (the device's non-finite flag, kernel compilations) must not be allocated inside the
+    # cudagraph pool, where a live tensor that is no graph output is an error
+    eager_lin = lambda: (lin(x).float() * dy.float()).sum()  # noqa: E731
+    _grads(lambda: eager_lin().backward(), [x, lin.weight], runs=1)
+    lin_loss = torch.compile(eager_lin, mode="reduce-overhead")
+    lin_grads = _grads(lambda: lin_loss().backward(), [x, lin.weight])
     # the fused MLP op (norm -> fc1 -> GELU -> fc2 -> residual add): every backward GEMM output and gradient
     # quantizer rounds stochastically
     d, ff = 512, 1024
@@ -130,9 +136,11 @@ def test_compiled_int8_linear_and_mlp_reduce_overhead_fresh_noise():
     w_out = (_randn((d, ff), 8) * ff ** -0.5).to(torch.bfloat16).requires_grad_()
     norm = NormSpec("layernorm", None, None, 1e-5)
     dout = _randn((256, d), 9).to(torch.bfloat16)
-    mlp = torch.compile(lambda t: mlp_residual(t, norm, w_in, None, w_out, None, "gelu", cfg)[0],
-                        mode="reduce-overhead")
-    mlp_grads = _grads(lambda: mlp(h).backward(dout), [h, w_in, w_out])
+    eager_mlp = lambda: (mlp_residual(h, norm, w_in, None, w_out, None, "gelu", cfg)[0].float()  # noqa: E731
+                         * dout.float()).sum()
+    _grads(lambda: eager_mlp().backward(), [h, w_in, w_out], runs=1)
+    mlp_loss = torch.compile(eager_mlp, mode="reduce-overhead")
+    mlp_grads = _grads(lambda: mlp_loss().backward(), [h, w_in, w_out])
     for grads in (lin_grads, mlp_grads):
         first, second, third = grads
         for g1, g2, g3 in zip(first, second, third):
