@@ -159,3 +159,58 @@ def test_reduce_overhead_loop_after_the_guard_cleared_the_gradients(data_dir, tm
     assert [r.get("fallback") for r in read_log(tmp_path / "graphs") if "loss" in r].count("bf16") == 1
     assert graphs.losses == plain.losses and all(math.isfinite(x) for x in graphs.losses)
     assert all(e for e in events if isinstance(e, bool))  # the recompute and later steps found .grad buffers too
+
+
+# --- compile_scope: the whole model or each transformer block (regional compilation) -------------------------------
+
+def test_compile_scope_blocks_compiles_each_block_and_not_the_model(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: compiled.append((self, kw.get("mode"))))
+    model = nn.Sequential(nn.Embedding(8, 4), nn.ModuleList([nn.Linear(4, 4) for _ in range(3)]), nn.Linear(4, 8))
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    assert parallelize(model, "none", info, True, "reduce-overhead", "blocks") is model
+    assert compiled == [(block, "reduce-overhead") for block in model[1]]
+    compiled.clear()
+    parallelize(model, "none", info, True, "default", "model")
+    assert compiled == [(model, "default")]
+
+
+def test_compile_scope_blocks_refuses_a_model_without_blocks():
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="no nn.ModuleList of transformer blocks.*compile_scope=model"):
+        parallelize(nn.Linear(4, 4), "none", info, True, "default", "blocks")
+
+
+def test_compile_scope_blocks_compiles_one_graph_and_matches_eager():
+    """Regional compilation for real (inductor on the CPU): a 3-layer int8 Llama compiles ONE graph for its
+    three blocks (dynamo's unique_graphs). The forward rounds to nearest, so the loss equals the eager model's up
+    to float32 reassociation by inductor's fused glue (RoPE, residual adds): rtol 1e-4. The backward rounds
+    gradients stochastically and inductor replaces torch.randint with its own generator, so the compiled run
+    draws other seeds than eager: each parameter's gradient agrees only up to two independent INT8 roundings,
+    SQNR >= 20 dB (the gate of tests/test_gpu_models.py against float32; 35 dB and up seen here), where a wrong
+    block (another block's weights, a missing block) gives ~0 dB."""
+    from torch._dynamo.utils import counters
+
+    from int8flow.models import LlamaConfig, build_model
+    from _inputs import sqnr_db
+
+    cfg = LlamaConfig(vocab_size=256, dim=64, n_layers=3, n_heads=2, n_kv_heads=2, ffn_dim=160, max_seq_len=32)
+    torch.manual_seed(0)
+    eager = build_model(cfg, "int8")
+    regional = build_model(cfg, "int8")
+    regional.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    parallelize(regional, "none", DistInfo(0, 1, 0, torch.device("cpu")), True, "default", "blocks")
+    idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (eager, regional):
+        torch.manual_seed(5)  # the same stochastic-rounding seeds in both
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)
+    for (name, p), q in zip(eager.named_parameters(), regional.parameters()):
+        assert sqnr_db(p.grad, q.grad) >= 20, name
+    torch._dynamo.reset()

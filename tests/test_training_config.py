@@ -47,6 +47,8 @@ def test_precedence_preset_toml_cli(tmp_path):
     (["compile=true", "compile_mode=max-autotune"],
      "compile_mode='max-autotune': expected one of default, reduce-overhead, max-autotune-no-cudagraphs"),
     (["compile_mode=reduce-overhead"], "compile_mode=reduce-overhead needs compile=true"),
+    (["compile=true", "compile_scope=layers"], "compile_scope='layers': expected one of model, blocks"),
+    (["compile_scope=blocks"], "compile_scope=blocks needs compile=true"),
 ])
 def test_bad_values_name_the_key(items, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):

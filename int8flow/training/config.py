@@ -16,12 +16,15 @@ from typing import Any
 from ..config import PRECISIONS, RECIPES
 from ..guards import POLICIES as NONFINITE
 
-__all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "COMPILE_MODES", "make_config", "parse_overrides", "load_toml",
+__all__ = ["TrainConfig", "RUN_PRESETS", "PRECISIONS", "COMPILE_MODES", "COMPILE_SCOPES", "make_config", "parse_overrides", "load_toml",
            "settings_help"]
 
 PARALLEL = ("none", "ddp", "fsdp2")
 # torch.compile's modes that the loop supports; reduce-overhead = CUDA graphs (cudagraph trees)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# what torch.compile wraps: the whole model, or each transformer block (regional compilation: identical blocks share
+# one compiled graph, so compile time does not grow with depth; embedding, final norm, head and loss stay eager)
+COMPILE_SCOPES = ("model", "blocks")
 
 
 def _setting(default, help: str, **kw):
@@ -92,6 +95,9 @@ class TrainConfig:
     compile_mode: str = _setting("default", "torch.compile mode when compile=true: default | reduce-overhead (CUDA "
                                             "graphs: CUDA only, fixed shapes) | max-autotune-no-cudagraphs; a mode "
                                             "other than default needs compile=true")
+    compile_scope: str = _setting("model", "what compile=true compiles: model (one graph) | blocks (each transformer "
+                                           "block; identical blocks share one compiled graph: compile time flat in "
+                                           "depth; the embedding, head and loss run eagerly)")
     parallel: str = _setting("none", "none | ddp | fsdp2 (launch with torchrun)")
 
     def __post_init__(self):
@@ -99,7 +105,7 @@ class TrainConfig:
             raise ValueError(f"{key}={value!r}: expected {expected}")
 
         for key, choices in (("precision", tuple(RECIPES)), ("parallel", PARALLEL), ("nonfinite", NONFINITE),
-                             ("compile_mode", COMPILE_MODES)):
+                             ("compile_mode", COMPILE_MODES), ("compile_scope", COMPILE_SCOPES)):
             if getattr(self, key) not in choices:
                 bad(key, getattr(self, key), f"one of {', '.join(choices)}")
         for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
@@ -139,6 +145,9 @@ class TrainConfig:
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"compile_mode={self.compile_mode} needs compile=true (the mode applies to "
                              "torch.compile only); pass compile=true or drop compile_mode")
+        if self.compile_scope != "model" and not self.compile:
+            raise ValueError(f"compile_scope={self.compile_scope} needs compile=true (the scope applies to "
+                             "torch.compile only); pass compile=true or drop compile_scope")
 
     @property
     def resume_checkpoint(self) -> Path | None:

@@ -573,7 +573,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
 
     model.to(device)
     vocab = _model_vocab(model)  # the token-id range check runs on the host, once per batch (`_batch`)
-    model = parallelize(model, cfg.parallel, info, cfg.compile, cfg.compile_mode)
+    model = parallelize(model, cfg.parallel, info, cfg.compile, cfg.compile_mode, cfg.compile_scope)
     optimizer = _build_optimizer(model, cfg, device)
     keep_grads = _keeps_grad_buffers(cfg)  # zeroed, not freed, after each step (`_stable_grads`)
     if ckpt is not None:
