@@ -8,8 +8,8 @@ import torch
 from int8flow.bench.gpu_check import parse_junit
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="1"
-skipped="1" tests="5"><testcase classname="tests.test_a" name="test_ok"/><testcase classname="tests.test_a"
-name="test_bad"><failure message="AssertionError: 3 != 4&#10;more">tb</failure></testcase><testcase
+skipped="1" tests="5"><testcase classname="tests.test_a" name="test_ok" time="0.5"/><testcase classname="tests.test_a"
+name="test_bad" time="12.25"><failure message="AssertionError: 3 != 4&#10;more">tb</failure></testcase><testcase
 classname="tests.test_b" name="test_skip"><skipped message="needs a CUDA GPU"/></testcase><testcase
 classname="tests.test_b" name="test_err"><error message="fixture broke">tb</error></testcase><testcase
 classname="tests.test_b" name="test_ok2"/></testsuite></testsuites>"""
@@ -24,6 +24,9 @@ def test_parse_junit_counts_and_failures(tmp_path):
         {"test": "tests.test_a::test_bad", "kind": "failure", "message": "AssertionError: 3 != 4"},
         {"test": "tests.test_b::test_err", "kind": "error", "message": "fixture broke"},
     ]
+    assert s["slowest"][:2] == [{"test": "tests.test_a::test_bad", "seconds": 12.25},
+                                {"test": "tests.test_a::test_ok", "seconds": 0.5}]
+    assert len(s["slowest"]) == 5  # cases without a time count as 0 s
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

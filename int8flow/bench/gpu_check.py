@@ -44,18 +44,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "failures seen before the cut are named either way (failures_seen)")
 
 
+SLOWEST = 20  # tests named in the summary with their durations
+
+
 def parse_junit(path: str) -> dict:
-    """Counts and failing test ids from a pytest junit XML report."""
+    """Counts, failing test ids and the ``SLOWEST`` tests' durations (seconds) from a pytest junit XML report."""
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {"tests": 0, "failed": 0, "errors": 0, "skipped": 0}
-    failures = []
+    failures, times = [], []
     for s in suites:
         counts["tests"] += int(s.get("tests", 0))
         counts["failed"] += int(s.get("failures", 0))
         counts["errors"] += int(s.get("errors", 0))
         counts["skipped"] += int(s.get("skipped", 0))
         for case in s.iter("testcase"):
+            times.append((float(case.get("time") or 0.0), f"{case.get('classname')}::{case.get('name')}"))
             bad = case.find("failure")
             if bad is None:
                 bad = case.find("error")
@@ -64,7 +68,8 @@ def parse_junit(path: str) -> dict:
                 failures.append({"test": f"{case.get('classname')}::{case.get('name')}",
                                  "kind": bad.tag, "message": msg[0][:300] if msg else ""})
     counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
-    return {**counts, "failures": failures}
+    slowest = [{"test": name, "seconds": round(t, 2)} for t, name in sorted(times, reverse=True)[:SLOWEST]]
+    return {**counts, "failures": failures, "slowest": slowest}
 
 
 def main(args) -> int:
@@ -117,4 +122,6 @@ def main(args) -> int:
           f"{summary['skipped']} skipped in {test_s:.0f} s on {info['device']} -> {out}")
     for f in summary["failures"][:30]:
         print(f"  FAILED {f['test']}: {f['message']}")
+    for t in summary.get("slowest", [])[:5]:
+        print(f"  slow {t['seconds']:7.1f} s  {t['test']}")
     return 0 if ok else 1
