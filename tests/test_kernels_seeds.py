@@ -55,6 +55,8 @@ def _derive_kernel(seed_ptr, salt, out_ptr):
 def test_device_derivation_equals_python_twin():
     rng = random.Random(0)
     cases = [(0, 0), (0, 1), (1, 0), (12345, 7), (2**31 - 2, 3), (2**63 - 1, 2**62), (-5, 2)]
+    # salts at every width Triton gives a Python int: i32, u32 ([2**31, 2**32): failed in the interpreter once), i64
+    cases += [(7, 2**31 - 1), (7, 2**31), (7, 2**32 - 1), (7, 2**32)]
     cases += [(rng.randrange(2**63), rng.randrange(2**62)) for _ in range(12)]
     keys = set()
     for base, salt in cases:
@@ -239,3 +241,17 @@ def test_draw_seed_is_a_device_tensor_from_the_default_generator():
     b = backend.draw_seed(DEVICE)
     assert a.dtype == torch.int64 and tuple(a.shape) == (1,) and a.device.type == torch.device(DEVICE).type
     assert torch.equal(a, b) and 0 <= int(a.item()) < 2**31 - 1
+
+
+@pytest.mark.parametrize("salt", [2**31, 2**32 - 1])
+def test_salts_in_the_unsigned_32_bit_range_work(salt):
+    """Salts in [2**31, 2**32) are valid ([0, 2**62]); Triton types them u32, which the derivation once failed
+    on (quantize, quantize_dual whose transposed stream is salt + 1, dropout)."""
+    from int8flow.kernels import quantize as Q
+
+    x = torch.randn(64, 128, device=DEVICE)
+    a = Q.quantize(x, "1x32", rounding="stochastic", seed=3, salt=salt)
+    b = Q.quantize(x, "1x32", rounding="stochastic", seed=3, salt=salt + 1)
+    assert not torch.equal(a.data, b.data)
+    q, qt = Q.quantize_dual(x, "1x128", rounding="stochastic", seed=3, salt=2**31 - 1)
+    assert q.data.shape == (64, 128) and qt.data.shape == (128, 64)

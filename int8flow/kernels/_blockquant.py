@@ -40,7 +40,8 @@ def derive_seed(base, salt):
     derivation of every Triton kernel, bit for bit ``_launch.derive_seed`` (which documents the formula):
     ``(mix64(base ^ mix64((salt + 1) * 0x9E3779B97F4A7C15)) >> 33) % (2**31 - 1)``. Scalar work, once a program."""
     b = base.to(tl.uint64, bitcast=True)  # salt: a runtime int (kernels list it in do_not_specialize)
-    s = salt.to(tl.int64).to(tl.uint64, bitcast=True)
+    s = salt.to(tl.uint64)  # a value cast: the salt is >= 0 (check_salt), and Triton types a Python int by its
+    # value (i32, u32 for [2**31, 2**32), i64); a bitcast of the i64 form failed in the interpreter for u32 salts
     z = _mix64(b ^ _mix64((s + 1) * 0x9E3779B97F4A7C15))
     return (z >> 33).to(tl.int32) % 0x7FFFFFFF
 

@@ -205,7 +205,7 @@ if gluon is not None:
         wrapping arithmetic, bit for bit ``_launch.derive_seed`` (the tests compare the GEMM's noise with
         ``kernels.quantize``'s, which uses the Triton helper)."""
         b = base.to(gl.uint64, bitcast=True)
-        s = salt.to(gl.int64).to(gl.uint64, bitcast=True)
+        s = salt.to(gl.uint64)  # value cast of a salt >= 0, whatever width Triton gave the int (as the twin)
         z = _mix64(b ^ _mix64((s + 1) * 0x9E3779B97F4A7C15))
         return (z >> 33).to(gl.int32) % 0x7FFFFFFF
 
