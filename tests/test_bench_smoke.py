@@ -94,3 +94,29 @@ def test_train_refuses_a_compile_mode_without_compilation(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "compile=true" in err
     assert not out.exists()
+
+
+def test_train_refuses_steps_not_above_warmup_before_training(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert main(["train", "--cpu-smoke", "--no-compile", "--steps", "3", "--warmup", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--warmup < --steps" in err
+    assert not out.exists()  # refused before any model trained
+
+
+def test_blocks_compile_flags_and_iters_checked_like_train(tmp_path, capsys, monkeypatch):
+    import torch
+
+    out = tmp_path / "blocks.json"
+    assert main(["blocks", "--cpu-smoke", "--no-compile", "--compile-mode", "reduce-overhead", "--out", str(out)]) == 2
+    assert "--no-compile" in capsys.readouterr().err
+    assert main(["blocks", "--cpu-smoke", "--no-compile", "--iters", "0", "--out", str(out)]) == 2
+    assert "--iters 0" in capsys.readouterr().err
+    assert not out.exists()
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    assert main(["blocks", "--cpu-smoke", "--compile-mode", "reduce-overhead", "--modes", "bf16", "--shapes",
+                 "llama-tiny", "--iters", "1", "--out", str(out)]) == 0
+    assert "need CUDA" in capsys.readouterr().out
+    assert modes == ["reduce-overhead"]
+    assert [(r["compile"], r["compile_mode"]) for r in _records(out)] == [(True, "reduce-overhead")]

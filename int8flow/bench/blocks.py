@@ -10,6 +10,7 @@ importable (it is not a dependency).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -115,6 +116,10 @@ def measure(shape: str, config, layers: int, batch: int, tokens: int, mode: str,
     dim = config.dim if isinstance(config, LlamaConfig) else config.n_embd
     x = torch.randn(batch, tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     saved = saved_bytes(model, x)  # eager: hooks see what autograd keeps
+    if device == "cuda":  # the kernels' persistent flag in ordinary memory, not a CUDA graph's pool
+        from ..kernels import nonfinite
+
+        nonfinite.device_flag(device)
     run = torch.compile(model, mode=compile_mode) if compile else model
     graphs = compile and compile_mode == "reduce-overhead"
 
@@ -132,7 +137,7 @@ def measure(shape: str, config, layers: int, batch: int, tokens: int, mode: str,
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return {"shape": shape, "mode": mode, "ms": ms, "peak_gib": peak, "saved_gib": saved / 2**30,
             "layers": layers, "batch": batch, "tokens": tokens,
-            "compile_mode": compile_mode if compile else "eager"}
+            "compile": compile, "compile_mode": compile_mode if compile else None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -149,8 +154,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
+    if args.no_compile and args.compile_mode != "default":
+        print(f"int8flow.bench blocks: --compile-mode {args.compile_mode} needs compilation; drop --no-compile",
+              file=sys.stderr)
+        return 2
+    if args.iters < 1:
+        print(f"int8flow.bench blocks: --iters {args.iters}: give at least 1 timed iteration", file=sys.stderr)
+        return 2
     if device == "cuda":
         require_cuda()
+    elif args.compile_mode == "reduce-overhead":
+        print("int8flow.bench blocks: note: --compile-mode reduce-overhead uses CUDA graphs, which need CUDA; on the "
+              "CPU the stacks are compiled without them")
     from ..config import RECIPES
 
     modes = parse_choices(args.modes, tuple(RECIPES) + TORCHAO_MODES, "--modes")

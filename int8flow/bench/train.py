@@ -30,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="JSON file (default bench/results/<gpu>_train.json, <gpu> from the device name)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=10, help="steps left out of the tokens/s median")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 30; --cpu-smoke: 4)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="steps left out of the tokens/s median (default 10; --cpu-smoke: 1); must be < --steps")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled runs (reduce-overhead = CUDA graphs); recorded in each "
@@ -76,9 +77,15 @@ def main(args) -> int:
         print(f"int8flow.bench train: --compile-mode {args.compile_mode} needs compilation; drop --no-compile",
               file=sys.stderr)
         return 2
+    steps = args.steps if args.steps is not None else (4 if args.cpu_smoke else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 10)
+    if not 0 <= warmup < steps:
+        print(f"int8flow.bench train: --steps {steps} --warmup {warmup}: tokens/s is the median of the steps after "
+              "the warmup, so give 0 <= --warmup < --steps (e.g. --steps 14 --warmup 6)", file=sys.stderr)
+        return 2
     if device == "cuda":
         require_cuda()
-    models = {"tiny": ["max_steps=4"]} if args.cpu_smoke else {m: MODELS[m] for m in parse_choices(args.models, MODELS, "--models")}
+    models = {"tiny": []} if args.cpu_smoke else {m: MODELS[m] for m in parse_choices(args.models, MODELS, "--models")}
     from ..training import make_config
 
     for preset, extra in models.items():  # a bad --set fails here, in one line, before any model trains
@@ -93,7 +100,7 @@ def main(args) -> int:
     for preset, extra in models.items():
         extra = [*extra, *args.set]  # the command line's settings win (make_config applies overrides in order)
         for mode in parse_choices(args.modes, RECIPES, "--modes"):  # any recipe: int8-1x128, jetfire, ...
-            r = run_one(preset, extra, mode, args.steps, args.warmup, not args.no_compile, device, args.compile_mode)
+            r = run_one(preset, extra, mode, steps, warmup, not args.no_compile, device, args.compile_mode)
             records.append(r)
             base = {x["mode"]: x["tokens_per_s"] for x in records if x["model"] == preset}.get("bf16")
             for x in records:  # BF16 may come after the INT8 modes: every record of the model gets its ratio

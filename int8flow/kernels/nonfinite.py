@@ -47,7 +47,11 @@ def _key(device: Union[str, torch.device]) -> torch.device:
 
 
 def device_flag(device: Union[str, torch.device]) -> torch.Tensor:
-    """The persistent int32 (2,) flag of ``device`` (created zeroed on first use; never reallocated)."""
+    """The persistent int32 (2,) flag of ``device`` (created zeroed on first use; never reallocated).
+
+    Under CUDA graphs (torch.compile mode="reduce-overhead") call this once before the first compiled run: a
+    first use inside cudagraph trees' warmup would allocate the flag in the graphs' private memory pool, whose
+    bytes later replays may reuse (the training loop and ``bench blocks`` do)."""
     key = _key(device)
     flag = _FLAGS.get(key)
     if flag is None:

@@ -94,6 +94,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
+def _persistent_device_state(device: torch.device) -> None:
+    """Allocate the INT8 kernels' persistent non-finite flag (`int8flow.kernels.nonfinite.device_flag`) now, in
+    ordinary device memory. Allocated lazily by the first INT8 operator instead, under compile_mode=reduce-overhead
+    that would happen inside cudagraph trees' warmup, in the graphs' private memory pool, where later replays may
+    reuse its bytes."""
+    if device.type != "cuda":
+        return
+    try:
+        from ..kernels import nonfinite
+    except ImportError:  # no triton: the reference path keeps no device state
+        return
+    nonfinite.device_flag(device)
+
+
 def _seed_step(seed: int, step: int, rank: int) -> None:
     digest = hashlib.blake2b(f"int8flow-rng:{seed}:{step}:{rank}".encode(), digest_size=8).digest()
     torch.manual_seed(int.from_bytes(digest, "little") >> 1)
@@ -572,6 +586,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         dist.barrier()
 
     model.to(device)
+    _persistent_device_state(device)  # before compile: never first allocated inside a CUDA graph's warmup
     vocab = _model_vocab(model)  # the token-id range check runs on the host, once per batch (`_batch`)
     model = parallelize(model, cfg.parallel, info, cfg.compile, cfg.compile_mode, cfg.compile_scope)
     optimizer = _build_optimizer(model, cfg, device)
