@@ -170,10 +170,11 @@ def test_stochastic_rounding_unbiased_with_tensor_seeds():
     (torch.tensor([1, 2], dtype=torch.int64), ValueError, "exactly 1 element"),
     (torch.zeros((2, 1), dtype=torch.int64), ValueError, "exactly 1 element"),
     (torch.tensor([3], dtype=torch.int64, device="meta"), ValueError, "seed tensor is on meta.*pass seed.to"),
-    (-1, ValueError, "non-negative"),
+    (-1, ValueError, "non-negative.*pass seed % 2"),
     (2**63, ValueError, "below 2\\*\\*63"),
-    (1.5, TypeError, "seed must be an int or a 1-element int64 tensor"),
-    (True, TypeError, "seed must be an int"),
+    (1.5, TypeError, "seed must be a Python int or a 1-element int64 tensor, got a float"),
+    (True, TypeError, "seed must be a Python int"),
+    (__import__("numpy").int64(3), TypeError, "got a numpy.int64; pass int\\(seed\\)"),
 ])
 def test_malformed_seed_refused_in_one_line(bad, exc, match):
     if isinstance(bad, torch.Tensor) and bad.device.type != "meta":

@@ -206,10 +206,12 @@ def check_seed(seed, device: Optional[torch.device] = None, name: str = "seed") 
                              f"the seed from device memory: pass {name}.to({str(device)!r})")
         return
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{name} must be an int or a 1-element int64 tensor, got {type(seed).__name__}; "
+        kind = f"{type(seed).__module__}.{type(seed).__qualname__}".removeprefix("builtins.")
+        raise TypeError(f"{name} must be a Python int or a 1-element int64 tensor, got a {kind}; "
                         f"pass int({name})")
     if not 0 <= seed < SEED_MAX:
-        raise ValueError(f"{name} must be a non-negative int below 2**63, got {seed}")
+        raise ValueError(f"{name} must be a non-negative int below 2**63, got {seed}; pass {name} % 2**63 or draw "
+                         f"one with random.randrange(2**63)")
 
 
 def seed_ptr(seed, device: torch.device, used: bool = True, placeholder: Optional[torch.Tensor] = None,
