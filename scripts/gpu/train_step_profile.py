@@ -111,8 +111,7 @@ def run(a, mode: str) -> dict:
            "final_loss": float(loss),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "top_kernels": [(e.key[:90], e.count, e.self_device_time_total / 1e3) for e in top]}
-    del model, opt
-    if cuda:
+    if cuda:  # the model and optimizer go with this frame
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()
