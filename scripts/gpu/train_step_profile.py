@@ -17,6 +17,7 @@ under --out. ``--device cpu`` runs the same code on a tiny preset (checks the sc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -111,11 +112,16 @@ def run(a, mode: str) -> dict:
            "final_loss": float(loss),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "top_kernels": [(e.key[:90], e.count, e.self_device_time_total / 1e3) for e in top]}
-    if cuda:  # the model and optimizer go with this frame
+    return rec
+
+
+def _release(device: str) -> None:
+    """After a mode's frame is gone: compiled code, cudagraph pools and cached blocks freed, peak memory reset."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    torch._dynamo.reset()
-    return rec
 
 
 def main() -> int:
@@ -140,6 +146,8 @@ def main() -> int:
         except Exception as e:  # a probe: report and go on with the next mode
             print(f"{mode}: {type(e).__name__}: {str(e)[:400]}", flush=True)
             continue
+        finally:
+            _release(a.device)
         r = recs[-1]
         print(f"\n== {a.model} {mode}: step {r['ms']:.2f} ms ({r['tokens_per_s']:,.0f} tok/s), gpu busy "
               f"{r['gpu_busy_ms']:.2f} ms, host {r['host_ms']:.2f} ms, {r['launches']} launches, {r['syncs']} syncs, "
