@@ -28,7 +28,7 @@ _INTERPRETING = tl.constexpr(interpreting())
 
 @triton.jit
 def _mix64(z):
-    """splitmix64's finalizer on a uint64 (64-bit wrapping multiplies, logical shifts): ``_launch.mix64``."""
+    """splitmix64's finalizer on a uint64 (64-bit wrapping multiplies, logical shifts): ``format.seeds.mix64``."""
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     return z ^ (z >> 31)

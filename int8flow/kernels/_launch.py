@@ -14,6 +14,7 @@ import triton
 
 from ..format import QTensor
 from ..format.blocks import ROUNDING_MODES, BlockShape
+from ..format.seeds import mix_seed
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Block sides the in-register quantizers accept: powers of two (the tile is reshaped by them).
@@ -145,18 +146,6 @@ def check_stats(v: torch.Tensor, name: str, m: int, device: torch.device) -> Non
 SEED_MAX = 2**63  # seeds (ints or the base tensor's value) are int64; ints must be in [0, SEED_MAX)
 SALT_MAX = 2**62  # salts are in [0, SALT_MAX] (kernels add a stream index < 8)
 KEY_MOD = 2**31 - 1  # Philox keys are in [0, KEY_MOD)
-_M64 = 2**64 - 1
-_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2**64 / golden ratio, odd)
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-
-
-def mix64(z: int) -> int:
-    """splitmix64's finalizer (Steele et al. 2014), a bijection of 64-bit words, in 64-bit wrapping arithmetic."""
-    z &= _M64
-    z = ((z ^ (z >> 30)) * _MIX1) & _M64
-    z = ((z ^ (z >> 27)) * _MIX2) & _M64
-    return z ^ (z >> 31)
 
 
 def derive_seed(base: int, salt: int = 0) -> int:
@@ -165,16 +154,14 @@ def derive_seed(base: int, salt: int = 0) -> int:
     Python twin of the device helper ``_blockquant.derive_seed`` (and of ``gluon_gemm._derive_seed``), the
     formula both compute with 64-bit wrapping arithmetic on the base read from ``seed_ptr``::
 
-        z   = mix64(base_u64 ^ mix64((salt + 1) * 0x9E3779B97F4A7C15 mod 2**64))
+        z   = mix64(base_u64 ^ mix64((salt + 1) * 0x9E3779B97F4A7C15 mod 2**64))    (format.seeds.mix_seed)
         key = (z >> 33) mod (2**31 - 1)
 
-    ``mix64`` is splitmix64's finalizer; ``mix64((salt + 1) * gamma)`` is the (salt + 1)-th splitmix64
-    output, so salts 0, 1, 2, ... give unrelated words and (base, salt) pairs that differ in either give
-    unrelated keys (no ``stream 1 of seed s == stream 0 of seed s + 1`` collisions). ``base_u64`` is the
-    int64 base's two's-complement bits (negative bases are fine on the device; ints must be non-negative).
+    ``mix64`` is splitmix64's finalizer: (base, salt) pairs that differ in either give unrelated keys (no
+    ``stream 1 of seed s == stream 0 of seed s + 1`` collisions). ``base_u64`` is the int64 base's
+    two's-complement bits (negative bases are fine on the device; ints must be non-negative).
     """
-    z = mix64((base & _M64) ^ mix64(((salt + 1) * _GAMMA) & _M64))
-    return (z >> 33) % KEY_MOD
+    return (mix_seed(base, salt) >> 33) % KEY_MOD
 
 
 def stream_salt(salt: int, stream: int) -> int:

@@ -193,7 +193,7 @@ if gluon is not None:
 
     @gluon.jit
     def _mix64(z):
-        """splitmix64's finalizer on a uint64: ``_blockquant._mix64`` (``_launch.mix64``), the same operations."""
+        """splitmix64's finalizer on a uint64: ``_blockquant._mix64`` (``format.seeds.mix64``), the same operations."""
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
         z = (z ^ (z >> 27)) * 0x94D049BB133111EB
         return z ^ (z >> 31)

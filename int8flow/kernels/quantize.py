@@ -231,7 +231,6 @@ def _check_args(x: torch.Tensor, rounding: str, seed, check_finite: bool, salt: 
     _check_input(x, "x", check_finite)
 
 
-
 def quantize(
     x: torch.Tensor,
     block: BlockLike = PAPER_BLOCK,

@@ -22,6 +22,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..format.seeds import GAMMA, M64, mix64, mix_seed
+
 # operator name -> module of int8flow.kernels that implements it
 _KERNEL_MODULE = {
     "quantize": "quantize",
@@ -76,18 +78,6 @@ def generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-_M64 = 2**64 - 1
-_GAMMA = 0x9E3779B97F4A7C15
-
-
-def _mix64(z: int) -> int:
-    """splitmix64's finalizer (the kernels' ``_launch.mix64``; repeated here so the ops layer needs no triton)."""
-    z &= _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Seed:
     """One random stream of an op call: ``base``, the call's 1-element int64 tensor on its device (`draw_seed`),
@@ -109,7 +99,7 @@ def subseed(seed: Seed, index: int) -> Seed:
     if not isinstance(seed, Seed):
         raise TypeError(f"subseed takes a backend.Seed (base tensor, salt), got {type(seed).__name__}; wrap the "
                         "op's seed tensor as backend.Seed(seed)")
-    salt = _mix64(_mix64(seed.salt + _GAMMA) ^ (((index + 1) * _GAMMA) & _M64)) >> 2
+    salt = mix64(mix64(seed.salt + GAMMA) ^ (((index + 1) * GAMMA) & M64)) >> 2
     return Seed(seed.base, salt)
 
 
@@ -119,7 +109,7 @@ def host_seed(seed: SeedLike) -> int:
     if not isinstance(seed, Seed):
         return int(seed)
     base = int(seed.base.reshape(-1)[0].item())
-    return _mix64((base & _M64) ^ _mix64(((seed.salt + 1) * _GAMMA) & _M64)) >> 1
+    return mix_seed(base, seed.salt) >> 1
 
 
 def call(name: str, *args, device: torch.device, seed: SeedLike = 0, **kwargs):
