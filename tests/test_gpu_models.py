@@ -128,7 +128,7 @@ def test_kernel_nonfinite_flag_is_read_with_the_loss():
     device flag, which names the op, and clears it for the next step."""
     import math
 
-    from int8flow.training.loop import _loss_and_kernel_flag
+    from int8flow.training.loop import _read_step
     from int8flow.training.parallelize import DistInfo
 
     from int8flow.kernels import nonfinite
@@ -142,12 +142,12 @@ def test_kernel_nonfinite_flag_is_read_with_the_loss():
         model.model.layers[0].mlp.down_proj.weight[3, 5] = float("inf")
     _, loss = model(x, y)
     loss.backward()
-    value, flagged = _loss_and_kernel_flag(loss.detach(), info)
+    (value,), flagged = _read_step([loss.detach()], info)
     assert flagged is not None and not math.isfinite(value), (value, flagged)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[3, 5] = 0.0
     model.zero_grad(set_to_none=True)
     _, loss = model(x, y)
     loss.backward()
-    value, flagged = _loss_and_kernel_flag(loss.detach(), info)
+    (value,), flagged = _read_step([loss.detach()], info)
     assert flagged is None and math.isfinite(value)

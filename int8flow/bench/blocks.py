@@ -18,7 +18,8 @@ from torch import nn
 
 from ..models.gpt2 import Block as GPTBlock, GPTConfig
 from ..models.llama import DecoderLayer, LlamaConfig, rope_tables
-from .common import device_info, parse_choices, require_cuda, result_path, write_json
+from ..training.config import COMPILE_MODES
+from .common import compile_flags_error, device_info, parse_choices, require_cuda, result_path, write_json
 
 SHAPES = {
     # name: (model config, layers, batch, tokens)
@@ -33,7 +34,6 @@ OUR_MODES = ("bf16", "int8", "int8+fallback", "int8-linear")
 # Any recipe of int8flow.config.RECIPES runs too, e.g. the 1x128 geometry: int8-1x128, int8+fallback-1x128.
 GEOMETRY_MODES = ("int8-1x128", "int8+fallback-1x128", "int8-linear-1x128", "jetfire")
 TORCHAO_MODES = ("float8-tensorwise", "float8-rowwise")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile modes
 
 
 class BlockStack(nn.Module):
@@ -154,9 +154,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
-    if args.no_compile and args.compile_mode != "default":
-        print(f"int8flow.bench blocks: --compile-mode {args.compile_mode} needs compilation; drop --no-compile",
-              file=sys.stderr)
+    if compile_flags_error(args, "blocks"):
         return 2
     if args.iters < 1:
         print(f"int8flow.bench blocks: --iters {args.iters}: give at least 1 timed iteration", file=sys.stderr)

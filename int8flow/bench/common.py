@@ -52,6 +52,15 @@ def parse_choices(text: str, allowed, flag: str) -> list[str]:
     return chosen
 
 
+def compile_flags_error(args, sub: str) -> bool:
+    """Refuse ``--compile-mode`` other than default with ``--no-compile`` in one line on stderr; True if refused."""
+    if args.no_compile and args.compile_mode != "default":
+        print(f"int8flow.bench {sub}: --compile-mode {args.compile_mode} needs compilation; drop --no-compile",
+              file=sys.stderr)
+        return True
+    return False
+
+
 def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median time of ``fn()`` in milliseconds: CUDA events, L2 flushed before each repeat."""
     import triton.testing

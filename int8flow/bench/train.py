@@ -20,7 +20,7 @@ import torch
 
 from ..config import RECIPES
 from ..training.config import COMPILE_MODES
-from .common import device_info, parse_choices, require_cuda, result_path, write_json
+from .common import compile_flags_error, device_info, parse_choices, require_cuda, result_path, write_json
 
 MODELS = {"gpt2-124m": ["batch_size=16", "grad_accum=1"], "llama-1b": ["batch_size=4", "grad_accum=1", "parallel=none"]}
 MODES = ("bf16", "int8", "int8+fallback", "int8-linear")
@@ -73,9 +73,7 @@ def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, c
 
 def main(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
-    if args.no_compile and args.compile_mode != "default":
-        print(f"int8flow.bench train: --compile-mode {args.compile_mode} needs compilation; drop --no-compile",
-              file=sys.stderr)
+    if compile_flags_error(args, "train"):
         return 2
     steps = args.steps if args.steps is not None else (4 if args.cpu_smoke else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 10)

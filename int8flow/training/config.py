@@ -142,12 +142,10 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: resume continues the run "
                              "in the run folder, overwrite replaces it; pass one of them")
-        if self.compile_mode != "default" and not self.compile:
-            raise ValueError(f"compile_mode={self.compile_mode} needs compile=true (the mode applies to "
-                             "torch.compile only); pass compile=true or drop compile_mode")
-        if self.compile_scope != "model" and not self.compile:
-            raise ValueError(f"compile_scope={self.compile_scope} needs compile=true (the scope applies to "
-                             "torch.compile only); pass compile=true or drop compile_scope")
+        for key, what, default in (("compile_mode", "mode", "default"), ("compile_scope", "scope", "model")):
+            if getattr(self, key) != default and not self.compile:
+                raise ValueError(f"{key}={getattr(self, key)} needs compile=true (the {what} applies to "
+                                 f"torch.compile only); pass compile=true or drop {key}")
 
     @property
     def resume_checkpoint(self) -> Path | None:

@@ -99,13 +99,10 @@ def _persistent_device_state(device: torch.device) -> None:
     ordinary device memory. Allocated lazily by the first INT8 operator instead, under compile_mode=reduce-overhead
     that would happen inside cudagraph trees' warmup, in the graphs' private memory pool, where later replays may
     reuse its bytes."""
-    if device.type != "cuda":
-        return
-    try:
-        from ..kernels import nonfinite
-    except ImportError:  # no triton: the reference path keeps no device state
-        return
-    nonfinite.device_flag(device)
+    if device.type == "cuda":
+        from ..kernels import nonfinite  # torch only: no triton needed
+
+        nonfinite.device_flag(device)
 
 
 def _seed_step(seed: int, step: int, rank: int) -> None:
@@ -330,12 +327,6 @@ def _read_step(values: list[torch.Tensor], info: DistInfo):
 
     n = len(values)
     return got[:n], device_nonfinite(info.device, flag_values=got[n:])
-
-
-def _loss_and_kernel_flag(loss: torch.Tensor, info: DistInfo):
-    """(loss as a float, what the INT8 kernels flagged or None) from ONE device->host copy (`_read_step`)."""
-    (value,), flagged = _read_step([loss], info)
-    return value, flagged
 
 
 def _recompute_high_precision(model, run_step: Callable, cfg: TrainConfig, info: DistInfo) -> tuple[float, float]:

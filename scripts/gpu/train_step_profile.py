@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from int8flow.models import MODEL_PRESETS, build_model  # noqa: E402
-from int8flow.training.parallelize import _blocks  # noqa: E402
+from int8flow.training.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
+from int8flow.training.parallelize import DistInfo, parallelize  # noqa: E402
 
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
@@ -47,12 +48,10 @@ def run(a, mode: str) -> dict:
         from int8flow.kernels import nonfinite
 
         nonfinite.device_flag(a.device)  # outside any CUDA graph's pool, as the training loop does
-    graphs = a.compile_mode == "reduce-overhead" and a.compile_scope != "none"
-    if a.compile_scope == "model":
-        model.compile(mode=a.compile_mode)
-    elif a.compile_scope == "blocks":
-        for block in _blocks(model):
-            block.compile(mode=a.compile_mode)
+    compile = a.compile_scope != "none"
+    graphs = compile and a.compile_mode == "reduce-overhead"
+    info = DistInfo(0, 1, 0, torch.device(a.device))  # the training loop's compile step, without a process group
+    model = parallelize(model, "none", info, compile, a.compile_mode, a.compile_scope if compile else "model")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     g = torch.Generator(device=a.device).manual_seed(1)
     idx = torch.randint(0, _vocab(model), (a.batch, a.seq + 1), generator=g, device=a.device)
@@ -130,9 +129,8 @@ def main() -> int:
     p.add_argument("--modes", default="bf16,int8")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--compile-mode", default="reduce-overhead",
-                   choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
-    p.add_argument("--compile-scope", default="model", choices=("model", "blocks", "none"))
+    p.add_argument("--compile-mode", default="reduce-overhead", choices=COMPILE_MODES)
+    p.add_argument("--compile-scope", default="model", choices=(*COMPILE_SCOPES, "none"))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--out", default=os.environ.get("OUT", "."))
