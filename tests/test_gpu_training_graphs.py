@@ -131,12 +131,18 @@ def test_reduce_overhead_trains_like_eager(eager_run, graphs_run):
 def test_reduce_overhead_variants_sync_once_and_use_cuda_graphs(data_dir, tmp_path, monkeypatch, precision, scope):
     """The fallback's group selection (median, top-k on the device) and regional compilation (compile_scope=blocks:
     one CUDA graph per block call, the embedding, head and loss eager between them) keep the step at one host
-    sync, with no graph skipped, and train (finite losses that go down)."""
+    sync, with no graph skipped, and train (finite losses that go down). The per-layer fallback rates (buffers the
+    replays update in place) are read at the last step only, after its kill point: outside the counted steps."""
     from torch._dynamo.utils import counters
 
     counters.clear()
     cfg = _config(data_dir, tmp_path / "run", "reduce-overhead", precision=precision, compile_scope=scope)
-    per_step, losses, _ = _train_counting_syncs(cfg, monkeypatch)
+    per_step, losses, records = _train_counting_syncs(cfg, monkeypatch)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    assert [r["step"] for r in records if "fallback_rate" in r] == ([STEPS] if precision == "int8+fallback" else [])
+    if precision == "int8+fallback":
+        rates = records[-1]["fallback_rate"]
+        assert list(rates) == ["model.layers.0.mlp", "model.layers.1.mlp"], rates
+        assert all(0 <= r <= 1 for r in rates.values()), rates
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, f"inductor skipped CUDA graphs: {counters['inductor']}"
     assert per_step[WARM - 1:] == [1] * (STEPS - WARM), per_step

@@ -8,6 +8,9 @@ Models are compiled (``torch.compile``, mode ``--compile-mode``: default, reduce
 max-autotune-no-cudagraphs) unless ``--no-compile``; each record says ``compile`` and ``compile_mode``.
 Per-step tokens/s come from the training log, timed between the loop's once-per-step loss reads (no
 synchronize per step, which would hide the CPU/GPU overlap CUDA graphs give).
+Fallback modes (``int8+fallback``, ``jetfire+fallback``) also record ``fallback_rate_mean`` / ``fallback_rate_max``:
+over the layers, the fraction of activation blocks quantized with the 16-bit fallback term in the last step, read
+by the loop after that step's timing (its final evaluation) and taken from the log here; null in other modes.
 """
 from __future__ import annotations
 
@@ -61,13 +64,16 @@ def run_one(preset: str, extra: list[str], mode: str, steps: int, warmup: int, c
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result = train(cfg)
-        log = [r for r in read_log(out_dir) if r.get("tokens_per_s") and r["step"] > warmup]
+        records = read_log(out_dir)
+    log = [r for r in records if r.get("tokens_per_s") and r["step"] > warmup]
+    last = next((r for r in reversed(records) if r["step"] == steps), {})  # the fallback rates of the last step
     if not log:
         raise RuntimeError(f"{preset}/{mode}: no timed steps (steps={steps} must exceed warmup={warmup})")
     return {"model": preset, "mode": mode, "steps": steps, "settings": list(extra),
             "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in log),
             "final_loss": result.losses[-1],
+            "fallback_rate_mean": last.get("fallback_rate_mean"), "fallback_rate_max": last.get("fallback_rate_max"),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
 
 
@@ -106,7 +112,9 @@ def main(args) -> int:
                     x["speedup_vs_bf16"] = x["tokens_per_s"] / base if base else None
             print(f"{preset:10s} {mode:14s} {r['tokens_per_s']:12,.0f} tok/s"
                   + (f"  {r['speedup_vs_bf16']:.2f}x" if base else "")
-                  + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""), flush=True)
+                  + (f"  peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "")
+                  + (f"  fallback {r['fallback_rate_mean']:.2%} mean, {r['fallback_rate_max']:.2%} max"
+                     if r["fallback_rate_mean"] is not None else ""), flush=True)
             # written after every run: a long compile that hits a time limit keeps the records before it
             write_json(out, records, info)
             if device == "cuda":

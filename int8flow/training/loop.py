@@ -14,6 +14,9 @@
   (``spike_factor``) is skipped too.
   Under ``parallel=ddp|fsdp2`` the INT8 operators let NaN/Inf propagate instead of raising (`model_precision`),
   so a fault on one rank reaches the rank-symmetric loss / gradient-norm check rather than hanging the others.
+- Fallback rates: in ``int8+fallback`` / ``jetfire+fallback`` runs each evaluated record also holds the per-layer
+  fraction of activation blocks that took the 16-bit fallback term in the step (`metrics.fallback_rates`), read in
+  one more host sync at evaluation steps only, and the final summary names the mean, the max and its layer.
 - Test-only kill points (``killpoints``): ``INT8FLOW_TEST_KILL_AT=step:N`` SIGKILLs the run after step N.
 """
 from __future__ import annotations
@@ -45,7 +48,7 @@ from .checkpoint import (CKPT_DIR, MODEL_FILE, CheckpointError, check_state_dict
                          latest_checkpoint, load_checkpoint, save_checkpoint)
 from .config import TrainConfig
 from .killpoints import kill_point
-from .metrics import LOG_FILE, MetricsLog, plot_runs
+from .metrics import LOG_FILE, MetricsLog, fallback_rate_buffers, fallback_rates, fallback_summary, plot_runs
 from .parallelize import (DistInfo, all_reduce_mean, check_device, full_state_dicts, load_optimizer_state, parallelize,
                           set_grad_sync, setup_distributed, teardown_distributed, unwrap)
 
@@ -590,6 +593,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     per_rank = cfg.batch_size * cfg.grad_accum
     tokens_per_step = per_rank * info.world_size * cfg.seq_len
     label = _precision_label(cfg.precision)
+    reports_fallback = bool(fallback_rate_buffers(model))  # int8+fallback / jetfire+fallback: per-layer rates logged
     say(f"int8flow: {cfg.name}: {cfg.model} ({n_params / 1e6:.2f}M params, {label}) on {device}"
         f"{f' x{info.world_size} {cfg.parallel}' if info.distributed else ''}; data {data.folder} "
         f"({data.meta['train_tokens'] / 1e6:.2f}M train tokens, vocab {data.vocab_size}); "
@@ -623,7 +627,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
     interactive = show and sys.stderr.isatty()
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not interactive, unit="step", dynamic_ncols=True)
     note = bar.write if info.is_main else (lambda *a, **k: None)
-    losses, val, last_ckpt = [], None, None
+    losses, val, last_ckpt, rates = [], None, None, {}
     train_seconds = 0.0
     stopper = _StopSignals(lambda msg: print(msg, file=sys.stderr, flush=True) if info.is_main else None)
     stopped = 0
@@ -694,6 +698,9 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
                 record.update(fallback="bf16", fault=fallback)
                 note(f"int8flow: step {done} recomputed in high precision (nonfinite=bf16): {fallback}")
             if done % cfg.eval_interval == 0 or done == end_step:
+                if reports_fallback:  # read before evaluate(): its forwards overwrite the buffers
+                    rates = fallback_rates(model, info)
+                    record.update(fallback_summary(rates))
                 val = evaluate(model, data, cfg, info, autocast, vocab)
                 record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
                 t_prev_read = None
@@ -735,6 +742,10 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
         if val is not None:
             ppl = math.exp(min(val, 50.0))
             say(f"int8flow: {'val' if early else 'final val'} loss {val:.4f} (perplexity {ppl:.1f}) at step {end_step}")
+        if rates:
+            worst = max(rates, key=rates.get)
+            say(f"int8flow: fallback rate at step {end_step} (activation blocks with the 16-bit term, {len(rates)} "
+                f"layers): mean {sum(rates.values()) / len(rates):.2%}, max {rates[worst]:.2%} ({worst})")
         say(f"int8flow: log {run_dir / 'log.jsonl'} | plot {plot} | checkpoint {last_ckpt}")
         if early:
             say(f"int8flow: stopped at step {end_step} of {cfg.max_steps} (stop_at); continue with resume=true")

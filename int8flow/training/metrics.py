@@ -4,6 +4,11 @@ Records: ``{"step", "loss", "lr", "tokens_per_s", "grad_norm", "tokens", "time_s
 step, plus ``"val_loss"``/``"val_ppl"`` when evaluated, ``"skipped"`` (the reason) when the guard
 dropped the step, ``"fallback"`` when it was recomputed in high precision and ``"fault"`` (where the
 NaN/Inf was found) with either. Step 0 holds the validation loss of the initial model.
+
+In ``int8+fallback`` / ``jetfire+fallback`` runs the evaluated records (every ``eval_interval`` steps and the
+last step) also hold ``"fallback_rate"`` (``{module name: rate}``), ``"fallback_rate_mean"`` and
+``"fallback_rate_max"``: per layer, the fraction of activation blocks quantized with the 16-bit fallback term
+in the step's last forward (`fallback_rates`). Runs without fallback have none of these keys.
 """
 from __future__ import annotations
 
@@ -11,7 +16,14 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["MetricsLog", "read_log", "plot_runs", "run_label"]
+import torch
+from torch import nn
+
+from ..config import Int8TrainingConfig
+from .parallelize import DistInfo, all_reduce_mean, unwrap
+
+__all__ = ["MetricsLog", "read_log", "plot_runs", "run_label", "fallback_rate_buffers", "fallback_rates",
+           "fallback_summary"]
 
 LOG_FILE = "log.jsonl"
 
@@ -62,6 +74,62 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _fallback_config(module: nn.Module) -> Int8TrainingConfig | None:
+    """The INT8 config a module runs under: an INT8 data-flow block's ``int8_flow`` or an ``Int8Linear``'s
+    ``config`` (None for any other module)."""
+    for attr in ("int8_flow", "config"):
+        cfg = getattr(module, attr, None)
+        if isinstance(cfg, Int8TrainingConfig):
+            return cfg
+    return None
+
+
+def fallback_rate_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Module name -> its ``fallback_rate`` buffer (a 0-d float32 tensor on the model's device), for the modules
+    that write one: every module under an INT8 data-flow block or ``Int8Linear`` whose config uses fallback
+    (``int8+fallback``, ``jetfire+fallback``). The models register the buffer in every precision (it stays 0 where
+    fallback is off), so the config, not the buffer, decides. Names as in the unwrapped model's
+    ``named_modules`` (torch.compile and FSDP2 work in place; a DDP wrapper is looked through). Empty for a model
+    without fallback."""
+    found: dict[str, torch.Tensor] = {}
+    for name, module in unwrap(model).named_modules():
+        cfg = _fallback_config(module)
+        if cfg is None or not cfg.uses_fallback:
+            continue
+        for sub_name, sub in module.named_modules(prefix=name):
+            buf = sub._buffers.get("fallback_rate")
+            if buf is not None:
+                found[sub_name] = buf
+    return found
+
+
+def fallback_rates(model: nn.Module, info: DistInfo | None = None) -> dict[str, float]:
+    """Per-layer fallback rate of the last forward: module name -> fraction in [0, 1] of its activation blocks
+    quantized with the 16-bit fallback term (`fallback_rate_buffers`); ``{}`` for a model without fallback.
+
+    The buffers are stacked on the device (a copy taken here, in eager code, outside any compiled graph; under CUDA
+    graphs the replays update them in place with ``copy_``) and read in ONE ``.tolist()``: a host sync, so the
+    training loop calls this only at its evaluation steps, never every step. Under ddp/fsdp2 (``info``
+    distributed) the rates are averaged over the ranks, a collective: every rank must call it at the same step.
+    """
+    buffers = fallback_rate_buffers(model)
+    if not buffers:
+        return {}
+    stacked = torch.stack([b.detach().float() for b in buffers.values()])
+    if info is not None:
+        stacked = all_reduce_mean(stacked, info)
+    return dict(zip(buffers, stacked.tolist()))
+
+
+def fallback_summary(rates: dict[str, float]) -> dict:
+    """Log fields of per-layer rates (`fallback_rates`): ``fallback_rate`` (the dict), ``fallback_rate_mean`` (over
+    layers) and ``fallback_rate_max``; ``{}`` when ``rates`` is empty."""
+    if not rates:
+        return {}
+    return {"fallback_rate": dict(rates), "fallback_rate_mean": sum(rates.values()) / len(rates),
+            "fallback_rate_max": max(rates.values())}
 
 
 def _smooth(values: list[float], weight: float) -> list[float]:
