@@ -7,7 +7,7 @@ import torch
 from int8flow.config import GEOMETRIES, Int8TrainingConfig
 from int8flow.format import BlockShape, expand_scale, quantize
 from int8flow.ops import int8_linear
-from int8flow.ops.fallback import compact_term, expand_term, fallback_mask, fallback_sqnr_sweep
+from int8flow.ops.fallback import compact_term, expand_term, fallback_mask, fallback_sqnr_sweep, median_all, select_groups
 
 from _inputs import sqnr_db
 
@@ -79,6 +79,29 @@ def test_mask_flags_outlier_blocks_only_and_respects_budget():
     assert not fallback_mask(x, BLOCK, 8.0, budget=0.0).any()
     assert not fallback_mask(torch.randn(96, 256), BLOCK, 8.0, 1.0).any()  # Gaussian: no block is 8x the median
     assert not fallback_mask(torch.zeros(64, 64), BLOCK, 8.0, 1.0).any()
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (8, 6), (1, 1), (2, 1)])
+def test_median_all_equals_torch_median(shape):
+    """median_all (kthvalue, one kernel on CUDA) is torch's median: the lower middle value for even counts."""
+    x = torch.randn(shape).abs() * torch.rand(shape) * 100  # ties unlikely; odd and even counts
+    assert median_all(x).item() == x.median().item()
+    x = torch.randint(0, 3, shape).float()  # many ties
+    assert median_all(x).item() == x.median().item()
+
+
+def test_select_groups_budget_keeps_exactly_k_blocks():
+    """The budget keeps exactly floor(budget * M * groups) flagged blocks, the largest ratios (index_fill_ path)."""
+    torch.manual_seed(3)
+    scale = torch.rand(64, 8) + 0.5
+    scale[:, 2] *= 50  # one outlier group: every block of it flagged
+    groups, flags = select_groups(scale, threshold=8.0, budget=0.05, capacity=2)
+    k = math.floor(0.05 * 64 * 8)
+    assert groups.tolist() == sorted(groups.tolist()) and 2 in groups.tolist()
+    assert int(flags.sum()) == k
+    col = groups.tolist().index(2)
+    kept = scale[:, 2][flags[:, col]]
+    assert kept.min() >= scale[:, 2][~flags[:, col]].max()  # the k largest ratios
 
 
 def test_sweep_improves_monotonically_as_threshold_drops():

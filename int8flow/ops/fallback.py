@@ -37,18 +37,25 @@ from ..format import QTensor, block_absmax, expand_scale
 from ..format.blocks import BlockShape
 
 
+def median_all(t: torch.Tensor) -> torch.Tensor:
+    """The median of all elements (0-d): the lower of the two middle values for an even count, as ``t.median()``,
+    by ``kthvalue`` (a radix select: one kernel on CUDA, where ``median()`` sorts the whole tensor, ~8 launches).
+    NaN ranks above every number here (``median()`` would return NaN); the kernels flag NaN/Inf blocks anyway."""
+    flat = t.reshape(-1)
+    return flat.kthvalue((flat.numel() + 1) // 2).values
+
+
 def fallback_mask(x: torch.Tensor, block: BlockShape, threshold: float, budget: float) -> torch.Tensor:
     """Boolean grid of blocks to compute at 16-bit: absmax > threshold * median block absmax, capped by budget."""
     amax = block_absmax(x, block)
-    ratio = amax / amax.median().clamp_min(torch.finfo(torch.float32).tiny)
+    ratio = amax / median_all(amax).clamp_min(torch.finfo(torch.float32).tiny)
     flagged = ratio > threshold
     k = math.floor(budget * ratio.numel())
     if k == 0:
         return torch.zeros_like(flagged)
     if k < ratio.numel():  # keep the k largest ratios (exactly k, ties broken by position)
         top = torch.topk(torch.where(flagged, ratio, -1.0).flatten(), k).indices
-        keep = torch.zeros(ratio.numel(), dtype=torch.bool, device=ratio.device)
-        keep[top] = True
+        keep = torch.zeros(ratio.numel(), dtype=torch.bool, device=ratio.device).index_fill_(0, top, True)
         flagged &= keep.view_as(flagged)
     return flagged
 
@@ -199,7 +206,7 @@ def select_groups(scale: torch.Tensor, threshold: float, budget: float, capacity
     if m == 0 or n_groups == 0:  # an empty tensor: nothing to flag (and no median)
         return (torch.arange(capacity, device=scale.device),
                 torch.zeros((m, capacity), dtype=torch.bool, device=scale.device))
-    ratio = scale / scale.median().clamp_min(torch.finfo(torch.float32).tiny)
+    ratio = scale / median_all(scale).clamp_min(torch.finfo(torch.float32).tiny)
     if capacity == n_groups:
         groups = torch.arange(n_groups, device=scale.device)
     else:
@@ -211,8 +218,8 @@ def select_groups(scale: torch.Tensor, threshold: float, budget: float, capacity
         return groups, torch.zeros_like(flags)
     if k < flags.numel():  # the budget binds: the k largest flagged ratios (ties broken by position)
         top = torch.topk(torch.where(flags, ratio, -1.0).flatten(), k).indices
-        keep = torch.zeros(flags.numel(), dtype=torch.bool, device=flags.device)
-        keep[top] = True
+        # index_fill_, not keep[top] = True: the latter copies a CPU scalar, which a CUDA graph capture refuses
+        keep = torch.zeros(flags.numel(), dtype=torch.bool, device=flags.device).index_fill_(0, top, True)
         flags &= keep.view_as(flags)
     return groups, flags
 
