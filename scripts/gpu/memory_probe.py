@@ -28,12 +28,18 @@ from int8flow.bench.blocks import SHAPES, TINY_SHAPES, _build, saved_bytes  # no
 GIB = 2 ** 30
 
 
-def _where(frames) -> str:
-    """The innermost frame inside int8flow (file:line function), else the innermost frame."""
+def _where(frames, depth: int = 2) -> str:
+    """The innermost ``depth`` frames inside int8flow, innermost first (file:line function), past the allocation
+    helper ``kernels/_launch.py``; else the innermost frame."""
+    names = []
     for f in frames or ():
-        if "int8flow" in f.get("filename", ""):
+        if "int8flow" in f.get("filename", "") and not f["filename"].endswith("_launch.py"):
             name = f["filename"].split("int8flow", 1)[1].lstrip("/")
-            return f"{name}:{f['line']} {f['name']}"
+            names.append(f"{name}:{f['line']} {f['name']}")
+            if len(names) == depth:
+                break
+    if names:
+        return " < ".join(names)
     if frames:
         f = frames[0]
         return f"{os.path.basename(f.get('filename', '?'))}:{f.get('line', 0)} {f.get('name', '?')}"
