@@ -17,6 +17,7 @@ Every time is a median of repeats with CUDA events and the L2 flushed (`common.t
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -34,9 +35,40 @@ MODES = {
 }
 
 
+PARTS = ("quantize", "gemm", "fallback", "membound")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="two linear shapes instead of five (about a minute)")
+    p.add_argument("--quick", action="store_true", help="two linear shapes instead of six (about a minute)")
+    p.add_argument("--shapes", default=None,
+                   help="linear shapes N_out x K_in for the GEMM and fallback records, e.g. 2560x2048,11264x2048 "
+                        f"(default: {','.join(f'{n}x{k}' for n, k in LINEAR_SHAPES)})")
+    p.add_argument("--tokens", type=int, default=M_TOKENS,
+                   help=f"M, the tokens of every record (default {M_TOKENS}; recorded in each record's shape)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--gemm-modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--out", default=None, help="JSON file (default bench/results/<gpu>_kernels.json, <gpu> from the device name)")
+
+
+def parse_shapes(text: str) -> list:
+    """``"2560x2048,11264x2048"`` -> [(2560, 2048), (11264, 2048)] (N out, K in); ValueError with the fix."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: {item.strip()!r} is not N_out x K_in with positive integers; "
+                             "write e.g. --shapes 2560x2048,11264x2048")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def _subset(text: str, allowed, flag: str) -> list:
+    got = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in got if t not in allowed]
+    if bad or not got:
+        raise ValueError(f"{flag}: {', '.join(bad) or 'nothing given'} not among {', '.join(allowed)}; "
+                         f"choose a comma-separated subset, e.g. {flag} {list(allowed)[0]}")
+    return got
 
 
 def k_major_t(q):
@@ -202,21 +234,38 @@ def quantize_records(copy: float, timer=time_ms) -> list[dict]:
 
 def membound(copy: float) -> list[dict]:
     try:
-        from .membound import membound_records
+        from . import membound as mb
     except ImportError as e:
         print(f"  int8flow.bench.membound is not available ({e}); memory-bound kernels skipped")
         return []
+    mb.M_TOKENS = M_TOKENS  # --tokens
+    membound_records = mb.membound_records
     return [{**r, "copy_gbps": copy} for r in membound_records(time_ms, copy)]
 
 
 def main(args) -> int:
+    global M_TOKENS
+    try:
+        shapes = parse_shapes(args.shapes) if args.shapes else LINEAR_SHAPES
+        parts = _subset(args.parts, PARTS, "--parts")
+        modes = _subset(args.gemm_modes, MODES, "--gemm-modes")
+        if args.tokens < 1:
+            raise ValueError(f"--tokens must be a positive number of tokens (M), got {args.tokens}")
+    except ValueError as e:
+        print(f"int8flow bench kernels: {e}", file=sys.stderr)
+        return 2
     require_cuda()
+    M_TOKENS = args.tokens
     info = device_info()
-    print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['date']}", flush=True)
-    shapes = LINEAR_SHAPES[:2] if args.quick else LINEAR_SHAPES
+    print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['date']}  M = {M_TOKENS}",
+          flush=True)
+    shapes = shapes[:2] if args.quick else shapes
     copy = copy_gbps()
     print(f"  device-to-device copy: {copy:.0f} GB/s", flush=True)
-    records = quantize_records(copy) + gemm_records(shapes) + fallback_records(shapes) + membound(copy)
+    records = ((quantize_records(copy) if "quantize" in parts else [])
+               + (gemm_records(shapes, modes=tuple(modes)) if "gemm" in parts else [])
+               + (fallback_records(shapes) if "fallback" in parts else [])
+               + (membound(copy) if "membound" in parts else []))
     out = args.out or result_path(info, "kernels")
     write_json(out, records, info)
     print(f"wrote {len(records)} records to {out}")
