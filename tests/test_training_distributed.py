@@ -105,3 +105,17 @@ def test_fault_on_one_rank_is_skipped_by_all_without_a_hang(data, tmp_path, para
     fault = records[1]["fault"]
     assert "rank 1: non-finite weights: parameter transformer.h.1.mlp.c_fc.weight: value holds 1 Inf" in fault, fault
     assert proc.stdout.count("step 2 skipped (nonfinite)") == 1, proc.stdout  # reported once, by rank 0
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(data, tmp_path):
+    """SIGTERM reaches rank 1 only, after step 2's update: its vote rides step 3's loss all-reduce (no collective
+    or host read of its own), so both ranks finish step 3, write its checkpoint and stop; nothing hangs."""
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "int8flow.train"]
+    args = [a for a in COMMON if not a.startswith("max_steps=")] + [
+        "max_steps=40", "parallel=ddp", f"data={data / 'tok'}", f"out_dir={out}"]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "INT8FLOW_TEST_SIGNAL_AT": "step:2@1"})
+    assert "stopped at step 3;" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (out / "checkpoints" / "step_000003" / "model.safetensors").is_file()
+    assert max(r["step"] for r in read_log(out)) == 3

@@ -8,6 +8,9 @@ environment lookup per point reached. Points:
                           trainer.pt, state.json (all into the temporary folder), or latest (the folder is
                           already renamed into place, the ``latest`` pointer not yet moved)
   ckpt:step_NNNNNN/FILE   the same, only in the write of that checkpoint
+
+``INT8FLOW_TEST_SIGNAL_AT=step:N@R`` instead sends SIGTERM to this process at point step:N when it is rank R
+(the ``RANK`` torchrun sets; 0 without it): one rank of a ddp/fsdp2 run receiving a stop signal alone.
 """
 from __future__ import annotations
 
@@ -15,13 +18,20 @@ import os
 import signal
 import sys
 
-__all__ = ["KILL_ENV", "kill_point"]
+__all__ = ["KILL_ENV", "SIGNAL_ENV", "kill_point"]
 
 KILL_ENV = "INT8FLOW_TEST_KILL_AT"
+SIGNAL_ENV = "INT8FLOW_TEST_SIGNAL_AT"
 
 
 def kill_point(*names: str) -> None:
-    """SIGKILL this process (no cleanup, no ``finally``) when ``INT8FLOW_TEST_KILL_AT`` is one of ``names``."""
+    """SIGKILL this process (no cleanup, no ``finally``) when ``INT8FLOW_TEST_KILL_AT`` is one of ``names``;
+    SIGTERM (the handled stop signal) when ``INT8FLOW_TEST_SIGNAL_AT`` names one of them and this rank."""
+    sig_at = os.environ.get(SIGNAL_ENV)
+    if sig_at:
+        point, _, rank = sig_at.partition("@")
+        if point in names and int(rank or 0) == int(os.environ.get("RANK", "0")):
+            os.kill(os.getpid(), signal.SIGTERM)
     at = os.environ.get(KILL_ENV)
     if not at:
         return

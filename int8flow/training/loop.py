@@ -288,21 +288,51 @@ def _clip_grads(model, cfg: TrainConfig) -> float:
     return float(_clip_grads_tensor(model, cfg))
 
 
-def _forward_backward(model, run_step: Callable, cfg: TrainConfig, info: DistInfo) -> tuple[float, float, str | None]:
-    """(loss, clipped grad norm, fault): an INT8 operator refusing NaN/Inf (``NonFiniteError``) ends the step
-    with loss and grad norm NaN and its message as ``fault``; the caller applies the non-finite policy.
+def _forward_backward(model, run_step: Callable, cfg: TrainConfig, info: DistInfo,
+                      signum: int = 0) -> tuple[float, float, str | None, int]:
+    """(loss, clipped grad norm, fault, stop signal): an INT8 operator refusing NaN/Inf (``NonFiniteError``) ends
+    the step with loss and grad norm NaN and its message as ``fault``; the caller applies the non-finite policy.
     The loss, the gradient norm and the kernels' non-finite flag reach the host in ONE copy, the step's only
-    host sync."""
+    host sync. ``signum``: this rank's pending stop signal (0: none); under ddp/fsdp2 it rides the loss's
+    all-reduce (`_reduce_loss_and_stop`) and the result is the signal every rank stops on, so stopping together
+    costs no collective or host read of its own. Single process: ``signum`` itself."""
     try:
         loss = run_step()
     except NonFiniteError as err:
-        return all_reduce_mean(torch.full((), math.nan, device=info.device), info).item(), math.nan, str(err)
-    loss = all_reduce_mean(loss, info)
+        loss, vote = _reduce_loss_and_stop(torch.full((), math.nan, device=info.device), signum, info)
+        got, _ = _read_step([loss, *vote], info)
+        return got[0], math.nan, str(err), _stop_from_vote(got[1:], signum, info)
+    loss, vote = _reduce_loss_and_stop(loss, signum, info)
     norm = _clip_grads_tensor(model, cfg)
-    (loss_val, norm_val), flagged = _read_step([loss, norm], info)
+    got, flagged = _read_step([loss, norm, *vote], info)
+    stop = _stop_from_vote(got[2:], signum, info)
     if flagged is not None:  # an INT8 kernel wrote a NaN/Inf block this step: the step is non-finite, named
-        return math.nan, norm_val, f"{flagged}"
-    return loss_val, norm_val, None
+        return math.nan, got[1], f"{flagged}", stop
+    return got[0], got[1], None, stop
+
+
+def _reduce_loss_and_stop(loss: torch.Tensor, signum: int, info: DistInfo) -> tuple[torch.Tensor, list]:
+    """(mean loss over ranks, [ranks with a stop signal, sum of their signal numbers] as device scalars) from ONE
+    all-reduce of three floats; single process: (loss, []). The vote is built with ``torch.full`` (a fill
+    kernel), not a host->device copy, so it adds no sync."""
+    if not info.distributed:
+        return loss, []
+    v = torch.stack([loss.detach().float().reshape(()),
+                     torch.full((), float(signum > 0), device=loss.device),
+                     torch.full((), float(signum), device=loss.device)])
+    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return v[0] / info.world_size, [v[1], v[2]]
+
+
+def _stop_from_vote(vote: list, signum: int, info: DistInfo) -> int:
+    """The signal every rank stops on: this rank's own when it has one, else the signal the other ranks got
+    (their mean signal number: the same signal on every such rank in practice); 0 when no rank has one."""
+    if not info.distributed:
+        return signum
+    ranks, total = vote
+    if ranks < 0.5:
+        return 0
+    return signum or int(round(total / ranks))
 
 
 def _read_step(values: list[torch.Tensor], info: DistInfo):
@@ -506,13 +536,12 @@ class _StopSignals:
             signal.signal(sig, handler)
         return False
 
-    def stop_requested(self, info: DistInfo) -> int:
-        """The signal to stop on (0: none); under ddp/fsdp2 every rank stops at the same step."""
-        if not info.distributed:
-            return self.signum
-        flag = torch.tensor([float(self.signum)], device=info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+    def stop_requested(self, vote: int, info: DistInfo) -> int:
+        """The signal to stop on after this step (0: none). Single process: any signal received so far. Under
+        ddp/fsdp2: ``vote``, what the ranks' signals were when the step's loss was all-reduced
+        (`_forward_backward`), the same on every rank, so every rank stops at the same step; a signal that came
+        later is in the next step's vote."""
+        return self.signum if not info.distributed else vote
 
 
 def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> TrainResult:
@@ -641,7 +670,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
             offsets = step_offsets(cfg.seed, step, per_rank * info.world_size, len(data.train), cfg.seq_len)
             run_step = _step_closure(model, data, offsets[info.rank * per_rank:(info.rank + 1) * per_rank], cfg, info,
                                      step, autocast, vocab)
-            loss_val, grad_norm, fault = _forward_backward(model, run_step, cfg, info)
+            loss_val, grad_norm, fault, stop_vote = _forward_backward(model, run_step, cfg, info, stopper.signum)
             t_read = time.perf_counter()
 
             reason, fallback = None, None
@@ -706,7 +735,7 @@ def _train(cfg: TrainConfig, info: DistInfo, build_fn: Callable | None) -> Train
                 t_prev_read = None
             if log:
                 log.log(record)
-            stopped = stopper.stop_requested(info) if done < end_step else 0
+            stopped = stopper.stop_requested(stop_vote, info) if done < end_step else 0
             if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step or stopped:
                 last_ckpt = save(done, record) or last_ckpt
                 t_prev_read = None

@@ -1,0 +1,66 @@
+"""Under ddp/fsdp2 a stop signal travels with the step's loss all-reduce: one collective and one host read a
+step, and every rank decides the same (the torchrun test in test_training_distributed.py runs it end to end)."""
+import signal
+
+import pytest
+import torch
+
+from int8flow.training import loop
+from int8flow.training.parallelize import DistInfo
+
+TWO = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture
+def collectives(monkeypatch):
+    """dist.all_reduce as if a second rank contributed ``other`` (loss, has-signal, signal number)."""
+    calls = []
+
+    def fake(t, op=None):
+        calls.append((t.numel(), op))
+        t.add_(torch.tensor(calls_other[0], dtype=t.dtype))
+
+    calls_other = [[3.0, 0.0, 0.0]]
+    monkeypatch.setattr(loop.dist, "all_reduce", fake)
+    return calls, calls_other
+
+
+def _step(signum, info):
+    model = torch.nn.Linear(4, 2)
+
+    def run_step():
+        loss = model(torch.ones(3, 4)).square().mean()
+        loss.backward()
+        return loss.detach()
+
+    cfg = loop.TrainConfig(grad_clip=1.0)
+    return loop._forward_backward(model, run_step, cfg, info, signum), model
+
+
+def test_one_all_reduce_carries_loss_and_stop_vote(collectives, monkeypatch):
+    calls, other = collectives
+    reads = []
+    real = loop._read_step
+    monkeypatch.setattr(loop, "_read_step", lambda values, info: reads.append(len(values)) or real(values, info))
+    (loss, norm, fault, stop), model = _step(0, TWO)
+    assert calls == [(3, torch.distributed.ReduceOp.SUM)]  # loss and the vote: one collective of three floats
+    assert reads == [4]  # loss, grad norm, vote (2): one read
+    assert stop == 0 and fault is None
+    own = model(torch.ones(3, 4)).square().mean().item()
+    assert loss == pytest.approx((own + 3.0) / 2)  # the mean over the two ranks
+
+
+def test_the_other_ranks_signal_stops_this_one(collectives):
+    calls, other = collectives
+    other[0] = [1.0, 1.0, float(signal.SIGTERM)]
+    (_, _, _, stop), _ = _step(0, TWO)
+    assert stop == signal.SIGTERM
+    (_, _, _, stop), _ = _step(signal.SIGINT, TWO)  # its own signal wins for the exit code
+    assert stop == signal.SIGINT
+
+
+def test_single_process_needs_no_collective(collectives):
+    calls, _ = collectives
+    (_, _, _, stop), _ = _step(signal.SIGINT, ONE)
+    assert calls == [] and stop == signal.SIGINT
