@@ -90,6 +90,14 @@ def test_median_all_equals_torch_median(shape):
     assert median_all(x).item() == x.median().item()
 
 
+@pytest.mark.parametrize("shape", [(0, 64), (64, 0), (0, 0)])
+def test_fallback_mask_of_an_empty_activation_is_empty(shape):
+    """As with torch's median (NaN for an empty tensor), not kthvalue's IndexError: an empty mask, nothing flagged."""
+    assert math.isnan(median_all(torch.empty(shape)).item())
+    mask = fallback_mask(torch.empty(shape), BLOCK, 8.0, 0.1)
+    assert mask.shape == BLOCK.grid(shape) and not mask.any()
+
+
 def test_select_groups_budget_keeps_exactly_k_blocks():
     """The budget keeps exactly floor(budget * M * groups) flagged blocks, the largest ratios (index_fill_ path)."""
     torch.manual_seed(3)

@@ -40,8 +40,12 @@ from ..format.blocks import BlockShape
 def median_all(t: torch.Tensor) -> torch.Tensor:
     """The median of all elements (0-d): the lower of the two middle values for an even count, as ``t.median()``,
     by ``kthvalue`` (a radix select: one kernel on CUDA, where ``median()`` sorts the whole tensor, ~8 launches).
-    NaN ranks above every number here (``median()`` would return NaN); the kernels flag NaN/Inf blocks anyway."""
+    NaN ranks above every number here (``median()`` would return NaN); the kernels flag NaN/Inf blocks anyway.
+    An empty tensor gives NaN, as ``median()`` (``kthvalue`` would raise): `fallback_mask` of an empty activation
+    is an empty mask."""
     flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return flat.new_full((), math.nan)
     return flat.kthvalue((flat.numel() + 1) // 2).values
 
 
