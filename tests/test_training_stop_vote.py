@@ -14,7 +14,7 @@ ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 @pytest.fixture
 def collectives(monkeypatch):
-    """dist.all_reduce as if a second rank contributed ``other`` (loss, has-signal, signal number)."""
+    """dist.all_reduce as if the other ranks contributed ``other`` (loss, ranks with SIGINT, ranks with SIGTERM)."""
     calls = []
 
     def fake(t, op=None):
@@ -53,7 +53,7 @@ def test_one_all_reduce_carries_loss_and_stop_vote(collectives, monkeypatch):
 
 def test_the_other_ranks_signal_stops_this_one(collectives):
     calls, other = collectives
-    other[0] = [1.0, 1.0, float(signal.SIGTERM)]
+    other[0] = [1.0, 0.0, 1.0]  # SIGTERM on the other rank
     (_, _, _, stop), _ = _step(0, TWO)
     assert stop == signal.SIGTERM
     (_, _, _, stop), _ = _step(signal.SIGINT, TWO)  # its own signal wins for the exit code
@@ -64,3 +64,17 @@ def test_single_process_needs_no_collective(collectives):
     calls, _ = collectives
     (_, _, _, stop), _ = _step(signal.SIGINT, ONE)
     assert calls == [] and stop == signal.SIGINT
+
+
+def test_mixed_signals_give_a_real_signal_on_every_rank(collectives):
+    """SIGINT on one rank, SIGTERM on another: a rank without a signal stops on SIGTERM (not on the mean of the two
+    numbers, 8 = SIGFPE, exit code 136)."""
+    _, other = collectives
+    other[0] = [2.0, 1.0, 1.0]  # two other ranks: one SIGINT, one SIGTERM
+    (_, _, _, stop), _ = _step(0, TWO)
+    assert stop == signal.SIGTERM
+    other[0] = [2.0, 2.0, 0.0]  # SIGINT only
+    (_, _, _, stop), _ = _step(0, TWO)
+    assert stop == signal.SIGINT
+    (_, _, _, stop), _ = _step(signal.SIGINT, TWO)  # its own wins
+    assert stop == signal.SIGINT

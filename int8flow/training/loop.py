@@ -288,6 +288,9 @@ def _clip_grads(model, cfg: TrainConfig) -> float:
     return float(_clip_grads_tensor(model, cfg))
 
 
+_STOP_VOTE_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the signals `_StopSignals` handles, weakest first
+
+
 def _forward_backward(model, run_step: Callable, cfg: TrainConfig, info: DistInfo,
                       signum: int = 0) -> tuple[float, float, str | None, int]:
     """(loss, clipped grad norm, fault, stop signal): an INT8 operator refusing NaN/Inf (``NonFiniteError``) ends
@@ -312,27 +315,26 @@ def _forward_backward(model, run_step: Callable, cfg: TrainConfig, info: DistInf
 
 
 def _reduce_loss_and_stop(loss: torch.Tensor, signum: int, info: DistInfo) -> tuple[torch.Tensor, list]:
-    """(mean loss over ranks, [ranks with a stop signal, sum of their signal numbers] as device scalars) from ONE
-    all-reduce of three floats; single process: (loss, []). The vote is built with ``torch.full`` (a fill
+    """(mean loss over ranks, [ranks with SIGINT, ranks with SIGTERM] as device scalars) from ONE all-reduce of
+    three floats; single process: (loss, []). Counted per signal, not summed as numbers: the mean of SIGINT (2)
+    and SIGTERM (15) would be no signal at all (8, SIGFPE). The vote is built with ``torch.full`` (a fill
     kernel), not a host->device copy, so it adds no sync."""
     if not info.distributed:
         return loss, []
-    v = torch.stack([loss.detach().float().reshape(()),
-                     torch.full((), float(signum > 0), device=loss.device),
-                     torch.full((), float(signum), device=loss.device)])
+    v = torch.stack([loss.detach().float().reshape(())]
+                    + [torch.full((), float(signum == sig), device=loss.device) for sig in _STOP_VOTE_SIGNALS])
     dist.all_reduce(v, op=dist.ReduceOp.SUM)
-    return v[0] / info.world_size, [v[1], v[2]]
+    return v[0] / info.world_size, list(v[1:])
 
 
 def _stop_from_vote(vote: list, signum: int, info: DistInfo) -> int:
-    """The signal every rank stops on: this rank's own when it has one, else the signal the other ranks got
-    (their mean signal number: the same signal on every such rank in practice); 0 when no rank has one."""
+    """The signal every rank stops on: this rank's own when it has one, else the strongest signal another rank
+    got (SIGTERM over SIGINT, as a MAX over signal numbers would pick); 0 when no rank has one."""
     if not info.distributed:
         return signum
-    ranks, total = vote
-    if ranks < 0.5:
-        return 0
-    return signum or int(round(total / ranks))
+    if signum:
+        return signum
+    return next((int(sig) for sig, count in zip(reversed(_STOP_VOTE_SIGNALS), reversed(vote)) if count > 0.5), 0)
 
 
 def _read_step(values: list[torch.Tensor], info: DistInfo):
@@ -513,7 +515,7 @@ class _StopSignals:
     """SIGINT/SIGTERM -> a flag the loop reads after each step; a second signal raises KeyboardInterrupt at once.
     Installed only in the main thread (signal handlers cannot be set elsewhere)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = _STOP_VOTE_SIGNALS
 
     def __init__(self, say: Callable):
         self.signum, self.say, self.previous = 0, say, {}
