@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from int8flow.bench.blocks import SHAPES, TINY_SHAPES, _build, saved_bytes  # noqa: E402
 
 GIB = 2 ** 30
+TRACE_ENTRIES = 200000  # the allocator's trace ring buffer (_record_memory_history max_entries)
 
 
 def _where(frames, depth: int = 2) -> str:
@@ -48,9 +49,12 @@ def _where(frames, depth: int = 2) -> str:
 
 def peak_live_set(events, base_bytes: int = 0):
     """(peak bytes, {addr: (size, frames)} live at the peak) from an allocator trace (``device_traces[i]`` of
-    ``torch.cuda.memory._snapshot()``): 'alloc' adds a block, 'free_requested' removes it (the caching
-    allocator's view of allocated bytes, what ``max_memory_allocated`` counts). ``base_bytes``: bytes allocated
-    before the trace started (persistent tensors), added to every level."""
+    ``torch.cuda.memory._snapshot()``): 'alloc' adds a block, 'free_requested' removes it (the allocator lowers
+    its allocated bytes there, not at 'free_completed', which only ends a block's cross-stream use; the segment
+    actions move reserved bytes, not allocated ones, and are ignored). Sizes are the requested ones, so the
+    level runs a little under ``max_memory_allocated``, which counts whole blocks (rounded up to 512 B at least).
+    ``base_bytes``: bytes allocated before the trace started (persistent tensors), added to every level; a
+    block of those freed during the trace (its 'free_requested' with no 'alloc' before it) leaves that level."""
     live, cur, peak, at_peak = {}, base_bytes, base_bytes, {}
     for e in events:
         act = e.get("action")
@@ -59,8 +63,8 @@ def peak_live_set(events, base_bytes: int = 0):
             cur += e["size"]
             if cur > peak:
                 peak, at_peak = cur, dict(live)
-        elif act == "free_requested" and e["addr"] in live:
-            cur -= live.pop(e["addr"])[0]
+        elif act == "free_requested":
+            cur -= live.pop(e["addr"])[0] if e["addr"] in live else e["size"]
     return peak, at_peak
 
 
@@ -84,12 +88,15 @@ def run(shape: str, mode: str, device: str, table: dict) -> dict:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+        torch.cuda.memory._record_memory_history(max_entries=TRACE_ENTRIES, stacks="python")
         step()
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         trace = snap["device_traces"][torch.cuda.current_device()]
+        if len(trace) >= TRACE_ENTRIES:  # a ring buffer: the oldest events were dropped, the replay is off
+            print(f"memory_probe: {mode}: the allocator trace filled its {TRACE_ENTRIES} entries; the replayed "
+                  "peak and live set miss the step's first events", file=sys.stderr)
         peak, live = peak_live_set(trace, base)
         groups = collections.defaultdict(lambda: [0, 0])
         for size, frames in live.values():
