@@ -78,3 +78,18 @@ def test_mixed_signals_give_a_real_signal_on_every_rank(collectives):
     assert stop == signal.SIGINT
     (_, _, _, stop), _ = _step(signal.SIGINT, TWO)  # its own wins
     assert stop == signal.SIGINT
+
+
+def test_a_stopped_run_meets_the_others_at_the_teardown_barrier(monkeypatch):
+    """TrainingStopped is a coordinated end (every rank stops at the same step): teardown takes the barrier, so
+    no rank exits with 128 + signal (and makes torchrun SIGTERM the rest) while rank 0 still writes its log and
+    plot. Other errors skip it (the other ranks may never arrive)."""
+    seen = []
+    monkeypatch.setattr(loop, "check_device", lambda device: None)
+    monkeypatch.setattr(loop, "setup_distributed", lambda parallel, device: TWO)
+    monkeypatch.setattr(loop, "teardown_distributed", lambda finished=False: seen.append(finished))
+    for err in (loop.TrainingStopped(3, signal.SIGTERM, None), RuntimeError("x")):
+        monkeypatch.setattr(loop, "_train", lambda cfg, info, build_fn, err=err: (_ for _ in ()).throw(err))
+        with pytest.raises(type(err)):
+            loop.train(loop.TrainConfig())
+    assert seen == [True, False]

@@ -413,8 +413,13 @@ def train(cfg: TrainConfig, build_fn: Callable | None = None) -> TrainResult:
         result = _train(cfg, info, build_fn)
         finished = True
         return result
+    except TrainingStopped:
+        # every rank stops at the same step (the stop vote), so they all reach the barrier: rank 0 closes its log
+        # and writes the plot before any rank exits with 128 + signal, which makes torchrun SIGTERM the others
+        finished = True
+        raise
     finally:
-        teardown_distributed(finished)  # a barrier first only when this rank ended normally
+        teardown_distributed(finished)  # a barrier first only when this rank ended normally (or stopped on a signal)
         torch.set_num_threads(threads)
 
 
