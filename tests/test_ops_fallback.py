@@ -465,3 +465,27 @@ def test_gpu_column_fallback_linear_takes_the_gluon_route(pattern):
         assert precision == "int8" or kg.last_route[0] == "gluon"
         grads[precision] = wp.grad
     assert torch.equal(grads["int8"], grads["int8+fallback"])
+
+
+def test_group_columns_is_one_launch_and_matches_the_arange_formula():
+    """The column indices of a gather are one op (a cached (1, bk) arange plus bk * groups), not three."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from int8flow.ops.fallback import group_columns
+
+    ops = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    groups = torch.tensor([1, 4, 6])
+    group_columns(groups, 128, 1024)  # the arange is cached by the first call
+    with Count():
+        idx, valid = group_columns(groups, 128, 1024)
+    assert ops == ["add"] and valid is None
+    assert torch.equal(idx, (groups[:, None] * 128 + torch.arange(128)).flatten())
+    idx, valid = group_columns(groups, 128, 6 * 128 + 5)  # a tail group: clamped, and masked past K
+    assert int(valid.sum()) == 2 * 128 + 5 and int(idx.max()) == 6 * 128 + 4

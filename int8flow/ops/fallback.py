@@ -171,9 +171,25 @@ class ColumnTerm(NamedTuple):
         return QTensor(data.reshape(m, n_groups * bk)[:, :k].contiguous(), scale, self.q.block)
 
 
+_ARANGES: dict = {}
+
+
+def _arange_row(bk: int, device: torch.device) -> torch.Tensor:
+    """``arange(bk)`` as a (1, bk) int64 row, made once per (device, bk) and reused: it is constant, and the column
+    gathers of the fallback path (several per activation, every step) then cost one launch each instead of three.
+    Never cached while a CUDA graph is being captured (it would live in the graph's private pool)."""
+    key = (device, bk)
+    row = _ARANGES.get(key)
+    if row is None:
+        row = torch.arange(bk, device=device).unsqueeze(0)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _ARANGES[key] = row
+    return row
+
+
 def group_columns(groups: torch.Tensor, bk: int, k: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Column indices (G * bk,) of ``groups`` (clamped into [0, k)) and which are inside [0, k) (None: all)."""
-    idx = (groups[:, None] * bk + torch.arange(bk, device=groups.device)).flatten()
+    idx = torch.add(_arange_row(bk, groups.device), groups[:, None], alpha=bk).flatten()  # bk * g + j, one launch
     if k % bk == 0:
         return idx, None
     return idx.clamp_max(k - 1), idx < k
@@ -183,7 +199,7 @@ def gather_groups(x: torch.Tensor, groups: torch.Tensor, bk: int) -> torch.Tenso
     """``x[:, columns of groups]`` (R, G * bk): a gather of those columns only; zeros past x's last column."""
     idx, valid = group_columns(groups, bk, x.shape[1])
     out = x.index_select(1, idx)
-    return out if valid is None else torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out if valid is None else torch.where(valid, out, 0)  # scalar 0: no separate fill launch
 
 
 def gather_groups_q(q: QTensor, groups: torch.Tensor) -> QTensor:
@@ -235,7 +251,6 @@ def column_residual(values: torch.Tensor, x_q_g: QTensor, flags: torch.Tensor, g
     m, g, bk = flags.shape[0], flags.shape[1], x_q_g.block.cols
     r = (values.float() - x_q_g.dequantize(torch.float32)).view(m, g, bk)
     keep = flags[:, :, None]
-    _, valid = group_columns(groups, bk, k)
-    if valid is not None:
-        keep = keep & valid.view(1, g, bk)
-    return torch.where(keep, r, torch.zeros((), dtype=r.dtype, device=r.device)).view(m, g * bk)
+    if k % bk:  # a tail group: its padding columns are zero too
+        keep = keep & group_columns(groups, bk, k)[1].view(1, g, bk)
+    return torch.where(keep, r, 0.0).view(m, g * bk)
