@@ -271,10 +271,12 @@ def _norm_linear_fwd(x: Tensor, norm_w: Optional[Tensor], norm_b: Optional[Tenso
         n_q, n2_q, *_ = _norm_output(x_q, norm, norm_w, norm_b, eps, c, *_unit_stats(norm, x_q))
         w_qs = [P.quantize(w, c.weight_block, "nearest", 0, c, what) for w, what in zip(ws, _weight_names(ws))]
         segments = _segments(ws, c)
+        seg_qs = [q for q, _ in _segment_weights(w_qs, ws, segments)]
         n_a = P.operand(n_q, n2_q)
         y = torch.cat([P.gemm(n_a, w_q, None if b is None else b[lo:hi], out_dtype=out_dtype, cfg=c)
-                       for (w_q, _), (lo, hi) in zip(_segment_weights(w_qs, ws, segments), segments)], dim=1)
-    return [y, *P.pack(x_q, d), _stats(mean, d), rstd, *(t for q in w_qs for t in P.pack(q, d))]
+                       for w_q, (lo, hi) in zip(seg_qs, segments)], dim=1)
+    # backward gets each segment's INT8 operand as the GEMM read it (stacked q|k|v once, not re-stacked there)
+    return [y, *P.pack(x_q, d), _stats(mean, d), rstd, *(t for q in seg_qs for t in P.pack(q, d))]
 
 
 @_norm_linear_fwd.register_fake
@@ -282,8 +284,9 @@ def _(x, norm_w, norm_b, ws, b, seed, cfg, norm, eps, out_dtype):
     c = P.decode_config(cfg)
     M, N = x.shape[0], sum(w.shape[0] for w in ws)
     mean = x.new_empty((M,) if norm == "layernorm" else P.EMPTY_SHAPE, dtype=torch.float32)
+    seg_shapes = [(hi - lo, ws[0].shape[1]) for lo, hi in _segments(ws, c)]  # one saved operand per segment
     return [x.new_empty((M, N), dtype=out_dtype), *P.fake_q(x, x.shape, c.activation_block), mean,
-            x.new_empty((M,), dtype=torch.float32), *(t for w in ws for t in P.fake_q(w, w.shape, c.weight_block))]
+            x.new_empty((M,), dtype=torch.float32), *(t for sh in seg_shapes for t in P.fake_q(ws[0], sh, c.weight_block))]
 
 
 @torch.library.custom_op("int8flow::norm_linear_bwd", mutates_args=())
@@ -295,12 +298,13 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
     x_i8, x_s, mean, rstd, *w_saved = saved
     with P.running("norm_linear", d):
         x_q = P.unpack(x_i8, x_s, c.activation_block)
-        w_qs = [P.unpack(w_saved[2 * i], w_saved[2 * i + 1], c.weight_block) for i in range(len(ws))]
-        n_ts = _norm_output_t(x_q, norm, norm_w, norm_b, eps, c)  # wgrad operand(s) of the norm output
         segments = _segments(ws, c)
+        seg_qs = [P.unpack(w_saved[2 * j], w_saved[2 * j + 1], c.weight_block) for j in range(len(segments))]
+        seg_hp = [list(ws)] if len(segments) == 1 else [[w] for w in ws]
+        n_ts = _norm_output_t(x_q, norm, norm_w, norm_b, eps, c)  # wgrad operand(s) of the norm output
         dn, dws = [], []
         names = _weight_names(ws)
-        for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(_segment_weights(w_qs, ws, segments), segments)):
+        for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(zip(seg_qs, seg_hp), segments)):
             dy_j = dy[:, lo:hi]
             dy_q, dy_t = _grad_pair(dy_j, backend.subseed(s, 0 if j == 0 else 3 + 2 * j), c)
             w_t = P.weight_t(w_q, w_hp, c, names[j] if len(segments) > 1 else "weight")
