@@ -300,11 +300,11 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
         x_q = P.unpack(x_i8, x_s, c.activation_block)
         segments = _segments(ws, c)
         seg_qs = [P.unpack(w_saved[2 * j], w_saved[2 * j + 1], c.weight_block) for j in range(len(segments))]
-        seg_hp = [list(ws)] if len(segments) == 1 else [[w] for w in ws]
         n_ts = _norm_output_t(x_q, norm, norm_w, norm_b, eps, c)  # wgrad operand(s) of the norm output
         dn, dws = [], []
         names = _weight_names(ws)
-        for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(zip(seg_qs, seg_hp), segments)):
+        # one saved operand per segment: _segment_weights pairs them with their weights (a lone stack: no cat)
+        for j, ((w_q, w_hp), (lo, hi)) in enumerate(zip(_segment_weights(seg_qs, ws, segments), segments)):
             dy_j = dy[:, lo:hi]
             dy_q, dy_t = _grad_pair(dy_j, backend.subseed(s, 0 if j == 0 else 3 + 2 * j), c)
             w_t = P.weight_t(w_q, w_hp, c, names[j] if len(segments) > 1 else "weight")
@@ -320,7 +320,7 @@ def _norm_linear_bwd(dy: Tensor, saved: list[Tensor], norm_w: Optional[Tensor], 
         # (custom-op outputs must not alias each other, so per-weight outputs would each be a copy: for gate|up
         # of Llama-1B 92 MB of float32 read and written again every backward)
         dw = dws[0] if len(dws) == 1 else torch.cat(dws)
-    return [dx, *grads, dw.to(wd)]
+    return [dx, *grads, dw]  # in wd already (P.wgrad's out_dtype)
 
 
 @_norm_linear_bwd.register_fake
@@ -328,7 +328,7 @@ def _(dy, saved, norm_w, norm_b, ws, seed, cfg, norm, eps, x_dtype, has_bias):
     M, D, N, wd = dy.shape[0], ws[0].shape[1], dy.shape[1], ws[0].dtype
     vec = lambda n, keep: dy.new_empty((n,) if keep else P.EMPTY_SHAPE, dtype=wd)  # noqa: E731
     return [dy.new_empty((M, D), dtype=x_dtype), vec(D, norm_w is not None), vec(D, norm_b is not None), vec(N, has_bias),
-            dy.new_empty((sum(w.shape[0] for w in ws), D), dtype=wd)]
+            dy.new_empty((N, D), dtype=wd)]
 
 
 def _norm_linear_setup(ctx, inputs, output):
